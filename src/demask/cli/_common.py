@@ -1,0 +1,115 @@
+"""Helpers shared by the subcommands: the CLI's error type, prompt parsing, small I/O helpers.
+
+Nothing here imports torch at module level, so `demask --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+HOLE_MARKER = "[MASK]"
+# `[MASK]` is one hole token; `[MASK:N]` is N hole tokens (for example `[MASK:12]`).
+_HOLE_RE = re.compile(r"\[MASK(?::(\d+))?\]")
+
+
+@dataclass(frozen=True)
+class Command:
+    """One subcommand: its name, one-line help, longer description, argument adder and runner."""
+
+    name: str
+    help: str
+    description: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+    epilog: str = ""
+
+
+class CLIError(Exception):
+    """Bad input found by the CLI itself; printed as one line, exit code 2."""
+
+
+def one_line(message: str) -> str:
+    """Collapse a (possibly multi-line) message into one line."""
+    return " ".join(part.strip() for part in str(message).splitlines() if part.strip())
+
+
+def parse_prompt(text: str, encode: Callable[[str], Sequence[int]]) -> list[int | None]:
+    """Split a prompt into token ids and holes (`None`).
+
+    `[MASK]` marks one token to fill and `[MASK:N]` marks N tokens; everything else is encoded with
+    `encode`. Example with a byte tokenizer: `"def [MASK:4](x):"` -> ids of "def ", 4 holes, ids of
+    "(x):".
+    """
+    out: list[int | None] = []
+    pos = 0
+    for match in _HOLE_RE.finditer(text):
+        out.extend(int(i) for i in encode(text[pos : match.start()]))
+        count = int(match.group(1)) if match.group(1) is not None else 1
+        if count < 1:
+            raise CLIError(f"--prompt: hole {match.group(0)!r} must mark at least 1 token")
+        out.extend([None] * count)
+        pos = match.end()
+    out.extend(int(i) for i in encode(text[pos:]))
+    return out
+
+
+def write_json(path: Path, payload: dict[str, Any]) -> None:
+    """Write JSON atomically (temporary file in the same folder, then rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(payload, f, indent=2, sort_keys=True)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def format_table(rows: Sequence[tuple[str, Any]]) -> str:
+    """A two-column plain-text table: metric name, value (floats with 4 significant decimals)."""
+    width = max((len(name) for name, _ in rows), default=0)
+    lines = []
+    for name, value in rows:
+        shown = f"{value:.4f}" if isinstance(value, float) else str(value)
+        lines.append(f"  {name.ljust(width)}  {shown}")
+    return "\n".join(lines)
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an int >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    """argparse type: a finite float >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite float > 0."""
+    value = non_negative_float(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("expected a number > 0, got 0")
+    return value
