@@ -1,0 +1,17 @@
+"""demask: masked (MaskGIT, Mask-Predict, MDLM) and autoregressive generation with transformers.
+
+The public API. The seed-compatible facade is `TransformerWrapper`, `Encoder`, `Decoder`,
+`NonAutoregressiveWrapper` (with `Losses`) and `AutoregressiveWrapper`.
+"""
+
+from demask.model import Decoder, Encoder, Intermediates, KVCache, TransformerWrapper
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Decoder",
+    "Encoder",
+    "Intermediates",
+    "KVCache",
+    "TransformerWrapper",
+]

@@ -1,0 +1,208 @@
+"""Transformer building blocks: norms, rotary embeddings, attention and the feed-forward block.
+
+Attention always runs through `torch.nn.functional.scaled_dot_product_attention` (flash / memory-
+efficient kernels where the device has them), except when the attention z-loss is asked for, which
+needs the attention logits themselves (PaLM, arXiv 2204.02311, section 5).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from demask.model.kv_cache import LayerCache
+
+
+class Norm(nn.Module):
+    """LayerNorm (default) or RMSNorm (`use_rmsnorm`), with a learned gain and no bias."""
+
+    def __init__(self, dim: int, rms: bool = False, eps: float = 1e-5):
+        super().__init__()
+        self.rms = rms
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.rms:
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        return F.layer_norm(x, (x.shape[-1],), self.weight, None, self.eps)
+
+
+class Rotary(nn.Module):
+    """Rotary position embedding (RoFormer, arXiv 2104.09864) on the first `rot_dim` channels.
+
+    Positions are given explicitly, so cached decoding, left padding and positions past
+    `max_seq_len` all use the same code path.
+    """
+
+    def __init__(self, rot_dim: int, base: float = 10000.0):
+        super().__init__()
+        if rot_dim % 2:
+            raise ValueError(f"rotary dimension must be even, got {rot_dim}")
+        inv_freq = 1.0 / base ** (torch.arange(0, rot_dim, 2, dtype=torch.float32) / rot_dim)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.rot_dim = rot_dim
+
+    def angles(self, pos: Tensor) -> tuple[Tensor, Tensor]:
+        """pos: (N,) or (B, N) int positions -> cos, sin of shape (N, R/2) or (B, 1, N, R/2)."""
+        freqs = pos.to(self.inv_freq.dtype).unsqueeze(-1) * self.inv_freq  # (..., N, R/2)
+        if freqs.ndim == 3:  # per-row positions: broadcast over heads
+            freqs = freqs.unsqueeze(1)
+        return freqs.cos(), freqs.sin()
+
+    def rotate(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        """x: (B, H, N, D); rotates channel pairs (i, i + R/2) of the first R channels."""
+        r = self.rot_dim
+        x_rot, x_pass = x[..., :r], x[..., r:]
+        x1, x2 = x_rot.float().chunk(2, dim=-1)
+        out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+        return torch.cat((out, x_pass), dim=-1) if x_pass.shape[-1] else out
+
+
+class Attention(nn.Module):
+    """Multi-head attention with grouped-query heads (`kv_heads` < `heads`), optional QK-norm.
+
+    Self-attention uses one fused q/k/v projection; cross-attention projects the context for k/v.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        dim_head: int,
+        kv_heads: int,
+        causal: bool,
+        dropout: float,
+        qk_norm: bool,
+        cross: bool = False,
+        rms: bool = False,
+    ):
+        super().__init__()
+        self.heads, self.kv_heads, self.dim_head = heads, kv_heads, dim_head
+        self.causal, self.cross, self.dropout = causal, cross, dropout
+        q_dim, kv_dim = heads * dim_head, kv_heads * dim_head
+        if cross:
+            self.to_q = nn.Linear(dim, q_dim, bias=False)
+            self.to_kv = nn.Linear(dim, 2 * kv_dim, bias=False)
+        else:
+            self.to_qkv = nn.Linear(dim, q_dim + 2 * kv_dim, bias=False)
+        self.to_out = nn.Linear(q_dim, dim, bias=False)
+        # QK-norm (arXiv 2302.05442): normalised queries and keys keep attention logits bounded;
+        # a learned scalar gain on q lets the model sharpen attention again.
+        self.qk_norm = qk_norm
+        if qk_norm:
+            self.q_norm = Norm(dim_head, rms=rms)
+            self.k_norm = Norm(dim_head, rms=rms)
+            self.qk_gain = nn.Parameter(torch.ones(()))
+
+    def _split(self, t: Tensor, h: int) -> Tensor:
+        b, n, _ = t.shape
+        return t.view(b, n, h, self.dim_head).transpose(1, 2)  # (B, h, N, D)
+
+    def forward(
+        self,
+        x: Tensor,  # (B, N, dim)
+        rotary: Rotary | None,
+        rot: tuple[Tensor, Tensor] | None,  # cos, sin for the positions of x
+        key_mask: Tensor | None,  # (B, K) bool, True = attend; None = all keys valid
+        context: Tensor | None = None,  # (B, M, dim) for cross-attention
+        cache: LayerCache | None = None,
+        z_loss: list[Tensor] | None = None,  # when a list: append this layer's z-loss
+    ) -> Tensor:
+        b, n, _ = x.shape
+        q_dim, kv_dim = self.heads * self.dim_head, self.kv_heads * self.dim_head
+        if self.cross:
+            assert context is not None
+            q = self._split(self.to_q(x), self.heads)
+            k, v = self.to_kv(context).split((kv_dim, kv_dim), dim=-1)
+            k, v = self._split(k, self.kv_heads), self._split(v, self.kv_heads)
+        else:
+            q, k, v = self.to_qkv(x).split((q_dim, kv_dim, kv_dim), dim=-1)
+            q, k, v = (
+                self._split(q, self.heads),
+                self._split(k, self.kv_heads),
+                self._split(v, self.kv_heads),
+            )
+        if self.qk_norm:
+            q, k = self.q_norm(q) * self.qk_gain, self.k_norm(k)
+        if rotary is not None and rot is not None and not self.cross:
+            q, k = rotary.rotate(q, *rot), rotary.rotate(k, *rot)
+
+        attn_mask: Tensor | None = None
+        is_causal = False
+        if cache is not None:
+            k, v, attn_mask = cache.update(k, v)  # all cached keys; mask is None for a plain step
+        else:
+            if key_mask is not None:
+                attn_mask = key_mask[:, None, None, :]  # (B, 1, 1, K)
+            if self.causal:
+                if attn_mask is None:
+                    is_causal = True
+                else:
+                    tri = torch.ones(n, n, dtype=torch.bool, device=x.device).tril()
+                    attn_mask = attn_mask & tri
+        if z_loss is not None:
+            out = self._attend_with_z_loss(q, k, v, attn_mask, is_causal, z_loss)
+        else:
+            out = F.scaled_dot_product_attention(
+                q,
+                k,
+                v,
+                attn_mask=attn_mask,
+                dropout_p=self.dropout if self.training else 0.0,
+                is_causal=is_causal,
+                enable_gqa=self.kv_heads != self.heads,
+            )
+        out = out.transpose(1, 2).reshape(b, n, q_dim)  # (B, N, H*D)
+        return self.to_out(out)
+
+    def _attend_with_z_loss(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        attn_mask: Tensor | None,
+        is_causal: bool,
+        z_loss: list[Tensor],
+    ) -> Tensor:
+        """Explicit attention that also records mean(logsumexp(logits)^2) over valid queries."""
+        if self.kv_heads != self.heads:
+            rep = self.heads // self.kv_heads
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        logits = (q @ k.transpose(-1, -2)) / math.sqrt(self.dim_head)  # (B, H, N, K)
+        n, kn = logits.shape[-2:]
+        if is_causal:
+            attn_mask = torch.ones(n, kn, dtype=torch.bool, device=q.device).tril(kn - n)
+        if attn_mask is not None:
+            logits = logits.masked_fill(~attn_mask, float("-inf"))
+        lse = torch.logsumexp(logits, dim=-1)  # (B, H, N)
+        finite = torch.isfinite(lse)
+        z_loss.append((lse.where(finite, 0.0) ** 2).sum() / finite.sum().clamp(min=1))
+        probs = (logits - lse.where(finite, 0.0).unsqueeze(-1)).exp()
+        probs = F.dropout(probs, self.dropout, self.training)
+        return probs @ v
+
+
+class FeedForward(nn.Module):
+    """MLP with GELU, or a gated unit (GLU, arXiv 2002.05202): GEGLU, or SwiGLU with `swish`."""
+
+    def __init__(self, dim: int, mult: float, glu: bool, swish: bool, dropout: float):
+        super().__init__()
+        inner = int(dim * mult)
+        self.glu = glu
+        self.act = F.silu if swish else F.gelu
+        self.proj_in = nn.Linear(dim, inner * (2 if glu else 1))
+        self.proj_out = nn.Linear(inner, dim)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.proj_in(x)
+        if self.glu:
+            h, gate = h.chunk(2, dim=-1)
+            h = h * self.act(gate)
+        else:
+            h = self.act(h)
+        return self.proj_out(self.dropout(h))

@@ -1,0 +1,372 @@
+"""The seed-compatible backbone: `TransformerWrapper(num_tokens, max_seq_len, attn_layers=Encoder(...))`.
+
+The model maps tokens to logits (and embeddings). It knows nothing of masking, schedules or
+sampling: those live in `demask.objectives`, `demask.samplers` and `demask.decoding`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from demask._checks import check_float, check_int, check_tokens, reject_unknown_kwargs
+from demask.model.kv_cache import KVCache, LayerCache
+from demask.model.layers import Attention, FeedForward, Norm, Rotary
+
+
+@dataclass
+class Intermediates:
+    """What `forward(..., return_intermediates=True)` returns beside its output."""
+
+    hiddens: list[Tensor] = field(default_factory=list)  # input of each block, (B, N, dim)
+    attn_z_loss: Tensor | None = None  # weighted mean logsumexp^2 of attention logits
+    cache: KVCache | None = None  # the cache that was updated in place, if any
+    continuous_pred: Tensor | None = None  # (B, N, emb_dim) next-embedding prediction
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: self-attention, optional cross-attention, feed-forward."""
+
+    def __init__(self, dim: int, cfg: dict[str, Any], causal: bool, cross: bool):
+        super().__init__()
+        rms = cfg["use_rmsnorm"]
+        attn_args = dict(
+            heads=cfg["heads"],
+            dim_head=cfg["attn_dim_head"],
+            kv_heads=cfg["attn_kv_heads"],
+            dropout=cfg["attn_dropout"],
+            qk_norm=cfg["attn_qk_norm"],
+            rms=rms,
+        )
+        self.attn_norm = Norm(dim, rms)
+        self.attn = Attention(dim, causal=causal, **attn_args)
+        self.cross_norm = Norm(dim, rms) if cross else None
+        self.cross_attn = Attention(dim, causal=False, cross=True, **attn_args) if cross else None
+        self.ff_norm = Norm(dim, rms)
+        self.ff = FeedForward(
+            dim, cfg["ff_mult"], cfg["ff_glu"], cfg["ff_swish"], cfg["ff_dropout"]
+        )
+
+    def forward(
+        self,
+        x: Tensor,  # (B, N, dim)
+        rotary: Rotary | None,
+        rot: tuple[Tensor, Tensor] | None,
+        key_mask: Tensor | None,
+        context: Tensor | None,
+        context_mask: Tensor | None,
+        cache: LayerCache | None,
+        z_terms: list[Tensor] | None,
+    ) -> Tensor:
+        x = x + self.attn(self.attn_norm(x), rotary, rot, key_mask, cache=cache, z_loss=z_terms)
+        if self.cross_attn is not None and self.cross_norm is not None:
+            x = x + self.cross_attn(self.cross_norm(x), None, None, context_mask, context=context)
+        return x + self.ff(self.ff_norm(x))
+
+
+class AttentionLayers(nn.Module):
+    """A stack of `depth` blocks. Use `Encoder` (bidirectional) or `Decoder` (causal).
+
+    Keyword options (the names follow the seed library's, so configs carry over):
+      dim, depth, heads                  model width, number of blocks, attention heads
+      attn_dim_head=64                   width of each head
+      attn_kv_heads=None                 grouped-query attention: fewer key/value heads (divides heads)
+      attn_qk_norm=False                 normalise queries and keys
+      attn_dropout=0., ff_dropout=0.     dropout on attention weights / inside the feed-forward
+      attn_flash=False                   accepted for compatibility: attention always runs through
+                                         scaled_dot_product_attention, which picks flash kernels itself
+      ff_glu=False, ff_swish=False       gated feed-forward: GEGLU, or SwiGLU with ff_swish
+      ff_mult=4                          feed-forward hidden width = ff_mult * dim
+      use_rmsnorm=False                  RMSNorm instead of LayerNorm
+      rotary_pos_emb=False               rotary positions (then no absolute position embedding)
+      rotary_emb_dim=None                channels rotated per head (default: all of attn_dim_head)
+      cross_attend=False                 cross-attention to `context` in every block
+      attn_z_loss_weight=1e-4            weight of the attention z-loss when it is asked for
+    """
+
+    causal: bool = False
+
+    def __init__(self, dim: int, depth: int, heads: int = 8, **kwargs: Any):
+        super().__init__()
+        check_int("dim", dim, min=1)
+        check_int("depth", depth, min=1)
+        check_int("heads", heads, min=1)
+        cfg: dict[str, Any] = dict(
+            heads=heads,
+            attn_dim_head=kwargs.pop("attn_dim_head", 64),
+            attn_kv_heads=kwargs.pop("attn_kv_heads", None) or heads,
+            attn_qk_norm=kwargs.pop("attn_qk_norm", False),
+            attn_dropout=kwargs.pop("attn_dropout", 0.0),
+            ff_dropout=kwargs.pop("ff_dropout", 0.0),
+            ff_glu=kwargs.pop("ff_glu", False),
+            ff_swish=kwargs.pop("ff_swish", False),
+            ff_mult=kwargs.pop("ff_mult", 4),
+            use_rmsnorm=kwargs.pop("use_rmsnorm", False),
+        )
+        kwargs.pop("attn_flash", None)  # always on: see the docstring
+        rotary = kwargs.pop("rotary_pos_emb", False)
+        rotary_dim = kwargs.pop("rotary_emb_dim", None)
+        cross = kwargs.pop("cross_attend", False)
+        self.attn_z_loss_weight = check_float(
+            "attn_z_loss_weight", kwargs.pop("attn_z_loss_weight", 1e-4), min=0.0
+        )
+        reject_unknown_kwargs(type(self).__name__, kwargs)
+        check_int("attn_dim_head", cfg["attn_dim_head"], min=1)
+        check_int("attn_kv_heads", cfg["attn_kv_heads"], min=1, max=heads)
+        if heads % cfg["attn_kv_heads"]:
+            raise ValueError(f"attn_kv_heads must divide heads={heads}, got {cfg['attn_kv_heads']}")
+        check_float("attn_dropout", cfg["attn_dropout"], min=0.0, max=1.0, max_inclusive=False)
+        check_float("ff_dropout", cfg["ff_dropout"], min=0.0, max=1.0, max_inclusive=False)
+        check_float("ff_mult", cfg["ff_mult"], min=0.0, min_inclusive=False)
+
+        self.dim, self.depth, self.heads = dim, depth, heads
+        self.dim_head, self.kv_heads = cfg["attn_dim_head"], cfg["attn_kv_heads"]
+        self.cross_attend = bool(cross)
+        self.rotary: Rotary | None = None
+        if rotary:
+            rot = rotary_dim if rotary_dim is not None else self.dim_head
+            check_int("rotary_emb_dim", rot, min=2, max=self.dim_head)
+            self.rotary = Rotary(rot)
+        self.blocks = nn.ModuleList(
+            Block(dim, cfg, causal=self.causal, cross=self.cross_attend) for _ in range(depth)
+        )
+        self.final_norm = Norm(dim, cfg["use_rmsnorm"])
+
+    @property
+    def rotary_pos_emb(self) -> bool:
+        return self.rotary is not None
+
+    def forward(
+        self,
+        x: Tensor,  # (B, N, dim)
+        pos: Tensor,  # (N,) or (B, N) absolute positions
+        key_mask: Tensor | None = None,  # (B, N) True = real token
+        context: Tensor | None = None,
+        context_mask: Tensor | None = None,
+        cache: KVCache | None = None,
+        inter: Intermediates | None = None,
+        z_loss: bool = False,
+    ) -> Tensor:
+        rot = self.rotary.angles(pos) if self.rotary is not None else None
+        z_terms: list[Tensor] | None = [] if z_loss else None
+        if cache is not None:
+            cache.begin(x.shape[1], key_mask)
+        for i, block in enumerate(self.blocks):
+            if inter is not None:
+                inter.hiddens.append(x)
+            layer_cache = cache.layer(i) if cache is not None else None
+            x = block(x, self.rotary, rot, key_mask, context, context_mask, layer_cache, z_terms)
+        if cache is not None:
+            cache.commit(x.shape[1])
+        if inter is not None and z_terms:
+            inter.attn_z_loss = torch.stack(z_terms).mean() * self.attn_z_loss_weight
+        return self.final_norm(x)
+
+
+class Encoder(AttentionLayers):
+    """Bidirectional attention layers: every position sees every other (masked models)."""
+
+    causal = False
+
+
+class Decoder(AttentionLayers):
+    """Causal attention layers: position i sees positions <= i (autoregressive models)."""
+
+    causal = True
+
+
+class TransformerWrapper(nn.Module):
+    """Token embedding + attention layers + output head: tokens (B, N) -> logits (B, N, V).
+
+    Args:
+      num_tokens: vocabulary size (include any special ids such as a mask token).
+      max_seq_len: the longest sequence the model is trained on (absolute positions need it).
+      attn_layers: an `Encoder` or `Decoder`.
+      emb_dim: token embedding width (default: attn_layers.dim; projected when different).
+      emb_dropout: dropout on the input embeddings.
+      tie_embedding: share the embedding table with the output projection.
+      use_abs_pos_emb: learned absolute positions (ignored when the layers use rotary positions).
+      logits_dim: output width (default num_tokens; 1 for a token critic).
+      add_continuous_pred_head: a linear head predicting the next token's embedding.
+      post_emb_norm: normalise the embeddings before the layers.
+    """
+
+    def __init__(
+        self,
+        *,
+        num_tokens: int,
+        max_seq_len: int,
+        attn_layers: AttentionLayers,
+        emb_dim: int | None = None,
+        emb_dropout: float = 0.0,
+        tie_embedding: bool = False,
+        use_abs_pos_emb: bool = True,
+        logits_dim: int | None = None,
+        add_continuous_pred_head: bool = False,
+        post_emb_norm: bool = False,
+        **kwargs: Any,
+    ):
+        super().__init__()
+        reject_unknown_kwargs("TransformerWrapper", kwargs)
+        check_int("num_tokens", num_tokens, min=1)
+        check_int("max_seq_len", max_seq_len, min=1)
+        if not isinstance(attn_layers, AttentionLayers):
+            raise TypeError(
+                f"attn_layers must be an Encoder or Decoder, got {type(attn_layers).__name__}"
+            )
+        dim = attn_layers.dim
+        emb_dim = dim if emb_dim is None else check_int("emb_dim", emb_dim, min=1)
+        check_float("emb_dropout", emb_dropout, min=0.0, max=1.0, max_inclusive=False)
+        logits_dim = (
+            num_tokens if logits_dim is None else check_int("logits_dim", logits_dim, min=1)
+        )
+        if tie_embedding and (emb_dim != dim or logits_dim != num_tokens):
+            raise ValueError(
+                "tie_embedding needs emb_dim == attn_layers.dim and logits_dim == num_tokens, "
+                f"got emb_dim={emb_dim}, dim={dim}, logits_dim={logits_dim}, num_tokens={num_tokens}"
+            )
+
+        self.num_tokens, self.max_seq_len, self.emb_dim = num_tokens, max_seq_len, emb_dim
+        self.logits_dim = logits_dim
+        self.attn_layers = attn_layers
+        self.output_is_log_prob = False
+        self.token_emb = nn.Embedding(num_tokens, emb_dim)
+        self.abs_pos_emb = (
+            nn.Embedding(max_seq_len, emb_dim)
+            if use_abs_pos_emb and not attn_layers.rotary_pos_emb
+            else None
+        )
+        self.post_emb_norm = Norm(emb_dim) if post_emb_norm else None
+        self.emb_dropout = nn.Dropout(emb_dropout)
+        self.project_emb = nn.Linear(emb_dim, dim) if emb_dim != dim else None
+        self.to_logits = nn.Linear(dim, logits_dim, bias=False)
+        if tie_embedding:
+            self.to_logits.weight = self.token_emb.weight
+        self.continuous_pred_head = nn.Linear(dim, emb_dim) if add_continuous_pred_head else None
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        # GPT-2 style: small normal weights keep the initial logits near uniform.
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=0.02)
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+    @property
+    def can_cache_kv(self) -> bool:
+        return self.attn_layers.causal
+
+    @property
+    def can_cache_kv_outside_max_seq_len(self) -> bool:
+        return self.abs_pos_emb is None
+
+    def new_cache(
+        self,
+        batch_size: int,
+        capacity: int | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> KVCache:
+        """A preallocated key/value cache for `batch_size` rows and `capacity` positions."""
+        if not self.can_cache_kv:
+            raise ValueError("a key/value cache needs causal attention layers (a Decoder)")
+        capacity = self.max_seq_len if capacity is None else check_int("capacity", capacity, min=1)
+        ref = self.token_emb.weight
+        layers = self.attn_layers
+        return KVCache(
+            layers.depth,
+            check_int("batch_size", batch_size, min=1),
+            layers.kv_heads,
+            layers.dim_head,
+            capacity,
+            device=device or ref.device,
+            dtype=dtype or ref.dtype,
+        )
+
+    def _positions(
+        self, n: int, cache: KVCache | None, seq_start_pos: Tensor | None, device
+    ) -> Tensor:
+        pos = cache.positions(n) if cache is not None else torch.arange(n, device=device)
+        if seq_start_pos is not None:
+            pos = (pos[None, :] - seq_start_pos[:, None]).clamp(min=0)  # (B, N)
+        return pos
+
+    def forward(
+        self,
+        x: Tensor,
+        mask: Tensor | None = None,
+        return_embeddings: bool = False,
+        return_logits_and_embeddings: bool = False,
+        return_intermediates: bool = False,
+        return_attn_z_loss: bool = False,
+        sum_embeds: Tensor | None = None,
+        cache: KVCache | None = None,
+        seq_start_pos: Tensor | None = None,
+        context: Tensor | None = None,
+        context_mask: Tensor | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """x: (B, N) token ids. With `cache`, x holds only the new tokens (see KVCache)."""
+        reject_unknown_kwargs("TransformerWrapper.forward", kwargs)
+        if not torch.compiler.is_compiling():
+            check_tokens("x", x, num_tokens=self.num_tokens)
+        b, n = x.shape
+        if mask is not None and (mask.shape != x.shape or mask.dtype != torch.bool):
+            raise ValueError(
+                f"mask must be a bool tensor of shape {tuple(x.shape)}, "
+                f"got {mask.dtype} {tuple(mask.shape)}"
+            )
+        if cache is not None:
+            if not self.can_cache_kv:
+                raise ValueError("cache needs causal attention layers (a Decoder)")
+            if cache.batch_size != b:
+                raise ValueError(f"cache holds {cache.batch_size} rows, x has {b}")
+        if self.attn_layers.cross_attend and context is None:
+            raise ValueError("these layers were built with cross_attend=True: pass context")
+        pos = self._positions(n, cache, seq_start_pos, x.device)
+
+        h = self.token_emb(x)  # (B, N, E)
+        if self.abs_pos_emb is not None:
+            top = int(pos.max()) if pos.numel() else 0
+            if top >= self.max_seq_len:
+                raise ValueError(
+                    f"position {top} is past max_seq_len={self.max_seq_len}; absolute position "
+                    "embeddings cannot go further (use rotary_pos_emb=True, or a shorter input)"
+                )
+            h = h + self.abs_pos_emb(pos)
+        if sum_embeds is not None:
+            h = h + sum_embeds
+        if self.post_emb_norm is not None:
+            h = self.post_emb_norm(h)
+        h = self.emb_dropout(h)
+        if self.project_emb is not None:
+            h = self.project_emb(h)
+
+        inter = Intermediates(cache=cache) if return_intermediates else None
+        emb = self.attn_layers(
+            h,
+            pos,
+            key_mask=mask,
+            context=context,
+            context_mask=context_mask,
+            cache=cache,
+            inter=inter,
+            z_loss=return_attn_z_loss and return_intermediates,
+        )  # (B, N, dim)
+        if inter is not None and self.continuous_pred_head is not None:
+            inter.continuous_pred = self.continuous_pred_head(emb)
+
+        if return_embeddings:
+            out: Any = emb
+        else:
+            logits = self.to_logits(emb)  # (B, N, logits_dim)
+            out = (logits, emb) if return_logits_and_embeddings else logits
+        return (out, inter) if return_intermediates else out
+
+    def logits_from_embeddings(self, emb: Tensor) -> Tensor:
+        """Apply the output head to (..., dim) embeddings (e.g. only at still-masked positions)."""
+        return self.to_logits(emb)
