@@ -1,0 +1,157 @@
+"""Tokenizers: bytes for text, grey levels for small images.
+
+A tokenizer maps raw data to token ids in [0, vocab_size) and back. It knows nothing about
+masking: the mask id is the model's business (typically `vocab_size`, with the model built for
+`vocab_size + 1` tokens). Every tokenizer has a registry `name` and a `config()` dict, so that
+`get_tokenizer(tok.name, **tok.config())` rebuilds it from a checkpoint; a BPE tokenizer is one
+more class and one more line in `TOKENIZERS`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from demask._checks import check_choice, check_int, check_tokens
+
+
+@runtime_checkable
+class Tokenizer(Protocol):
+    """What datasets, the CLI and the metrics rely on."""
+
+    name: str
+    vocab_size: int
+
+    def encode(self, data: Any) -> Tensor: ...
+
+    def decode(self, ids: Any) -> Any: ...
+
+    def config(self) -> dict[str, Any]: ...
+
+
+def _as_long_tensor(name: str, ids: Any) -> Tensor:
+    """Accept a tensor, numpy array or (nested) list of ints; return a long tensor."""
+    if isinstance(ids, Tensor):
+        return ids
+    if isinstance(ids, np.ndarray):
+        if ids.dtype.kind not in "iu":
+            raise TypeError(f"{name} must hold integer token ids, got numpy dtype {ids.dtype}")
+        return torch.from_numpy(ids.astype(np.int64))
+    if isinstance(ids, (list, tuple)):
+        return torch.tensor(ids, dtype=torch.long)
+    raise TypeError(
+        f"{name} must be a tensor, array or list of token ids, got {type(ids).__name__}"
+    )
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as tokens: vocabulary 256, lossless for any text.
+
+    `decode` replaces invalid UTF-8 (a model may well sample half a multi-byte character) with
+    U+FFFD instead of failing.
+    """
+
+    name = "bytes"
+    vocab_size = 256
+
+    def encode(self, data: str | bytes) -> Tensor:
+        """str (encoded as UTF-8) or bytes -> (n,) long tensor of byte values."""
+        if isinstance(data, str):
+            data = data.encode("utf-8")
+        if not isinstance(data, (bytes, bytearray)):
+            raise TypeError(f"data must be str or bytes, got {type(data).__name__}")
+        return torch.frombuffer(bytearray(data), dtype=torch.uint8).long()  # (n,)
+
+    def decode(self, ids: Any) -> str | list[str]:
+        """(n,) ids -> str; (B, n) ids -> list of B strings."""
+        ids = check_tokens("ids", _as_long_tensor("ids", ids), num_tokens=256, ndim=(1, 2))
+        if ids.ndim == 2:
+            return [self._decode_row(row) for row in ids]
+        return self._decode_row(ids)
+
+    @staticmethod
+    def _decode_row(row: Tensor) -> str:
+        return bytes(row.to(torch.uint8).tolist()).decode("utf-8", errors="replace")
+
+    def config(self) -> dict[str, Any]:
+        return {}
+
+    def __repr__(self) -> str:
+        return "ByteTokenizer()"
+
+
+class GreyLevelTokenizer:
+    """Grey-level images as tokens: one token per pixel, token = grey level in [0, levels).
+
+    Pixels are read in row-major order, so an (H, W) image becomes H*W tokens. The default fits
+    scikit-learn's `load_digits()`: 8x8 images with 17 grey levels (0 = background, 16 = ink).
+    """
+
+    name = "grey-levels"
+
+    def __init__(self, levels: int = 17, image_shape: tuple[int, int] = (8, 8)):
+        self.levels = check_int("levels", levels, min=2)
+        if len(image_shape) != 2:
+            raise ValueError(f"image_shape must be (height, width), got {image_shape!r}")
+        h = check_int("image_shape[0]", image_shape[0], min=1)
+        w = check_int("image_shape[1]", image_shape[1], min=1)
+        self.image_shape = (h, w)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.levels
+
+    @property
+    def seq_len(self) -> int:
+        return self.image_shape[0] * self.image_shape[1]
+
+    def encode(self, images: Any) -> Tensor:
+        """(..., H, W) grey levels (any numeric dtype, integral values) -> (..., H*W) long ids."""
+        arr = np.asarray(images.cpu() if isinstance(images, Tensor) else images)
+        h, w = self.image_shape
+        if arr.ndim < 2 or arr.shape[-2:] != (h, w):
+            raise ValueError(
+                f"images must have shape (..., {h}, {w}), got shape {tuple(arr.shape)}"
+            )
+        if arr.dtype.kind not in "iuf" or (arr.size and not np.all(arr == np.round(arr))):
+            raise ValueError(
+                f"images must hold integral grey levels in [0, {self.levels - 1}], "
+                f"got non-integral values (dtype {arr.dtype})"
+            )
+        ids = torch.from_numpy(arr.astype(np.int64)).reshape(*arr.shape[:-2], h * w)
+        return check_tokens("images", ids, num_tokens=self.levels, ndim=ids.ndim)
+
+    def decode(self, ids: Any) -> np.ndarray:
+        """(..., H*W) ids -> (..., H, W) int64 numpy array of grey levels."""
+        ids = _as_long_tensor("ids", ids)
+        ids = check_tokens("ids", ids, num_tokens=self.levels, ndim=max(ids.ndim, 1))
+        if ids.ndim == 0 or ids.shape[-1] != self.seq_len:
+            raise ValueError(
+                f"ids must have {self.seq_len} tokens in the last dimension for images of shape "
+                f"{self.image_shape}, got shape {tuple(ids.shape)}"
+            )
+        return ids.reshape(*ids.shape[:-1], *self.image_shape).cpu().numpy()
+
+    def config(self) -> dict[str, Any]:
+        return {"levels": self.levels, "image_shape": list(self.image_shape)}
+
+    def __repr__(self) -> str:
+        return f"GreyLevelTokenizer(levels={self.levels}, image_shape={self.image_shape})"
+
+
+# name -> class; a new tokenizer (BPE, ...) is one line here.
+TOKENIZERS: dict[str, type] = {
+    ByteTokenizer.name: ByteTokenizer,
+    GreyLevelTokenizer.name: GreyLevelTokenizer,
+}
+
+
+def get_tokenizer(name: str, **config: Any) -> Tokenizer:
+    """Build a tokenizer by registry name, e.g. `get_tokenizer(tok.name, **tok.config())`."""
+    check_choice("tokenizer", name, TOKENIZERS)
+    if "image_shape" in config:
+        config["image_shape"] = tuple(config["image_shape"])
+    return TOKENIZERS[name](**config)
