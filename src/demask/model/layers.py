@@ -38,6 +38,8 @@ class Rotary(nn.Module):
     `max_seq_len` all use the same code path.
     """
 
+    inv_freq: Tensor
+
     def __init__(self, rot_dim: int, base: float = 10000.0):
         super().__init__()
         if rot_dim % 2:
