@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from demask.samplers.filters import FILTERS, min_p, top_a, top_k, top_k_count, top_p
+from demask.samplers.filters import FILTERS, min_p, top_a, top_k, top_k_compact, top_k_count, top_p
 
 param = pytest.mark.parametrize
 
@@ -107,3 +107,11 @@ def test_filters_registry_preserves_shape_and_kept_values():
         kept = _kept(out)
         assert torch.equal(out[kept], logits[kept]), name
         assert (kept.sum(-1) >= 1).all(), name
+
+
+def test_top_k_compact_is_top_k_without_padding():
+    logits = _logits()
+    values, indices = top_k_compact(logits, thres=0.7)
+    full = torch.full_like(logits, -math.inf).scatter_(-1, indices, values)
+    assert torch.equal(full, top_k(logits, thres=0.7))
+    assert (values.diff(dim=-1) <= 0).all()  # sorted, largest first

@@ -13,7 +13,7 @@ from torch import Tensor
 
 from demask._checks import check_float, check_int
 
-__all__ = ["top_k", "top_k_count", "top_p", "min_p", "top_a", "FILTERS"]
+__all__ = ["top_k", "top_k_compact", "top_k_count", "top_p", "min_p", "top_a", "FILTERS"]
 
 
 def top_k_count(vocab_size: int, *, k: int | None = None, thres: float | None = None) -> int:
@@ -37,12 +37,23 @@ def top_k(logits: Tensor, k: int | None = None, thres: float | None = None) -> T
     logits: (..., V) -> (..., V). `thres` (the seed's filter_thres) keeps ceil((1 - thres) * V).
     """
     vocab_size = logits.shape[-1]
-    count = top_k_count(vocab_size, k=k, thres=thres)
-    if count == vocab_size:
+    if top_k_count(vocab_size, k=k, thres=thres) == vocab_size:
         return logits
-    values, indices = logits.topk(count, dim=-1)  # (..., k)
+    values, indices = top_k_compact(logits, k=k, thres=thres)  # (..., k)
     out = torch.full_like(logits, -math.inf)
     return out.scatter_(-1, indices, values)
+
+
+def top_k_compact(
+    logits: Tensor, k: int | None = None, thres: float | None = None
+) -> tuple[Tensor, Tensor]:
+    """The kept logits of `top_k` without the -inf padding: (values, vocabulary indices).
+
+    logits: (..., V) -> values (..., k), indices (..., k) long, sorted by decreasing logit.
+    Decoders sample over these k entries instead of all V (less noise to draw, less to sort).
+    """
+    count = top_k_count(logits.shape[-1], k=k, thres=thres)
+    return logits.topk(count, dim=-1)
 
 
 def top_p(logits: Tensor, p: float) -> Tensor:
