@@ -1,0 +1,19 @@
+"""Decoding loops: the only places that call the model during generation."""
+
+from demask.decoding.autoregressive import (
+    FILTER_FUNCTIONS,
+    ModelStepper,
+    SamplingOptions,
+    iter_decode,
+    select_tokens,
+)
+from demask.decoding.beam import beam_search
+
+__all__ = [
+    "FILTER_FUNCTIONS",
+    "ModelStepper",
+    "SamplingOptions",
+    "beam_search",
+    "iter_decode",
+    "select_tokens",
+]

@@ -1,0 +1,298 @@
+"""The autoregressive decoding loop: the one place that calls the model during AR generation.
+
+Layout of a decoding run (B rows, prompt length P, S new tokens):
+- `buf` (B, P + S) is allocated once; the left-aligned prompts fill buf[:, :P] (shorter prompts
+  are left-padded, `start_pos` (B,) says where each row's real tokens start) and step i writes its
+  tokens into buf[:, P + i]. Nothing is concatenated or re-allocated per step.
+- `ModelStepper` feeds one model (the net, or the amateur of contrastive decoding) and returns
+  next-token logits (B, V). With the key/value cache (the default) a step feeds only the newest
+  token to the static, preallocated `net.new_cache(B, capacity)`; without it a step re-runs the
+  last `max_seq_len` tokens. Past `max_seq_len` the window slides: with relative (rotary)
+  positions the cache becomes a ring over the last `max_seq_len` positions; with absolute
+  positions only the no-cache path can slide, and asking for the cache raises a ValueError.
+- `select_tokens` turns logits into tokens: repetition penalty, contrastive scores, then greedy
+  argmax (temperature 0) or filter + float64 Gumbel-max sampling. It never calls the model.
+
+Sliding note: in ring mode the cached keys/values of old positions were computed while their own
+context was still in the window, so past `max_seq_len` the cached and the no-cache paths attend
+over the same tokens but are not bit-identical (the no-cache path recomputes every hidden state
+from the truncated window). Within `max_seq_len` they agree (tested at temperature 0).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from demask._checks import check_choice, check_float
+from demask.samplers.categorical import sample_categorical
+from demask.samplers.filters import min_p, top_a, top_k, top_p
+
+__all__ = [
+    "FILTER_FUNCTIONS",
+    "ModelStepper",
+    "SamplingOptions",
+    "apply_repetition_penalty",
+    "contrastive_logits",
+    "iter_decode",
+    "resolve_filter",
+    "select_tokens",
+]
+
+FilterFn = Callable[[Tensor], Tensor]
+
+# name -> (filter, keyword arguments used when filter_kwargs is empty); the filters themselves live
+# in demask.samplers.filters (one top-k in the package). The defaults follow the seed library:
+# top-k keeps the top 10% of the vocabulary.
+FILTER_FUNCTIONS: dict[str, tuple[Callable[..., Tensor], dict[str, Any]]] = {
+    "top_k": (top_k, {"thres": 0.9}),
+    "top_p": (top_p, {"p": 0.9}),
+    "min_p": (min_p, {"p": 0.1}),
+    "top_a": (top_a, {"a": 0.02}),
+}
+
+
+def resolve_filter(
+    filter_logits_fn: str | Callable[..., Tensor] | None, filter_kwargs: dict[str, Any] | None
+) -> FilterFn | None:
+    """A logits filter by name (see FILTER_FUNCTIONS) or a callable, bound to `filter_kwargs`."""
+    if filter_logits_fn is None:
+        return None
+    if isinstance(filter_logits_fn, str):
+        check_choice("filter_logits_fn", filter_logits_fn, FILTER_FUNCTIONS)
+        fn, defaults = FILTER_FUNCTIONS[filter_logits_fn]
+        return partial(fn, **(filter_kwargs or defaults))
+    if callable(filter_logits_fn):
+        return partial(filter_logits_fn, **(filter_kwargs or {}))
+    raise TypeError(
+        "filter_logits_fn must be None, a callable or one of "
+        f"{sorted(FILTER_FUNCTIONS)}, got {type(filter_logits_fn).__name__}"
+    )
+
+
+def apply_repetition_penalty(logits: Tensor, seen: Tensor, penalty: float) -> Tensor:
+    """CTRL's repetition penalty (Keskar et al. 2019, https://arxiv.org/abs/1909.05858).
+
+    The logits of tokens already in the sequence are divided by `penalty` where positive and
+    multiplied by it where negative, so penalty > 1 always makes them less likely.
+    logits: (B, V), seen: (B, V) bool -> (B, V).
+    """
+    penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalised, logits)
+
+
+def contrastive_logits(expert: Tensor, amateur: Tensor, alpha: float, beta: float = 1.0) -> Tensor:
+    """Contrastive decoding scores (Li et al. 2022, https://arxiv.org/abs/2210.15097).
+
+    score = log p_expert - beta * log p_amateur on the plausible set
+    {x : p_expert(x) >= alpha * max p_expert}, -inf elsewhere (beta = 1 is the paper's objective).
+    expert, amateur: (B, V) logits -> (B, V) scores, used as logits by the sampler.
+    """
+    log_e = expert.float().log_softmax(dim=-1)  # (B, V)
+    log_a = amateur.float().log_softmax(dim=-1)
+    floor = log_e.amax(dim=-1, keepdim=True) + (math.log(alpha) if alpha > 0 else -math.inf)
+    return (log_e - beta * log_a).masked_fill(log_e < floor, -math.inf)
+
+
+@dataclass
+class SamplingOptions:
+    """How logits become tokens. temperature 0 = greedy (filters are then irrelevant)."""
+
+    temperature: float = 1.0
+    filter_fn: FilterFn | None = None
+    repetition_penalty: float = 1.0
+    contrastive_alpha: float = 0.1
+    contrastive_beta: float = 1.0
+    generator: torch.Generator | None = None
+
+
+def select_tokens(
+    logits: Tensor,
+    options: SamplingOptions,
+    seen: Tensor | None = None,
+    amateur_logits: Tensor | None = None,
+) -> Tensor:
+    """Next tokens (B,) from logits (B, V). Pure: the model is never called here.
+
+    Order: repetition penalty (if `seen`), contrastive scores (if `amateur_logits`), then argmax at
+    temperature 0, else the filter on the (un-tempered) logits and a float64 Gumbel-max draw from
+    softmax(logits / temperature), the seed library's order.
+    """
+    if seen is not None:
+        logits = apply_repetition_penalty(logits, seen, options.repetition_penalty)
+    if amateur_logits is not None:
+        if seen is not None:
+            amateur_logits = apply_repetition_penalty(
+                amateur_logits, seen, options.repetition_penalty
+            )
+        logits = contrastive_logits(
+            logits, amateur_logits, options.contrastive_alpha, options.contrastive_beta
+        )
+    if options.temperature == 0.0:
+        return logits.argmax(dim=-1)
+    if options.filter_fn is not None:
+        logits = options.filter_fn(logits)
+    return sample_categorical(logits, options.temperature, options.generator)
+
+
+class ModelStepper:
+    """Feeds one model the sequence held in `buf` and returns next-token logits (B, V).
+
+    buf: (B, T) token buffer, shared with the loop; prompt_len: P, the prompt is buf[:, :P];
+    start_pos: (B,) index of each row's first real token (None: no padding); cache_kv: use the
+    static key/value cache. `prefill()` runs the prompt; `step(cur)` runs after buf[:, cur - 1]
+    was written and returns the logits that predict buf[:, cur].
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        buf: Tensor,
+        prompt_len: int,
+        start_pos: Tensor | None,
+        cache_kv: bool,
+        name: str = "net",
+    ):
+        batch, total = buf.shape
+        self.net, self.buf, self.prompt_len, self.start_pos = net, buf, prompt_len, start_pos
+        self.window = int(net.max_seq_len)
+        self.cache = None
+        if start_pos is not None:  # (B, T): True at real tokens, allocated once
+            cols = torch.arange(total, device=buf.device)
+            self.real = cols[None, :] >= start_pos[:, None]
+            self.step_mask = torch.ones(batch, 1, dtype=torch.bool, device=buf.device)
+        if cache_kv:
+            if not getattr(net, "can_cache_kv", False):
+                raise ValueError(
+                    f"cache_kv=True needs a causal {name} (a Decoder) that supports a key/value "
+                    "cache; pass cache_kv=False"
+                )
+            if total > self.window and not net.can_cache_kv_outside_max_seq_len:
+                raise ValueError(
+                    f"prompt length {prompt_len} + seq_len {total - prompt_len} = {total} exceeds "
+                    f"the {name}'s max_seq_len={self.window}, and its absolute position embeddings "
+                    "cannot slide a key/value cache past max_seq_len: pass cache_kv=False (the "
+                    "window then slides by re-running the last max_seq_len tokens every step), "
+                    "or use rotary_pos_emb=True"
+                )
+            self.cache = net.new_cache(batch, min(total, self.window))
+        # with the cache the model sees buf[:, offset:]; the prompt is cut to the window
+        self.offset = max(0, prompt_len - self.window)
+        self.cache_start = None
+        if start_pos is not None:
+            self.cache_start = (start_pos - self.offset).clamp(min=0)
+
+    def _run(self, lo: int, hi: int, cache: Any) -> Tensor:
+        x = self.buf[:, lo:hi]  # (B, n)
+        kwargs: dict[str, Any] = {}
+        if self.start_pos is not None:
+            if cache is not None and hi - lo == 1 and lo >= self.prompt_len:
+                kwargs["mask"] = self.step_mask  # keeps ring slots of old padding valid
+                kwargs["seq_start_pos"] = self.cache_start
+            else:
+                kwargs["mask"] = self.real[:, lo:hi]
+                kwargs["seq_start_pos"] = (self.start_pos - lo).clamp(min=0)
+        if cache is not None:
+            kwargs["cache"] = cache
+        return self.net(x, **kwargs)[:, -1]  # (B, V)
+
+    def prefill(self) -> Tensor:
+        return self._run(self.offset, self.prompt_len, self.cache)
+
+    def step(self, cur: int) -> Tensor:
+        if self.cache is not None:
+            return self._run(cur - 1, cur, self.cache)
+        return self._run(max(0, cur - self.window), cur, None)
+
+    def reorder(self, index: Tensor) -> None:
+        """Rows become old rows `index` (beam search); the caller reorders `buf` itself."""
+        if self.cache is not None:
+            self.cache.reorder(index)
+
+
+def _prompt_seen(buf: Tensor, prompt_len: int, start_pos: Tensor | None, vocab: int) -> Tensor:
+    """(B, V) bool: which tokens occur among each row's real prompt tokens."""
+    prompt = buf[:, :prompt_len]  # (B, P)
+    if start_pos is not None:
+        cols = torch.arange(prompt_len, device=buf.device)
+        prompt = prompt.masked_fill(cols[None, :] < start_pos[:, None], vocab)  # padding -> V
+    counts = torch.zeros(buf.shape[0], vocab + 1, dtype=torch.int32, device=buf.device)
+    counts.scatter_add_(1, prompt, torch.ones_like(prompt, dtype=torch.int32))
+    return counts[:, :vocab] > 0
+
+
+def iter_decode(
+    net: nn.Module,
+    buf: Tensor,
+    prompt_len: int,
+    *,
+    start_pos: Tensor | None = None,
+    options: SamplingOptions | None = None,
+    cache_kv: bool = True,
+    eos_token: int | None = None,
+    stop_sequences: Sequence[Tensor] = (),
+    pad_value: int = 0,
+    amateur: nn.Module | None = None,
+) -> Iterator[Tensor]:
+    """Fill buf[:, prompt_len:] token by token, yielding each step's tokens (B,).
+
+    buf: (B, P + S) long with the left-aligned prompts in buf[:, :P]. A row stops after it emits
+    `eos_token` or completes one of `stop_sequences` ((L,) long tensors); its later positions
+    hold `pad_value`. The loop ends early once every row has stopped (the rest of buf stays
+    `pad_value`, so the caller should pre-fill buf with it). Arguments are assumed validated.
+    """
+    options = options or SamplingOptions()
+    batch, total = buf.shape
+    seq_len = total - prompt_len
+    expert = ModelStepper(net, buf, prompt_len, start_pos, cache_kv)
+    amateur_stepper = (
+        ModelStepper(amateur, buf, prompt_len, start_pos, cache_kv, name="amateur_model")
+        if amateur is not None
+        else None
+    )
+    seen = None
+    if options.repetition_penalty != 1.0:
+        seen = _prompt_seen(buf, prompt_len, start_pos, int(net.num_tokens))
+    track = eos_token is not None or len(stop_sequences) > 0
+    done = torch.zeros(batch, dtype=torch.bool, device=buf.device)
+
+    logits = expert.prefill()  # (B, V)
+    amateur_logits = amateur_stepper.prefill() if amateur_stepper is not None else None
+    for i in range(seq_len):
+        cur = prompt_len + i
+        tokens = select_tokens(logits, options, seen, amateur_logits)  # (B,)
+        if track:
+            tokens = tokens.masked_fill(done, pad_value)
+        buf[:, cur] = tokens
+        if seen is not None:
+            seen.scatter_(1, tokens[:, None], True)
+        if track:
+            if eos_token is not None:
+                done |= tokens == eos_token
+            for stop in stop_sequences:
+                first = cur + 1 - stop.shape[0]
+                if first < 0:
+                    continue
+                hit = (buf[:, first : cur + 1] == stop).all(dim=-1)  # (B,)
+                if start_pos is not None:
+                    hit &= start_pos <= first  # the match must lie inside the real tokens
+                done |= hit
+        yield tokens
+        if (track and bool(done.all())) or i + 1 == seq_len:
+            return
+        logits = expert.step(cur + 1)
+        if amateur_stepper is not None:
+            amateur_logits = amateur_stepper.step(cur + 1)
+
+
+def check_sampling(temperature: Any, repetition_penalty: Any) -> tuple[float, float]:
+    """Validate the scalar sampling arguments (named in the error)."""
+    temperature = check_float("temperature", temperature, min=0.0)
+    penalty = check_float("repetition_penalty", repetition_penalty, min=0.0, min_inclusive=False)
+    return temperature, penalty

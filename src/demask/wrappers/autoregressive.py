@@ -1,0 +1,287 @@
+"""`AutoregressiveWrapper`: the seed-compatible facade for training and sampling a causal model.
+
+    net = TransformerWrapper(num_tokens=256, max_seq_len=1024, attn_layers=Decoder(dim=512, depth=6, heads=8))
+    model = AutoregressiveWrapper(net)
+    loss = model(tokens)                          # teacher-forced cross-entropy, a scalar
+    out = model.generate(prompts, seq_len=100)    # (B, P + 100): prompts then new tokens
+
+It composes the objective (demask.objectives.autoregressive) and the decoding loop
+(demask.decoding.autoregressive, demask.decoding.beam); it holds configuration and validation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from demask._checks import check_float, check_int, reject_unknown_kwargs
+from demask.decoding.autoregressive import (
+    SamplingOptions,
+    check_sampling,
+    iter_decode,
+    resolve_filter,
+)
+from demask.decoding.beam import beam_search
+from demask.decoding.prompts import (
+    PreparedPrompts,
+    check_stop_sequences,
+    check_token_id,
+    prepare_prompts,
+)
+from demask.objectives.autoregressive import autoregressive_loss
+
+__all__ = ["AutoregressiveWrapper"]
+
+
+@contextmanager
+def _eval_mode(*modules: nn.Module | None) -> Iterator[None]:
+    """Eval mode inside; every submodule's own training flag restored after."""
+    states = [(m, m.training) for mod in modules if mod is not None for m in mod.modules()]
+    for mod in modules:
+        if mod is not None:
+            mod.eval()
+    try:
+        yield
+    finally:
+        for m, flag in states:
+            m.training = flag
+
+
+class AutoregressiveWrapper(nn.Module):
+    """Teacher-forced training and sampling for a causal `TransformerWrapper` (a Decoder).
+
+    Args (the seed's):
+      net: the backbone, tokens (B, N) -> logits (B, N, V).
+      ignore_index: target id that does not count in the loss (e.g. padding).
+      pad_value: the id written after a row's EOS and used to left-pad prompts; a valid token id.
+      mask_prob: forgetful causal masking in training, in [0, 1) (arXiv 2210.13432).
+      add_attn_z_loss: add the backbone's attention z-loss to the loss.
+      next_embed_loss_weight: weight of the next-embedding loss, used when the net was built with
+        add_continuous_pred_head=True (cosine distance; see demask.objectives.autoregressive).
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        ignore_index: int = -100,
+        pad_value: int = 0,
+        mask_prob: float = 0.0,
+        add_attn_z_loss: bool = False,
+        next_embed_loss_weight: float = 0.1,
+    ):
+        super().__init__()
+        if not isinstance(net, nn.Module) or not hasattr(net, "num_tokens"):
+            raise TypeError(
+                f"net must be a TransformerWrapper (a module with num_tokens), got {type(net).__name__}"
+            )
+        self.net = net
+        self.ignore_index = check_int("ignore_index", ignore_index)
+        self.pad_value = check_int("pad_value", pad_value)
+        self.mask_prob = check_float("mask_prob", mask_prob, min=0.0, max=1.0, max_inclusive=False)
+        self.add_attn_z_loss = bool(add_attn_z_loss)
+        self.next_embed_loss_weight = check_float(
+            "next_embed_loss_weight", next_embed_loss_weight, min=0.0
+        )
+
+    @property
+    def max_seq_len(self) -> int:
+        return int(self.net.max_seq_len)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.net.num_tokens)
+
+    def forward(self, x: Tensor, return_metrics: bool = False, **kwargs: Any) -> Any:
+        """x: (B, N) tokens -> the scalar loss; with return_metrics, (loss, metrics dict).
+
+        kwargs: `mask` (B, N) bool padding mask, `generator` for the masking draw, and anything
+        the net's forward accepts (e.g. `context`). Forgetful masking applies in training only.
+        """
+        loss, metrics = autoregressive_loss(
+            self.net,
+            x,
+            ignore_index=self.ignore_index,
+            pad_value=self.pad_value,
+            mask_prob=self.mask_prob if self.training else 0.0,
+            add_attn_z_loss=self.add_attn_z_loss,
+            next_embed_loss_weight=self.next_embed_loss_weight,
+            **kwargs,
+        )
+        return (loss, metrics) if return_metrics else loss
+
+    # ---------------------------------------------------------------- generation
+    def _setup(
+        self, prompts: Any, seq_len: Any, prompt_lens: Any, eos_token: Any
+    ) -> tuple[PreparedPrompts, int, int | None]:
+        vocab = self.num_tokens
+        seq_len = check_int("seq_len", seq_len, min=1)
+        check_int("pad_value", self.pad_value, min=0, max=vocab - 1)
+        eos = check_token_id("eos_token", eos_token, vocab)
+        prepared = prepare_prompts(prompts, prompt_lens, num_tokens=vocab, pad_value=self.pad_value)
+        return prepared, seq_len, eos
+
+    def _decode_iter(
+        self,
+        prompts: Any,
+        seq_len: int,
+        *,
+        eos_token: int | None = None,
+        temperature: float = 1.0,
+        filter_logits_fn: str | Callable[..., Tensor] | None = "top_k",
+        filter_kwargs: dict[str, Any] | None = None,
+        prompt_lens: Tensor | Sequence[int] | None = None,
+        cache_kv: bool = True,
+        amateur_model: nn.Module | None = None,
+        contrastive_decode_kwargs: dict[str, float] | None = None,
+        repetition_penalty: float = 1.0,
+        stop_sequences: Sequence[Any] | None = None,
+        generator: torch.Generator | None = None,
+        **kwargs: Any,
+    ) -> tuple[Iterator[Tensor], Tensor, PreparedPrompts]:
+        """Validate everything, allocate the output buffer, and return the decoding iterator."""
+        reject_unknown_kwargs("AutoregressiveWrapper.generate", kwargs)
+        prepared, seq_len, eos = self._setup(prompts, seq_len, prompt_lens, eos_token)
+        temperature, penalty = check_sampling(temperature, repetition_penalty)
+        filter_fn = resolve_filter(filter_logits_fn, filter_kwargs)
+        vocab = self.num_tokens
+        if filter_fn is not None:  # surface bad filter_kwargs now, not after the prefill
+            filter_fn(torch.zeros(1, vocab))
+        cd = dict(contrastive_decode_kwargs or {})
+        alpha = check_float(
+            "contrastive_decode_kwargs['alpha']", cd.pop("alpha", 0.1), min=0.0, max=1.0
+        )
+        beta = check_float("contrastive_decode_kwargs['beta']", cd.pop("beta", 1.0), min=0.0)
+        reject_unknown_kwargs("contrastive_decode_kwargs", cd)
+        if amateur_model is not None and getattr(amateur_model, "num_tokens", None) != vocab:
+            raise ValueError(
+                f"amateur_model must share the vocabulary of the net ({vocab} tokens), got "
+                f"{getattr(amateur_model, 'num_tokens', None)}"
+            )
+        stops = check_stop_sequences(
+            stop_sequences, num_tokens=vocab, device=prepared.tokens.device
+        )
+        options = SamplingOptions(temperature, filter_fn, penalty, alpha, beta, generator)
+        prompt_len = prepared.tokens.shape[1]
+        buf = torch.full(
+            (prepared.tokens.shape[0], prompt_len + seq_len),
+            self.pad_value,
+            dtype=torch.long,
+            device=prepared.tokens.device,
+        )
+        buf[:, :prompt_len] = prepared.tokens
+        it = iter_decode(
+            self.net,
+            buf,
+            prompt_len,
+            start_pos=prepared.start_pos,
+            options=options,
+            cache_kv=bool(cache_kv),
+            eos_token=eos,
+            stop_sequences=stops,
+            pad_value=self.pad_value,
+            amateur=amateur_model,
+        )
+        return it, buf, prepared
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompts: Tensor | Sequence[Tensor],
+        seq_len: int,
+        *,
+        callback: Callable[[Tensor], Any] | None = None,
+        return_only_new: bool = False,
+        **kwargs: Any,
+    ) -> Tensor | list[Tensor]:
+        """Sample `seq_len` tokens after each prompt; returns prompts followed by the new tokens.
+
+        prompts: (B, P) tensor, (P,) tensor, or a list of 1-D tensors (see `prompt_lens`).
+        Returns (B, P + seq_len) (or (B, seq_len) with return_only_new), matching the input
+        form (1-D in, 1-D out; list in, list out). Positions after a row's EOS or stop sequence
+        hold pad_value.
+
+        Keyword options:
+          temperature=1.0           0 = greedy (argmax); must be >= 0
+          filter_logits_fn="top_k"  a name in decoding.autoregressive.FILTER_FUNCTIONS ("top_k",
+                                    "top_p", "min_p", "top_a"), a callable(logits, **kw), or None
+          filter_kwargs=None        e.g. {"k": 20}, {"thres": 0.9}, {"p": 0.9}, {"a": 0.02};
+                                    empty: the filter's default (top_k keeps the top 10%)
+          eos_token=None            a row stops after it; generation ends when all rows stopped
+          stop_sequences=None       list of token sequences; a row stops after completing one
+          prompt_lens=None          (B,) real lengths of right-padded (B, P) prompts
+          cache_kv=True             the static key/value cache (see decoding.autoregressive)
+          repetition_penalty=1.0    CTRL penalty (> 1 discourages tokens already present)
+          amateur_model=None        contrastive decoding (arXiv 2210.15097) against this model,
+          contrastive_decode_kwargs {"alpha": 0.1, "beta": 1.0}
+          generator=None            a torch.Generator for reproducible sampling
+          callback=None             called with each step's tokens (B,) as they are produced
+        """
+        with _eval_mode(self, kwargs.get("amateur_model")):
+            it, buf, prepared = self._decode_iter(prompts, seq_len, **kwargs)
+            for tokens in it:
+                if callback is not None:
+                    callback(tokens)
+        return prepared.format(buf, prepared.tokens.shape[1], return_only_new)
+
+    @torch.no_grad()
+    def stream(
+        self, prompts: Tensor | Sequence[Tensor], seq_len: int, **kwargs: Any
+    ) -> Iterator[Tensor]:
+        """Like `generate`, but yields each step's new tokens (B,) (or a scalar for a 1-D prompt).
+
+        Arguments are validated before the first token is produced; the model is in eval mode
+        while the iterator runs and its training state is restored when it ends or is closed.
+        Rows that have stopped yield pad_value.
+        """
+        with _eval_mode(self, kwargs.get("amateur_model")):
+            it, _, prepared = self._decode_iter(prompts, seq_len, **kwargs)
+            for tokens in it:
+                yield tokens[0] if prepared.kind == "vector" else tokens
+
+    @torch.no_grad()
+    def beam_search(
+        self,
+        prompts: Tensor | Sequence[Tensor],
+        seq_len: int,
+        beams: int = 4,
+        *,
+        eos_token: int | None = None,
+        length_penalty: float = 0.0,
+        prompt_lens: Tensor | Sequence[int] | None = None,
+        cache_kv: bool = True,
+        return_scores: bool = False,
+        return_all_beams: bool = False,
+        return_only_new: bool = False,
+    ) -> Any:
+        """Beam search (see demask.decoding.beam): the most probable continuation of each prompt.
+
+        Returns the best sequence per row, shaped like `generate`'s output; with return_all_beams
+        a (B, beams, ...) tensor (a list of (beams, ...) tensors for list prompts), best first.
+        With return_scores, (sequences, scores): total log-probabilities in nats, (B,) or
+        (B, beams), divided by length ** length_penalty when length_penalty > 0.
+        """
+        prepared, seq_len, eos = self._setup(prompts, seq_len, prompt_lens, eos_token)
+        beams = check_int("beams", beams, min=1)
+        length_penalty = check_float("length_penalty", length_penalty, min=0.0)
+        with _eval_mode(self):
+            seqs, scores = beam_search(
+                self.net,
+                prepared.tokens,
+                seq_len,
+                beams=beams,
+                start_pos=prepared.start_pos,
+                eos_token=eos,
+                pad_value=self.pad_value,
+                cache_kv=bool(cache_kv),
+                length_penalty=length_penalty,
+            )  # (B, K, T), (B, K)
+        if not return_all_beams:
+            seqs, scores = seqs[:, 0], scores[:, 0]
+        out = prepared.format(seqs, prepared.tokens.shape[1], return_only_new)
+        if prepared.kind == "vector":
+            scores = scores[0]
+        return (out, scores) if return_scores else out
