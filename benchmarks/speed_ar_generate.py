@@ -1,0 +1,85 @@
+"""speed/ar-generate: AutoregressiveWrapper.generate with the key/value cache, demask vs reference.
+
+Config: Decoder dim 256, depth 4, heads 4, num_tokens 256, max_seq_len 512, batch 8, a random
+prompt of 16 tokens, 256 new tokens, cache on, each library's default sampling (temperature 1 and
+its default logits filter). Untrained weights, same seed for both.
+
+Tokens per call = batch * new tokens (tokens produced; the prefill's time is included). FLOPs per
+call = prefill plus one cached forward per new token but the last, position j attending to j + 1
+keys: B * (T * 2P + 4 L I T (T + 1) / 2) with T = prompt + new - 1 (benchmarks/flops.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import sys
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from benchmarks import compare, flops, harness
+from benchmarks.harness import Workload
+from benchmarks.libs import build_net, load, require
+
+NAME = "speed/ar-generate"
+
+
+@dataclass(frozen=True)
+class Config:
+    dim: int = 256
+    depth: int = 4
+    heads: int = 4
+    num_tokens: int = 256
+    max_seq_len: int = 512
+    batch: int = 8
+    prompt_len: int = 16
+    new_tokens: int = 256
+    seed: int = 0
+
+    def shape(self) -> flops.ModelShape:
+        return flops.ModelShape(self.dim, self.depth, self.heads, self.num_tokens)
+
+
+SMOKE = Config(dim=32, depth=1, heads=2, num_tokens=17, max_seq_len=32, batch=2, new_tokens=8)
+
+
+def cache_kwargs(generate_fn: Any) -> dict[str, Any]:
+    """`cache_kv=True` when the generate signature names it (both libraries default to it)."""
+    params = inspect.signature(generate_fn).parameters
+    return {"cache_kv": True} if "cache_kv" in params else {}
+
+
+def generate(lib_name: str, cfg: Config) -> Workload:
+    lib = load(lib_name)
+    torch.manual_seed(cfg.seed)
+    net = build_net(lib, causal=True, num_tokens=cfg.num_tokens, max_seq_len=cfg.max_seq_len,
+                    dim=cfg.dim, depth=cfg.depth, heads=cfg.heads)  # fmt: skip
+    model = require(lib, "AutoregressiveWrapper")(net)
+    model.eval()
+    g = torch.Generator().manual_seed(cfg.seed)
+    prompt = torch.randint(0, cfg.num_tokens, (cfg.batch, cfg.prompt_len), generator=g)  # (B, P)
+    kwargs = cache_kwargs(model.generate)
+
+    def run() -> torch.Tensor:
+        return model.generate(prompt, cfg.new_tokens, **kwargs)  # (B, P + new)
+
+    f = flops.ar_generate_flops(cfg.shape(), cfg.batch, cfg.prompt_len, cfg.new_tokens)
+    return Workload(run, cfg.batch * cfg.new_tokens, f)
+
+
+WORKLOADS = {"generate": generate}
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    compare.add_speed_args(p, warmup=1, repeats=7)
+
+
+def main(args: argparse.Namespace) -> dict[str, Any]:
+    cfg = Config() if not args.smoke else SMOKE
+    results = compare.compare(sys.modules[__name__], cfg, args)
+    print(f"## {NAME}  (config {asdict(cfg)})")
+    print(compare.table(results))
+    compare.print_profiles(results)
+    return harness.record(NAME, asdict(cfg), results, args=vars(args))
