@@ -5,6 +5,7 @@ The public API. The seed-compatible facade is `TransformerWrapper`, `Encoder`, `
 """
 
 from demask.model import Decoder, Encoder, Intermediates, KVCache, TransformerWrapper
+from demask.wrappers.nonautoregressive import Losses, NonAutoregressiveWrapper
 
 __version__ = "0.1.0"
 
@@ -13,5 +14,7 @@ __all__ = [
     "Encoder",
     "Intermediates",
     "KVCache",
+    "Losses",
+    "NonAutoregressiveWrapper",
     "TransformerWrapper",
 ]

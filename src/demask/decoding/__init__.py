@@ -8,12 +8,15 @@ from demask.decoding.autoregressive import (
     select_tokens,
 )
 from demask.decoding.beam import beam_search
+from demask.decoding.masked import demask, num_masked_after_step
 
 __all__ = [
     "FILTER_FUNCTIONS",
     "ModelStepper",
     "SamplingOptions",
     "beam_search",
+    "demask",
     "iter_decode",
+    "num_masked_after_step",
     "select_tokens",
 ]

@@ -1,5 +1,21 @@
-"""Training objectives: each turns a batch of tokens and a backbone into (loss, metrics)."""
+"""Training objectives. `masked`: the MDLM / MaskGIT objective and the NELBO weights."""
 
-from demask.objectives.autoregressive import autoregressive_loss, forgetful_causal_mask
+from demask.objectives.masked import (
+    augment_masked,
+    discrete_step_weight,
+    draw_masks,
+    masked_loss,
+    mdlm_weight,
+    midpoint_times,
+    stratified_times,
+)
 
-__all__ = ["autoregressive_loss", "forgetful_causal_mask"]
+__all__ = [
+    "augment_masked",
+    "discrete_step_weight",
+    "draw_masks",
+    "masked_loss",
+    "mdlm_weight",
+    "midpoint_times",
+    "stratified_times",
+]

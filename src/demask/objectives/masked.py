@@ -1,0 +1,120 @@
+"""The masked-diffusion objective: times, masks, augmentation, MDLM weights and the loss.
+
+Time convention of demask.schedules: t = 0 clean, t = 1 fully masked, mask ratio m(t).
+Sahoo et al. 2024, "Simple and Effective Masked Diffusion Language Models" (MDLM),
+https://arxiv.org/abs/2406.07524: with tokens masked independently with probability m(t),
+
+    NELBO = E_{t ~ U(0,1)} E_{mask} [ m'(t) / m(t) * sum_{i masked} -log p(x_i | x_masked) ]
+
+(in nats per sequence; divide by the length for nats per token). Its value does not depend on the
+schedule. The T-step discrete-time bound replaces m'(t) / m(t) dt by (m(t_i) - m(t_{i-1})) / m(t_i)
+summed over t_i = i / T; it is larger than the continuous bound and tends to it as T grows.
+The MaskGIT loss (Chang et al. 2022, https://arxiv.org/abs/2202.04200) is the plain mean
+cross-entropy over masked positions.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from demask.schedules import Schedule
+
+__all__ = [
+    "augment_masked",
+    "discrete_step_weight",
+    "draw_masks",
+    "masked_loss",
+    "mdlm_weight",
+    "midpoint_times",
+    "stratified_times",
+]
+
+MIN_TIME = 1e-6  # keeps m'(t) / m(t) finite; the interval it cuts holds a ~1e-6 share of the NELBO
+
+
+def stratified_times(
+    batch_size: int, *, generator: torch.Generator | None = None, device=None
+) -> Tensor:
+    """(B,) times t_b = (u + b) / B mod 1 with one u ~ U(0, 1): each t_b is uniform, together they
+    cover [0, 1] evenly (the low-discrepancy sampler of Kingma et al. 2021, arXiv 2107.00630)."""
+    u = torch.rand((), generator=generator, device=device, dtype=torch.float64)
+    t = (u + torch.arange(batch_size, device=device, dtype=torch.float64) / batch_size) % 1.0
+    return t.clamp_min(MIN_TIME)
+
+
+def midpoint_times(num_times: int, device=None) -> Tensor:
+    """(K,) the fixed stratified times t_j = (j + 0.5) / K used by `nelbo`."""
+    return (torch.arange(num_times, device=device, dtype=torch.float64) + 0.5) / num_times
+
+
+def mdlm_weight(schedule: Schedule, t: Tensor) -> Tensor:
+    """m'(t) / m(t) (1 / t for the linear schedule): positive, the continuous-time NELBO weight."""
+    t = t.double()
+    return schedule.mask_ratio_derivative(t) / schedule.mask_ratio(t).clamp_min(1e-12)
+
+
+def discrete_step_weight(schedule: Schedule, t: Tensor, steps: int) -> Tensor:
+    """(m(t) - m(t - 1/T)) / m(t): the weight of the T-step discrete-time NELBO at t = i / T."""
+    t = t.double()
+    s = (t - 1.0 / steps).clamp_min(0.0)
+    m_t = schedule.mask_ratio(t)
+    return (m_t - schedule.mask_ratio(s)) / m_t.clamp_min(1e-12)
+
+
+def draw_masks(
+    ratio: Tensor,  # (B,) mask probability per row
+    shape: tuple[int, int],
+    *,
+    generator: torch.Generator | None = None,
+    device=None,
+) -> Tensor:
+    """(B, N) bool: every token masked independently with probability ratio[b] (Bernoulli)."""
+    u = torch.rand(shape, generator=generator, device=device, dtype=torch.float64)
+    return u < ratio.to(device=device, dtype=torch.float64)[:, None]
+
+
+def augment_masked(
+    x: Tensor,  # (B, N) clean tokens
+    mask: Tensor,  # (B, N) bool, the positions of the loss
+    *,
+    mask_id: int,
+    num_tokens: int,
+    no_replace_prob: float = 0.0,
+    random_token_prob: float = 0.0,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """The model input: mask_id at masked positions, with BERT's augmentation.
+
+    Devlin et al. 2019, https://arxiv.org/abs/1810.04805: of the masked positions, a fraction
+    `no_replace_prob` keeps its true token and a fraction `random_token_prob` gets a uniformly
+    random token (never mask_id); the rest get mask_id. The loss still covers all of them.
+    """
+    u = torch.rand(x.shape, generator=generator, device=x.device)
+    keep = mask & (u < no_replace_prob)
+    rand = mask & (u >= no_replace_prob) & (u < no_replace_prob + random_token_prob)
+    out = torch.where(mask & ~keep, torch.full_like(x, mask_id), x)
+    if bool(rand.any()):
+        noise = torch.randint(0, num_tokens - 1, x.shape, generator=generator, device=x.device)
+        noise = noise + (noise >= mask_id).long()  # skip mask_id
+        out = torch.where(rand, noise, out)
+    return out
+
+
+def masked_loss(
+    ce: Tensor,  # (M,) cross-entropy (nats) at the masked positions
+    rows: Tensor,  # (M,) long, the batch row of each
+    batch_size: int,
+    seq_len: int,
+    weight: Tensor | None = None,  # (B,) per-row token weight, or None for the MaskGIT mean
+) -> Tensor:
+    """The training loss, a scalar.
+
+    With `weight` (m'(t_b)/m(t_b) for MDLM): mean over rows of sum_{masked} weight * CE / seq_len,
+    an unbiased NELBO estimate in nats per token. Without: mean CE over all masked positions
+    (0 when nothing is masked, so the batch still backpropagates).
+    """
+    if weight is None:
+        return ce.mean() if ce.numel() else ce.sum()
+    per_row = torch.zeros(batch_size, device=ce.device, dtype=ce.dtype).index_add_(0, rows, ce)
+    return (per_row * weight.to(ce.dtype)).sum() / (batch_size * seq_len)

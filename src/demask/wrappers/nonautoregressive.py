@@ -1,0 +1,348 @@
+"""NonAutoregressiveWrapper: masked training (MDLM / MaskGIT) and iterative demasking.
+
+A thin facade over demask.schedules, demask.objectives.masked, demask.samplers and the one
+decoding loop demask.decoding.masked, with the seed's constructor, forward and generate.
+The seed speaks of progress p (its `schedule` gives the mask ratio at progress p); inside, diffusion
+time t = 1 - p is used (t = 0 clean, t = 1 fully masked), converted here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import namedtuple
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from demask._checks import check_choice, check_float, check_int, check_tokens
+from demask.decoding.masked import demask
+from demask.objectives.masked import (
+    augment_masked,
+    discrete_step_weight,
+    draw_masks,
+    masked_loss,
+    mdlm_weight,
+    midpoint_times,
+    stratified_times,
+)
+from demask.samplers import Sampler, get_sampler, sample_categorical
+from demask.schedules import SCHEDULES, CallableSchedule, Schedule, get_schedule
+
+__all__ = ["Losses", "NonAutoregressiveWrapper"]
+
+Losses = namedtuple("Losses", ["loss", "generator_loss", "critic_loss"])
+
+
+def _schedule_from_seed(schedule: str | Callable) -> Schedule:
+    """The seed's `schedule` ('linear', 'cosine', or a callable of progress p) as a Schedule."""
+    if isinstance(schedule, str):
+        return get_schedule(check_choice("schedule", schedule, SCHEDULES))
+    if not callable(schedule):
+        raise ValueError(f"schedule must be 'linear', 'cosine' or a callable, got {schedule!r}")
+    return CallableSchedule(lambda t: schedule(1 - t))  # mask_ratio(t) = seed_fn(1 - t)
+
+
+class NonAutoregressiveWrapper(nn.Module):
+    """Wraps a bidirectional `TransformerWrapper` for masked training and generation.
+
+    Args (the seed's):
+      net: the backbone, num_tokens including `mask_id`; sequences have length net.max_seq_len.
+      mask_id: the mask token, an id of net's embedding table.
+      steps: demasking steps of `generate`.
+      self_cond: feed the previous pass's embeddings back (a Linear dim -> emb_dim into
+        sum_embeds); in training a no-grad first pass with probability `self_cond_train_prob`.
+      no_replace_prob, random_token_prob: BERT augmentation of the masked inputs.
+      schedule: 'linear' (mask ratio 1 - p), 'cosine' (cos(pi p / 2)) or a callable of progress p.
+      can_mask_prev_unmasked: whether `generate` may mask a revealed token again.
+      token_critic: a TransformerWrapper with logits_dim=1 scoring "this token is wrong"
+        (Lezama et al. 2022, https://arxiv.org/abs/2209.04439); self_token_critic: a Linear(dim, 1)
+        head on the net's own embeddings instead. critic_loss_weight weighs its binary loss.
+      use_simple_mdlm_loss_weight: the MDLM loss (Sahoo et al. 2024,
+        https://arxiv.org/abs/2406.07524), an unbiased NELBO estimate in nats per token when the
+        augmentation is off; False: MaskGIT's mean cross-entropy over masked positions.
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        *,
+        mask_id: int,
+        steps: int = 18,
+        self_cond: bool = False,
+        self_cond_train_prob: float = 0.75,
+        no_replace_prob: float = 0.15,
+        random_token_prob: float = 0.1,
+        schedule: str | Callable = "linear",
+        can_mask_prev_unmasked: bool = False,
+        token_critic: nn.Module | None = None,
+        self_token_critic: bool = False,
+        critic_loss_weight: float = 1.0,
+        use_simple_mdlm_loss_weight: bool = True,
+    ):
+        super().__init__()
+        self.net = net
+        self.num_tokens: int = net.num_tokens
+        self.max_seq_len: int = net.max_seq_len
+        self.mask_id = check_int("mask_id", mask_id, min=0, max=self.num_tokens - 1)
+        self.steps = check_int("steps", steps, min=1)
+        self.self_cond_train_prob = check_float(
+            "self_cond_train_prob", self_cond_train_prob, min=0.0, max=1.0
+        )
+        self.no_replace_prob = check_float("no_replace_prob", no_replace_prob, min=0.0, max=1.0)
+        self.random_token_prob = check_float(
+            "random_token_prob", random_token_prob, min=0.0, max=1.0
+        )
+        if no_replace_prob + random_token_prob > 1:
+            raise ValueError(
+                "no_replace_prob + random_token_prob must be <= 1, got "
+                f"{no_replace_prob} + {random_token_prob}"
+            )
+        self.schedule = _schedule_from_seed(schedule)
+        self.can_mask_prev_unmasked = bool(can_mask_prev_unmasked)
+        self.use_simple_mdlm_loss_weight = bool(use_simple_mdlm_loss_weight)
+        self.critic_loss_weight = check_float("critic_loss_weight", critic_loss_weight, min=0.0)
+        if token_critic is not None and self_token_critic:
+            raise ValueError("pass either token_critic or self_token_critic=True, not both")
+
+        dim, emb_dim = net.attn_layers.dim, net.emb_dim
+        self.self_cond = bool(self_cond)
+        self.to_self_cond = nn.Linear(dim, emb_dim, bias=False) if self_cond else None
+        self.token_critic = token_critic
+        self.to_critic_logits = nn.Linear(dim, 1) if self_token_critic else None
+
+    @property
+    def has_critic(self) -> bool:
+        return self.token_critic is not None or self.to_critic_logits is not None
+
+    # ------------------------------------------------------------------ training
+    def _embed(self, inp: Tensor, self_condition: bool, **kwargs: Any) -> Tensor:
+        """(B, N, dim) embeddings, with a no-grad first pass when self-conditioning."""
+        sum_embeds = None
+        if self_condition and self.to_self_cond is not None:
+            with torch.no_grad():
+                first = self.net(inp, return_embeddings=True, **kwargs)
+            sum_embeds = self.to_self_cond(first.detach())
+        return self.net(inp, return_embeddings=True, sum_embeds=sum_embeds, **kwargs)
+
+    def _masked_ce(self, x: Tensor, inp: Tensor, mask: Tensor, self_condition: bool, **kwargs):
+        emb = self._embed(inp, self_condition, **kwargs)  # (B, N, dim)
+        rows, cols = mask.nonzero(as_tuple=True)  # (M,)
+        logits = self.net.logits_from_embeddings(emb[rows, cols])  # (M, V) masked positions only
+        ce = F.cross_entropy(logits.float(), x[rows, cols], reduction="none")  # (M,) nats
+        return ce, logits, rows, cols
+
+    def _check_x(self, x: Any) -> Tensor:
+        return check_tokens(
+            "x",
+            x,
+            num_tokens=self.num_tokens,
+            ndim=2,
+            seq_len=self.max_seq_len,
+            forbidden=self.mask_id,
+        )
+
+    def forward(
+        self,
+        x: Tensor,
+        only_train_generator: bool = False,
+        only_train_critic: bool = False,
+        generator_sample_temperature: float | None = None,
+        **kwargs: Any,
+    ) -> Losses:
+        """x: (B, max_seq_len) clean tokens -> Losses(loss, generator_loss, critic_loss)."""
+        x = self._check_x(x)
+        if only_train_generator and only_train_critic:
+            raise ValueError("only_train_generator and only_train_critic cannot both be True")
+        b, n = x.shape
+        t = stratified_times(b, device=x.device)  # (B,)
+        mask = draw_masks(self.schedule.mask_ratio(t), (b, n), device=x.device)  # (B, N)
+        inp = augment_masked(
+            x,
+            mask,
+            mask_id=self.mask_id,
+            num_tokens=self.num_tokens,
+            no_replace_prob=self.no_replace_prob,
+            random_token_prob=self.random_token_prob,
+        )
+        self_condition = self.self_cond and float(torch.rand(())) < self.self_cond_train_prob
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not only_train_critic):
+            ce, logits, rows, cols = self._masked_ce(x, inp, mask, self_condition, **kwargs)
+            weight = mdlm_weight(self.schedule, t) if self.use_simple_mdlm_loss_weight else None
+            generator_loss = masked_loss(ce, rows, b, n, weight)
+        if not self.has_critic or only_train_generator:
+            return Losses(generator_loss, generator_loss, None)
+
+        # the critic learns which sampled tokens differ from the truth
+        temperature = generator_sample_temperature
+        if temperature is None:
+            temperature = float(torch.rand(()))
+        sample_logits = logits.detach().float()
+        sample_logits[:, self.mask_id] = -math.inf
+        generated = x.clone()
+        generated[rows, cols] = sample_categorical(sample_logits, temperature)
+        target = (generated != x).float()  # (B, N)
+        if self.token_critic is not None:
+            critic_logits = self.token_critic(generated, **kwargs).squeeze(-1)  # (B, N)
+        else:
+            emb = self.net(generated, return_embeddings=True, **kwargs)
+            critic_logits = self.to_critic_logits(emb).squeeze(-1)  # (B, N)
+        critic_loss = F.binary_cross_entropy_with_logits(critic_logits.float(), target)
+        if only_train_critic:
+            return Losses(critic_loss, generator_loss, critic_loss)
+        loss = generator_loss + self.critic_loss_weight * critic_loss
+        return Losses(loss, generator_loss, critic_loss)
+
+    # ------------------------------------------------------------------ likelihood
+    @torch.no_grad()
+    def nelbo(
+        self,
+        x: Tensor,
+        num_times: int = 32,
+        discrete_steps: int | None = None,
+        generator: torch.Generator | None = None,
+        reduction: str = "none",
+        **kwargs: Any,
+    ) -> Tensor:
+        """The MDLM negative ELBO of `x` (B, max_seq_len) in bits per token: (B,) or the mean.
+
+        Continuous time (default): the times t_j = (j + 0.5) / num_times, one Bernoulli(m(t_j))
+        mask draw each, weight m'(t)/m(t). `discrete_steps=T`: the T-step discrete-time bound,
+        every t_i = i / T once with weight (m(t_i) - m(t_{i-1})) / m(t_i) (num_times is unused).
+        Augmentation is off; with self-conditioning a first pass feeds the second.
+        """
+        x = self._check_x(x)
+        check_choice("reduction", reduction, ("none", "mean"))
+        b, n = x.shape
+        if discrete_steps is None:
+            times = midpoint_times(check_int("num_times", num_times, min=1), device=x.device)
+            weights = mdlm_weight(self.schedule, times) / len(times)  # average over times
+        else:
+            steps = check_int("discrete_steps", discrete_steps, min=1)
+            times = torch.arange(1, steps + 1, device=x.device, dtype=torch.float64) / steps
+            weights = discrete_step_weight(self.schedule, times, steps)  # summed over steps
+        was_training = self.training
+        self.eval()
+        try:
+            total = torch.zeros(b, dtype=torch.float64, device=x.device)
+            for t, w in zip(times, weights):
+                ratio = self.schedule.mask_ratio(t.expand(b))
+                mask = draw_masks(ratio, (b, n), generator=generator, device=x.device)
+                inp = x.masked_fill(mask, self.mask_id)
+                ce, _, rows, _ = self._masked_ce(x, inp, mask, self.self_cond, **kwargs)
+                total.index_add_(0, rows, ce.double() * w)
+        finally:
+            self.train(was_training)
+        bits = total / (n * math.log(2))  # (B,) bits per token
+        return bits.mean() if reduction == "mean" else bits
+
+    # ------------------------------------------------------------------ generation
+    @torch.no_grad()
+    def generate(
+        self,
+        batch_size: int | None = None,
+        start_temperature: float = 1.0,
+        filter_thres: float = 0.7,
+        noise_level_scale: float = 1.0,
+        *,
+        prompt: Tensor | None = None,
+        seq_len: int | None = None,
+        steps: int | None = None,
+        sampler: str | Sampler = "confidence",
+        anneal_temperature: bool = True,
+        logits_filter: Callable[[Tensor], Tensor] | None = None,
+        generator: torch.Generator | None = None,
+        return_history: bool = False,
+        callback: Callable[[int, Tensor], Any] | None = None,
+        **kwargs: Any,
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """Iterative demasking from a fully masked start (seed 002), or filling a prompt's masks.
+
+        Returns (batch_size, seq_len) tokens, or (seq_len,) when batch_size is None (and the
+        prompt, if any, is 1-D). `prompt` (seq_len,) or (B, seq_len): mask_id marks the positions
+        to fill (prefix, suffix, holes); its other tokens are kept as given. `sampler` picks the
+        remasking strategy (see demask.samplers.SAMPLERS). `return_history=True` also returns the
+        states after each step, (steps, B, seq_len) (batch dim dropped like the output).
+        `anneal_temperature=False` keeps start_temperature at every step (exact MDLM ancestral
+        sampling: sampler='ancestral', filter_thres=0). **kwargs go to the network.
+        """
+        if batch_size is not None:
+            check_int("batch_size", batch_size, min=1)
+        check_float("start_temperature", start_temperature, min=0.0)
+        check_float("filter_thres", filter_thres, min=0.0, max=1.0, max_inclusive=False)
+        check_float("noise_level_scale", noise_level_scale, min=0.0)
+        steps = self.steps if steps is None else check_int("steps", steps, min=1)
+        strategy = get_sampler(sampler) if sampler is not None else get_sampler("confidence")
+        seq, squeeze = self._start(batch_size, prompt, seq_len)
+
+        history: list[Tensor] = []
+
+        def on_step(step: int, state: Tensor) -> None:
+            if return_history:
+                history.append(state)
+            if callback is not None:
+                callback(step, state[0] if squeeze else state)
+
+        was_training = self.training
+        self.eval()
+        try:
+            out = demask(
+                self.net,
+                seq,
+                mask_id=self.mask_id,
+                schedule=self.schedule,
+                steps=steps,
+                sampler=strategy,
+                start_temperature=start_temperature,
+                filter_thres=filter_thres,
+                logits_filter=logits_filter,
+                anneal_temperature=anneal_temperature,
+                noise_level_scale=noise_level_scale,
+                can_mask_prev_unmasked=self.can_mask_prev_unmasked,
+                self_cond=self.to_self_cond,
+                token_critic=self.token_critic,
+                critic_head=self.to_critic_logits,
+                generator=generator,
+                callback=on_step if (return_history or callback is not None) else None,
+                net_kwargs=kwargs,
+            )
+        finally:
+            self.train(was_training)
+        if squeeze:
+            out = out[0]
+        if not return_history:
+            return out
+        states = torch.stack(history)  # (steps, B, N)
+        return out, (states[:, 0] if squeeze else states)
+
+    def _start(
+        self, batch_size: int | None, prompt: Tensor | None, seq_len: int | None
+    ) -> tuple[Tensor, bool]:
+        """The initial (B, N) state and whether to drop the batch dimension at the end."""
+        device = next(self.net.parameters()).device
+        if prompt is None:
+            n = self.max_seq_len if seq_len is None else seq_len
+            check_int("seq_len", n, min=1, max=self.max_seq_len)
+            b = 1 if batch_size is None else batch_size
+            return torch.full(
+                (b, n), self.mask_id, dtype=torch.long, device=device
+            ), batch_size is None
+        n = prompt.shape[-1] if (isinstance(prompt, Tensor) and prompt.ndim) else self.max_seq_len
+        if seq_len is not None:
+            n = check_int("seq_len", seq_len, min=1, max=self.max_seq_len)
+        prompt = check_tokens("prompt", prompt, num_tokens=self.num_tokens, ndim=(1, 2), seq_len=n)
+        if n > self.max_seq_len:
+            raise ValueError(f"prompt length must be <= max_seq_len={self.max_seq_len}, got {n}")
+        prompt = prompt.to(device)
+        if prompt.ndim == 1:
+            b = 1 if batch_size is None else batch_size
+            return prompt[None].expand(b, n).clone(), batch_size is None
+        if batch_size is not None and batch_size != prompt.shape[0]:
+            raise ValueError(
+                f"batch_size={batch_size} does not match prompt of shape {tuple(prompt.shape)}"
+            )
+        return prompt.clone(), False
+
+
