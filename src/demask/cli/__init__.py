@@ -88,6 +88,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
     except SystemExit as exit_:  # --help (0) or a usage error (2, already printed)
         return exit_.code if isinstance(exit_.code, int) else USAGE_ERROR
+    args._argv = list(sys.argv[1:] if argv is None else argv)  # for --nproc relaunches
     command: Command | None = getattr(args, "_command", None)
     if command is None:
         parser.print_help(sys.stderr)

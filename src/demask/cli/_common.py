@@ -49,15 +49,20 @@ def parse_prompt(text: str, encode: Callable[[str], Sequence[int]]) -> list[int 
     "(x):".
     """
     out: list[int | None] = []
+
+    def add_text(piece: str) -> None:
+        if piece:  # some tokenizers refuse an empty string
+            out.extend(int(i) for i in encode(piece))
+
     pos = 0
     for match in _HOLE_RE.finditer(text):
-        out.extend(int(i) for i in encode(text[pos : match.start()]))
+        add_text(text[pos : match.start()])
         count = int(match.group(1)) if match.group(1) is not None else 1
         if count < 1:
             raise CLIError(f"--prompt: hole {match.group(0)!r} must mark at least 1 token")
         out.extend([None] * count)
         pos = match.end()
-    out.extend(int(i) for i in encode(text[pos:]))
+    add_text(text[pos:])
     return out
 
 

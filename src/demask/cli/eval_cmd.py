@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from demask.cli._common import Command, positive_int
+from demask.cli._common import Command, non_negative_float, positive_int
 
 DESCRIPTION = """\
 Evaluate a checkpoint on the validation split of its training data, print a table and write
@@ -44,16 +44,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=positive_int, default=64, help="(default: %(default)s)")
     p.add_argument("--sampler", help="masked models: the remasking strategy for the samples")
     p.add_argument("--steps", type=positive_int, help="masked models: demasking steps")
+    p.add_argument(
+        "--filter-thres",
+        type=float,
+        help="keep the top ceil((1 - F) * vocab) logits before sampling; 0 = no filtering "
+        "(default: the seed's 0.7 for masked models, 0 for autoregressive ones)",
+    )
+    p.add_argument(
+        "--temperature", type=non_negative_float, default=1.0, help="(default: %(default)s)"
+    )
     p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     p.add_argument("--device", help="cpu | cuda (default: cuda if available, else cpu)")
     p.add_argument("--json", help="where to write the results (default: <run>/eval.json)")
 
 
 def run(args: argparse.Namespace) -> int:
-    from demask.cli._run import run_eval
+    from demask.cli._eval import run_eval
 
-    run_eval(args)
-    return 0
+    return run_eval(args)
 
 
 COMMAND = Command(

@@ -45,16 +45,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="autoregressive models: tokens to generate (default: the model's sequence length "
         "minus the prompt)",
     )
+    p.add_argument(
+        "--filter-thres",
+        type=float,
+        help="keep the top ceil((1 - F) * vocab) logits before sampling; 0 = no filtering "
+        "(default: the seed's 0.7 for masked models, 0 for autoregressive ones)",
+    )
     p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     p.add_argument("--device", help="cpu | cuda (default: cuda if available, else cpu)")
     p.add_argument("--out", help="output folder (default: <run>/samples)")
 
 
 def run(args: argparse.Namespace) -> int:
-    from demask.cli._run import run_sampling
+    from demask.cli._generate import run_sampling
 
-    run_sampling(args)
-    return 0
+    return run_sampling(args)
 
 
 COMMAND = Command(

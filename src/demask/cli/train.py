@@ -30,14 +30,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--model",
         choices=["masked", "autoregressive"],
-        default="masked",
         help="masked: NonAutoregressiveWrapper (MaskGIT / MDLM); autoregressive: a causal "
-        "decoder (default: %(default)s)",
+        "decoder (default: masked; on --resume: the run's)",
     )
     g.add_argument(
-        "--data", default="digits", help="digits | python-stdlib | PATH (default: %(default)s)"
+        "--data", help="digits | python-stdlib | PATH (default: digits; on --resume: the run's)"
     )
     g.add_argument("--seq-len", type=positive_int, help="sequence length (default: the dataset's)")
+    g.add_argument(
+        "--max-bytes", type=positive_int, help="text data: use at most this many bytes per split"
+    )
     g.add_argument("--dim", type=positive_int, help="model width")
     g.add_argument("--depth", type=positive_int, help="number of transformer layers")
     g.add_argument("--heads", type=positive_int, help="attention heads")
@@ -72,8 +74,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from demask.cli._run import run_training
 
-    run_training(args)
-    return 0
+    return run_training(args)
 
 
 COMMAND = Command(

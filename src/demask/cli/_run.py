@@ -1,0 +1,133 @@
+"""What `demask train` does once the arguments are parsed: configs in, `demask.train.train` out.
+
+Everything here calls the library; the only logic of its own is turning options into the
+`ModelConfig` / `TrainConfig` dataclasses (options left out keep the dataclass defaults, or the
+run's saved values on --resume) and reporting where things were written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+from typing import Any
+
+from demask.cli._common import CLIError
+
+# CLI option (argparse dest) -> ModelConfig field / TrainConfig field.
+MODEL_OPTIONS = {"model": "kind", "seq_len": "seq_len", "dim": "dim", "depth": "depth",
+                 "heads": "heads", "schedule": "schedule"}  # fmt: skip
+TRAIN_OPTIONS = {"steps": "steps", "batch_size": "batch_size", "lr": "lr",
+                 "warmup_steps": "warmup_steps", "weight_decay": "weight_decay",
+                 "grad_clip": "grad_clip", "seed": "seed", "device": "device",
+                 "val_every": "val_every", "save_every": "checkpoint_every",
+                 "log_every": "log_every", "max_bytes": "data_max_bytes"}  # fmt: skip
+FLAG_OPTIONS = {"bf16": "bf16", "compile": "compile"}  # store_true options: only True overrides
+
+
+def _given(args: argparse.Namespace, mapping: dict[str, str]) -> dict[str, Any]:
+    """{field: value} for the options the user actually gave."""
+    return {f: getattr(args, o) for o, f in mapping.items() if getattr(args, o, None) is not None}
+
+
+def data_spec(spec: str) -> str:
+    """Built-in dataset names stay as they are; a path is made absolute, so that `sample` and
+    `eval` find the data from any working directory."""
+    from demask.data import DATASETS
+
+    return spec if spec in DATASETS else str(Path(spec).expanduser().resolve())
+
+
+def default_out(data: str, kind: str) -> str:
+    """runs/<data name>-<model kind>, e.g. runs/digits-masked."""
+    return f"runs/{Path(data).name or 'data'}-{kind}"
+
+
+def _resume_configs(args: argparse.Namespace, out: str) -> tuple[Any, Any]:
+    from demask.checkpoint import checkpoint_configs
+    from demask.config import TrainConfig
+
+    model_cfg, train_cfg, _ = checkpoint_configs(out)  # CheckpointError: missing / corrupt
+    if args.model is not None and args.model != model_cfg.kind:
+        raise CLIError(
+            f"--model {args.model}: the run in {out!r} holds a {model_cfg.kind!r} model; "
+            "resume it without --model or pick another --out"
+        )
+    saved_data = train_cfg.data if train_cfg is not None else None
+    if args.data is not None and saved_data is not None and data_spec(args.data) != saved_data:
+        raise CLIError(f"--data {args.data!r}: the run in {out!r} was trained on {saved_data!r}")
+    # model options must match the saved ones (train() refuses a different model config)
+    model_cfg = dataclasses.replace(model_cfg, **_given(args, MODEL_OPTIONS))
+    base = train_cfg if train_cfg is not None else TrainConfig(out=out)
+    train_cfg = dataclasses.replace(base, out=out, **_given(args, TRAIN_OPTIONS))
+    return model_cfg, train_cfg
+
+
+def _fresh_configs(args: argparse.Namespace, out: str) -> tuple[Any, Any]:
+    from demask.config import ModelConfig, TrainConfig
+    from demask.data import get_dataset
+
+    data = data_spec(args.data or "digits")
+    # load the data first: a missing, empty, binary or too-short data path fails here, before
+    # anything is written
+    ds = get_dataset(data, "train", seq_len=args.seq_len, max_bytes=args.max_bytes)
+    get_dataset(data, "val", seq_len=args.seq_len, max_bytes=args.max_bytes)
+    fields = _given(args, MODEL_OPTIONS)
+    fields.update(num_tokens=ds.tokenizer.vocab_size, seq_len=ds.seq_len)
+    fields.setdefault("kind", "masked")
+    model_cfg = ModelConfig(**fields)
+    train_cfg = TrainConfig(data=data, out=out, **_given(args, TRAIN_OPTIONS))
+    return model_cfg, train_cfg
+
+
+def run_training(args: argparse.Namespace) -> int:
+    """`demask train`: build the configs, train (or relaunch under torchrun), plot, report."""
+    if args.nproc > 1:
+        from demask.distributed import in_torchrun, launch
+
+        if in_torchrun():
+            raise CLIError("--nproc: already inside torchrun; drop --nproc")
+        return launch(args.nproc, args._argv)
+    if args.resume and args.overwrite:
+        raise CLIError("--resume and --overwrite contradict each other; give one")
+    from demask.train import train
+
+    kind = args.model or "masked"
+    out = args.out or default_out(args.data or "digits", kind)
+    make = _resume_configs if args.resume else _fresh_configs
+    model_cfg, train_cfg = make(args, out)
+    flags = {f: True for o, f in FLAG_OPTIONS.items() if getattr(args, o)}
+    train_cfg = dataclasses.replace(train_cfg, progress=not args.quiet, **flags)
+    result = train(model_cfg, train_cfg, resume=args.resume, overwrite=args.overwrite)
+    lines = [f"run folder: {out} (step {result.step}/{train_cfg.steps}, {result.status})"]
+    if result.checkpoint is not None:
+        lines.append(f"checkpoint: {result.checkpoint}")
+    if result.val:
+        step, bits = max(result.val.items())
+        lines.append(f"validation: {bits:.4f} bits/token at step {step}")
+    lines.append(f"metrics:    {Path(out) / 'metrics.jsonl'}")
+    if not args.no_plot and _is_main_process():
+        lines.append(f"loss curve: {write_loss_curve(Path(out))}")
+    print("\n".join(lines))
+    return 0 if result.status != "interrupted" else 130
+
+
+def _is_main_process() -> bool:
+    import os
+
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def write_loss_curve(run_dir: Path) -> Path:
+    """loss_curve.png from the run's metrics.jsonl."""
+    from demask.pictures import loss_curve_png
+
+    path = run_dir / "loss_curve.png"
+    loss_curve_png(run_dir / "metrics.jsonl", path)
+    return path
+
+
+def note(message: str) -> None:
+    """A progress note on stderr (stdout carries the results)."""
+    print(message, file=sys.stderr, flush=True)
