@@ -373,7 +373,7 @@ def _train(model_cfg, train_cfg, info, resume, overwrite, callbacks, stop_after,
                 )
                 what = "loss" if agg[1] > 0 else "gradient norm"
                 where = (
-                    f"rank {info.rank} loss {float(loss)}, batch = train examples {idx.tolist()[:16]}"
+                    f"rank {info.rank} loss {float(loss.detach())}, batch = train examples {idx.tolist()[:16]}"
                     f" (get_batch(step={s}, seed={cfg.seed}, rank={info.rank}, world_size={info.world_size}))"
                 )
                 if agg[1] > 0 and not bad:

@@ -1,0 +1,117 @@
+"""Shared helpers of the training tests, and the entry point of their subprocesses.
+
+As a script (`python tests/_train_worker.py SPEC.json`, alone or under torchrun) it runs the
+training runs listed in SPEC.json one after the other in the same process group and writes, on
+rank 0, each run's result (losses, status, step, skipped, val) to the JSON file the run names.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+SHAKESPEARE = Path("/work/shared/data/shakespeare/hamlet_gut.txt")
+DATA = str(SHAKESPEARE) if SHAKESPEARE.is_file() else "digits"
+SEQ_LEN = 16 if SHAKESPEARE.is_file() else 64
+
+
+def tiny_model(kind: str = "autoregressive", **over: Any) -> dict[str, Any]:
+    """A ModelConfig dict small enough to train a step in milliseconds."""
+    num_tokens = 256 if DATA != "digits" else 17
+    cfg = dict(kind=kind, num_tokens=num_tokens, seq_len=SEQ_LEN, dim=16, depth=1, heads=2)
+    cfg.update(over)
+    return cfg
+
+
+def tiny_train(out: str | Path, **over: Any) -> dict[str, Any]:
+    """A TrainConfig dict for a few fast, quiet steps."""
+    cfg = dict(
+        data=DATA,
+        data_max_bytes=20_000,
+        out=str(out),
+        steps=8,
+        batch_size=4,
+        lr=3e-3,
+        warmup_steps=2,
+        log_every=1,
+        val_every=0,
+        val_batches=2,
+        checkpoint_every=0,
+        progress=False,
+        device="cpu",
+    )
+    cfg.update(over)
+    return cfg
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(SRC) + os.pathsep + env.get("PYTHONPATH", "")
+    env["OMP_NUM_THREADS"] = "1"
+    env.update(extra)
+    return env
+
+
+def worker_command(spec_path: Path, nproc: int = 1) -> list[str]:
+    """The command that runs this script on `nproc` processes (torchrun when nproc > 1)."""
+    script = str(Path(__file__).resolve())
+    if nproc == 1:
+        return [sys.executable, script, str(spec_path)]
+    from demask.distributed import torchrun_command
+
+    cmd = torchrun_command(nproc, [str(spec_path)])
+    return cmd[: cmd.index("-m", 3)] + [script, str(spec_path)]  # a script instead of -m demask
+
+
+def run_workers(runs: list[dict[str, Any]], tmp: Path, nproc: int, timeout: float = 240) -> None:
+    """Run `runs` in one launch of `nproc` processes; raise with the output when it fails."""
+    spec = tmp / f"spec-{nproc}.json"
+    spec.write_text(json.dumps(runs))
+    proc = subprocess.run(
+        worker_command(spec, nproc),
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    if proc.returncode != 0:
+        raise AssertionError(f"workers failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+
+
+def main(spec_path: str) -> None:
+    import torch.distributed as dist
+
+    from demask.config import ModelConfig, TrainConfig
+    from demask.train import train
+
+    runs = json.loads(Path(spec_path).read_text())
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        dist.init_process_group("gloo")  # one group for all runs; train() reuses it
+    for run in runs:
+        res = train(
+            ModelConfig(**run["model"]),
+            TrainConfig(**run["train"]),
+            resume=run.get("resume", False),
+            overwrite=run.get("overwrite", False),
+            stop_after=run.get("stop_after"),
+        )
+        if int(os.environ.get("RANK", "0")) == 0 and run.get("result"):
+            payload = {
+                "losses": {str(k): v for k, v in res.losses.items()},
+                "val": {str(k): v for k, v in res.val.items()},
+                "status": res.status,
+                "step": res.step,
+                "skipped": res.skipped,
+            }
+            Path(run["result"]).write_text(json.dumps(payload))
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

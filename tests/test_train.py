@@ -1,0 +1,260 @@
+"""Training loop: LR schedule, decay groups, reproducibility, golden losses, NaN policy, configs."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import pytest
+import torch
+from _train_worker import tiny_model, tiny_train
+from torch import nn
+
+from demask.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
+from demask.config import (
+    MODEL_BUILDERS,
+    ModelConfig,
+    TrainConfig,
+    build_model,
+    configs_from_json,
+    configs_to_json,
+    register_model_kind,
+)
+from demask.evaluate import autoregressive_bits, register_likelihood
+from demask.train import NonFiniteLossError, lr_at, param_groups, train
+
+param = pytest.mark.parametrize
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run many times faster on one thread (and do not fight parallel jobs)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def run(tmp_path, name="run", model=None, **over):
+    m = ModelConfig(**(model or tiny_model()))
+    t = TrainConfig(**tiny_train(tmp_path / name, **over))
+    return m, t
+
+
+# ------------------------------------------------------------------------------- LR schedule
+
+
+def test_lr_warmup_then_cosine_exact_values():
+    cfg = TrainConfig(lr=1e-3, warmup_steps=10, steps=110, min_lr_ratio=0.1)
+    assert lr_at(1, cfg) == pytest.approx(1e-4, abs=1e-15)
+    assert lr_at(5, cfg) == pytest.approx(5e-4, abs=1e-15)
+    assert lr_at(10, cfg) == pytest.approx(1e-3, abs=1e-15)  # peak at the end of warm-up
+    # half-way through the decay: cos(pi/2) = 0 -> min + (1 - min) / 2
+    assert lr_at(60, cfg) == pytest.approx(1e-3 * (0.1 + 0.9 * 0.5), abs=1e-15)
+    assert lr_at(35, cfg) == pytest.approx(1e-3 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi / 4))))
+    assert lr_at(110, cfg) == pytest.approx(1e-4, abs=1e-15)  # ends at lr * min_lr_ratio
+    lrs = [lr_at(s, cfg) for s in range(10, 111)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))  # monotone decay
+
+
+def test_lr_without_warmup_starts_at_peak():
+    cfg = TrainConfig(lr=2e-3, warmup_steps=0, steps=4, min_lr_ratio=0.0)
+    assert [lr_at(s, cfg) for s in (1, 2, 3, 4)] == pytest.approx(
+        [2e-3 * 0.5 * (1 + math.cos(math.pi * k / 4)) for k in (1, 2, 3, 4)]
+    )
+    with pytest.raises(ValueError, match="step must be >= 1, got 0"):
+        lr_at(0, cfg)
+
+
+def test_weight_decay_only_on_linear_matrices():
+    model = build_model(ModelConfig(**tiny_model()))
+    decay, rest = param_groups(model, 0.1)
+    assert decay["weight_decay"] == 0.1 and rest["weight_decay"] == 0.0
+    decayed = {id(p) for p in decay["params"]}
+    names = {n for n, p in model.named_parameters() if id(p) in decayed}
+    assert all(p.ndim == 2 for p in decay["params"])
+    emb_ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    assert emb_ids and not emb_ids & decayed  # embeddings never decay
+    lin = [m.weight for m in model.modules() if isinstance(m, nn.Linear)]
+    assert lin and all(id(w) in decayed for w in lin)
+    assert not any(n.endswith("bias") for n in names)
+    # every parameter is in exactly one group
+    assert len(decay["params"]) + len(rest["params"]) == len(list(model.parameters()))
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def test_seeded_runs_repeat_and_seeds_differ(tmp_path):
+    m, t = run(tmp_path, "a", steps=4)
+    a = train(m, t)
+    b = train(m, TrainConfig(**{**t.to_dict(), "out": str(tmp_path / "b")}))
+    c = train(m, TrainConfig(**{**t.to_dict(), "out": str(tmp_path / "c"), "seed": 1}))
+    assert a.losses == b.losses and len(a.losses) == 4
+    assert a.losses != c.losses
+    assert a.status == "finished" and a.step == 4
+
+
+# Golden first losses of a tiny seeded run (tiny_model / tiny_train, seed 0, on
+# /work/shared/data/shakespeare/hamlet_gut.txt). They pin init + data + objective + optimiser:
+# a change in any of them shows here. Regenerate (after checking the change is intended) with
+#   DEMASK_REGEN_GOLDEN=1 PYTHONPATH=src .venv/bin/python -m pytest tests/test_train.py -k golden -s
+# and paste the printed dict.
+GOLDEN = {
+    "autoregressive": [
+        5.5548319816589355,
+        5.531895160675049,
+        5.506895542144775,
+        5.471203804016113,
+        5.478732109069824,
+    ],
+    "masked": [],
+}
+
+
+@param("kind", sorted(GOLDEN))
+def test_golden_first_losses(tmp_path, kind):
+    if kind not in MODEL_BUILDERS:
+        pytest.skip(f"{kind} not registered")
+    try:
+        m, t = run(tmp_path, model=tiny_model(kind), steps=5)
+        res = train(m, t)
+    except ImportError as err:
+        pytest.skip(f"{kind} wrapper not available yet: {err}")
+    losses = [res.losses[s] for s in range(1, 6)]
+    if os.environ.get("DEMASK_REGEN_GOLDEN") or not GOLDEN[kind]:
+        print(f"\n    {kind!r}: {losses!r},")
+        if not GOLDEN[kind]:
+            pytest.skip("no golden values stored yet")
+    assert losses == pytest.approx(GOLDEN[kind], rel=1e-4)
+
+
+def test_metrics_jsonl_records(tmp_path):
+    m, t = run(tmp_path, steps=4, log_every=2, val_every=2, checkpoint_every=2)
+    seen = []
+    res = train(m, t, callbacks=[seen.append])
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+    assert records == seen
+    train_recs = [r for r in records if r["type"] == "train"]
+    assert [r["step"] for r in train_recs] == [2, 4]
+    for r in train_recs:
+        assert set(r) == {"type", "step", "loss", "lr", "tokens_per_s", "grad_norm"}
+        assert r["loss"] == pytest.approx(res.losses[r["step"]])
+        assert r["lr"] == pytest.approx(lr_at(r["step"], t))
+        assert r["tokens_per_s"] > 0 and r["grad_norm"] > 0
+    vals = [r for r in records if r["type"] == "val"]
+    assert [r["step"] for r in vals] == [2, 4]
+    assert vals[-1]["val_bits_per_token"] == pytest.approx(res.val[4])
+    assert 0 < res.val[4] < 8.5  # bytes: at most ~8 bits/token for a barely trained model
+    assert [r["step"] for r in records if r["type"] == "checkpoint"] == [2, 4]
+
+
+@pytest.mark.slow
+def test_tiny_model_learns(tmp_path):
+    m, t = run(tmp_path, model=tiny_model(dim=32), steps=150, batch_size=16, log_every=50)
+    res = train(m, t)
+    first = sum(res.losses[s] for s in range(1, 6)) / 5
+    last = sum(res.losses[s] for s in range(146, 151)) / 5
+    assert first > 4.5 and last < 0.6 * first  # bytes start near ln(256) = 5.5 nats
+
+
+def test_refuses_to_overwrite_and_checks_resume(tmp_path):
+    m, t = run(tmp_path, steps=2)
+    train(m, t)
+    with pytest.raises(FileExistsError, match="already holds a checkpoint"):
+        train(m, t)
+    other = ModelConfig(**tiny_model(dim=32))
+    with pytest.raises(CheckpointError, match="model config differs.*dim"):
+        train(other, t, resume=True)
+    _, t2 = run(tmp_path, "empty", steps=2)
+    with pytest.raises(CheckpointError, match="holds no checkpoint"):
+        train(m, t2, resume=True)
+    res = train(m, t, overwrite=True)
+    assert res.step == 2
+
+
+# ------------------------------------------------------------------------------- NaN policy
+
+
+class NaNAtStep(nn.Module):
+    """An autoregressive wrapper whose loss is NaN on training forward number `at`."""
+
+    at = 3
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner, self.net, self.calls = inner, inner.net, 0
+
+    def forward(self, x):
+        self.calls += 1
+        loss = self.inner(x)
+        return loss * float("nan") if self.calls == self.at else loss
+
+
+register_model_kind("nan-test", lambda c: NaNAtStep(MODEL_BUILDERS["autoregressive"](c)))
+register_likelihood(NaNAtStep, lambda w, x, seed: autoregressive_bits(w.inner, x, seed))
+
+
+def test_nan_loss_stops_without_a_checkpoint(tmp_path):
+    m, t = run(tmp_path, model=tiny_model("nan-test"), steps=6, checkpoint_every=1)
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss at step 3 .*batch = train"):
+        train(m, t)
+    run_dir = tmp_path / "run"
+    assert latest_checkpoint(run_dir).name == "step_00000002"
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [
+        "step_00000001",
+        "step_00000002",
+    ]
+    ck = load_checkpoint(run_dir)
+    assert ck.step == 2 and all(torch.isfinite(p).all() for p in ck.model.parameters())
+    records = [json.loads(x) for x in (run_dir / "metrics.jsonl").open()]
+    bad = [r for r in records if r["type"] == "nonfinite"]
+    assert len(bad) == 1 and bad[0]["step"] == 3 and len(bad[0]["batch_indices"]) == 4
+    assert max(r["step"] for r in records) == 3
+
+
+def test_nan_loss_skip_policy_drops_one_update(tmp_path):
+    m, t = run(tmp_path, model=tiny_model("nan-test"), steps=5, nan_policy="skip")
+    res = train(m, t)
+    assert res.skipped == [3] and res.status == "finished"
+    assert sorted(res.losses) == [1, 2, 4, 5]  # the NaN step has no loss
+    ck = load_checkpoint(tmp_path / "run")
+    assert ck.step == 5 and all(torch.isfinite(p).all() for p in ck.model.parameters())
+
+
+# ------------------------------------------------------------------------------- configs
+
+
+def test_configs_round_trip_json():
+    m = ModelConfig(**tiny_model("autoregressive", rotary=True))
+    t = TrainConfig(steps=7, nan_policy="skip")
+    m2, t2 = configs_from_json(configs_to_json(m, t))
+    assert (m2, t2) == (m, t)
+    assert configs_from_json(configs_to_json(m)) == (m, None)
+
+
+@param(
+    ("cls", "kwargs", "match"),
+    [
+        (
+            ModelConfig,
+            {"kind": "diffusion"},
+            r"kind must be one of \[.*'masked'.*\], got 'diffusion'",
+        ),
+        (ModelConfig, {"dim": 0}, "dim must be >= 1, got 0"),
+        (ModelConfig, {"dim": 10, "heads": 3}, "heads must divide dim"),
+        (TrainConfig, {"lr": -1.0}, r"lr must be in \(0, inf\), got -1"),
+        (TrainConfig, {"nan_policy": "ignore"}, "nan_policy must be one of"),
+        (TrainConfig, {"batch_size": 2.5}, "batch_size must be an int, got float 2.5"),
+        (TrainConfig, {"bf16": "yes"}, "bf16 must be a bool"),
+    ],
+)
+def test_bad_config_values_name_the_field(cls, kwargs, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        cls(**kwargs)
+
+
+def test_unknown_config_keys_are_rejected():
+    with pytest.raises(TypeError, match="ModelConfig got unexpected keyword argument.*: depht"):
+        ModelConfig.from_dict({"depht": 3})
