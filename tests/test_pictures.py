@@ -83,6 +83,9 @@ def test_demasking_strip_subsamples_columns(tmp_path):
         save_demasking_strip(history, 5, tmp_path / "s.png", image_shape=(2, 2), max_cols=4)
     )
     assert img.shape == (2 * 9 + 1, 4 * 9 + 1, 3)
+    tok = GreyLevelTokenizer(levels=3, image_shape=(2, 2))
+    img = _read(save_demasking_strip(history[:3], 5, tmp_path / "s.png", tokenizer=tok, pad=0))
+    assert img.shape == (2 * 8, 3 * 8, 3)
 
 
 @pytest.mark.parametrize(

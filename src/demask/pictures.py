@@ -144,6 +144,7 @@ def save_demasking_strip(
     *,
     image_shape: tuple[int, int] = (8, 8),
     levels: int = 17,
+    tokenizer: Any = None,
     max_rows: int = 4,
     max_cols: int | None = 16,
     scale: int = 4,
@@ -155,8 +156,11 @@ def save_demasking_strip(
     history: T states, each (B, N) token ids with N = H*W, ids in [0, levels) or == mask_id (a
     list of tensors, or one (T, B, N) tensor), e.g. from fully masked to fully generated.
     The first `max_rows` sequences are drawn; with more than `max_cols` states, evenly spaced
-    ones (first and last included). Masked pixels are drawn in MASK_COLOUR.
+    ones (first and last included). Masked pixels are drawn in MASK_COLOUR. With a `tokenizer`
+    (a GreyLevelTokenizer), image_shape and levels are taken from it.
     """
+    if tokenizer is not None:
+        image_shape, levels = tokenizer.image_shape, tokenizer.levels
     check_int("mask_id", mask_id, min=0)
     check_int("levels", levels, min=2)
     check_int("max_rows", max_rows, min=1)

@@ -23,7 +23,9 @@ class Tokenizer(Protocol):
     """What datasets, the CLI and the metrics rely on."""
 
     name: str
-    vocab_size: int
+
+    @property
+    def vocab_size(self) -> int: ...
 
     def encode(self, data: Any) -> Tensor: ...
 
