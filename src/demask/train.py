@@ -327,8 +327,8 @@ def _train(model_cfg, train_cfg, info, resume, overwrite, callbacks, stop_after,
         dynamic_ncols=True,
     )
 
-    def say(text: str) -> None:
-        if main and cfg.progress:
+    def say(text: str, always: bool = False) -> None:
+        if main and (cfg.progress or always):
             bar.write(text, file=sys.stderr) if tty else print(text, file=sys.stderr, flush=True)
 
     tokens_per_step = cfg.batch_size * info.world_size * model_cfg.seq_len
@@ -428,7 +428,7 @@ def _train(model_cfg, train_cfg, info, resume, overwrite, callbacks, stop_after,
     if result.status == "finished":
         validate(step)
     if result.status == "interrupted":
-        say(f"interrupted: saving the checkpoint of step {step}")
+        say(f"interrupted: saving the checkpoint of step {step}", always=True)
     if step > 0 and (
         result.checkpoint is None or not result.checkpoint.name.endswith(f"{step:08d}")
     ):

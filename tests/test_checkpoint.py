@@ -1,0 +1,212 @@
+"""Checkpoints: round trip, rebuild from the checkpoint alone, clear errors, and real processes
+killed (SIGKILL mid-write) or stopped (SIGTERM) while they train."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from _train_worker import SEQ_LEN, subprocess_env, tiny_model, tiny_train, worker_command
+
+from demask.checkpoint import (
+    CheckpointError,
+    checkpoint_configs,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
+from demask.config import ModelConfig, TrainConfig, build_model
+from demask.train import train
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _save(run_dir: Path, step: int, model=None, kind="autoregressive", keep=2):
+    cfg = ModelConfig(**tiny_model(kind))
+    torch.manual_seed(step)
+    model = model or build_model(cfg)
+    path = save_checkpoint(
+        run_dir,
+        step=step,
+        model_state=model.state_dict(),
+        model_config=cfg,
+        train_config=TrainConfig(steps=10),
+        train_state={"note": "x"},
+        keep=keep,
+    )
+    return model, path
+
+
+def test_round_trip_from_run_folder_checkpoint_folder_and_file(tmp_path):
+    model, path = _save(tmp_path, 3)
+    x = torch.randint(0, 256, (2, SEQ_LEN))
+    with torch.no_grad():
+        want = model.net(x)
+    for where in (tmp_path, path, path / "model.safetensors"):
+        ck = load_checkpoint(where, with_state=True)
+        assert ck.step == 3 and ck.path == path and not ck.model.training
+        assert ck.model_config == ModelConfig(**tiny_model())
+        assert ck.train_config == TrainConfig(steps=10)
+        assert ck.state["note"] == "x" and ck.state["step"] == 3
+        with torch.no_grad():
+            assert torch.equal(ck.model.net(x), want)
+    assert (tmp_path / "latest").read_text() == "checkpoints/step_00000003\n"
+    assert checkpoint_configs(tmp_path)[2] == 3
+
+
+def test_weights_file_alone_rebuilds_the_model(tmp_path):
+    model, path = _save(tmp_path, 1)
+    alone = tmp_path / "elsewhere"
+    alone.mkdir()
+    (alone / "model.safetensors").write_bytes((path / "model.safetensors").read_bytes())
+    ck = load_checkpoint(alone / "model.safetensors")  # configs come from the file's metadata
+    for a, b in zip(ck.model.state_dict().values(), model.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_keeps_the_newest_checkpoints(tmp_path):
+    for step in (1, 2, 3, 4):
+        _save(tmp_path, step, keep=2)
+    names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert names == ["step_00000003", "step_00000004"]
+    assert latest_checkpoint(tmp_path).name == "step_00000004"
+
+
+def test_refuses_non_finite_weights(tmp_path):
+    model, _ = _save(tmp_path, 1)
+    with torch.no_grad():
+        next(model.parameters())[0] = float("nan")
+    with pytest.raises(ValueError, match="refusing to save the checkpoint of step 2: non-finite"):
+        _save(tmp_path, 2, model=model)
+    assert latest_checkpoint(tmp_path).name == "step_00000001"
+    assert not (tmp_path / "checkpoints" / "step_00000002").exists()
+
+
+def _one_line(err: pytest.ExceptionInfo) -> str:
+    msg = str(err.value)
+    assert "\n" not in msg
+    return msg
+
+
+def test_corrupt_and_wrong_kind_are_one_line_errors(tmp_path):
+    _, path = _save(tmp_path, 1)
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(tmp_path, kind="masked")
+    assert "holds a 'autoregressive' model, expected 'masked'" in _one_line(err)
+    weights = path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # truncated
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(tmp_path)
+    assert "corrupt or unreadable" in _one_line(err)
+    weights.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(CheckpointError, match="corrupt or unreadable"):
+        load_checkpoint(weights)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="no checkpoint in"):
+        load_checkpoint(tmp_path / "empty")
+    (tmp_path / "notes.txt").write_text("hi")
+    with pytest.raises(CheckpointError, match="is not a .safetensors file"):
+        load_checkpoint(tmp_path / "notes.txt")
+    assert issubclass(CheckpointError, ValueError)  # the CLI maps ValueError to exit code 2
+
+
+def test_mismatched_weights_are_a_clear_error(tmp_path):
+    _, path = _save(tmp_path, 1)
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["model"]["dim"] = 32
+    (path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="does not match its config"):
+        load_checkpoint(tmp_path)
+
+
+# ----------------------------------------------------------------------- real processes
+
+
+def _start(tmp_path: Path, run: dict, **env: str) -> subprocess.Popen:
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps([run]))
+    return subprocess.Popen(
+        worker_command(spec),
+        env=subprocess_env(**env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+
+
+def _wait_for(predicate, proc: subprocess.Popen, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if proc.poll() is not None:
+            out, err = proc.communicate()
+            raise AssertionError(f"worker exited early ({proc.returncode}): {err.decode()[-2000:]}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError("timed out waiting for the worker")
+        time.sleep(0.05)
+
+
+def test_sigkill_mid_write_leaves_the_previous_checkpoint_loadable(tmp_path):
+    run_dir = tmp_path / "run"
+    run = {
+        "model": tiny_model(),
+        "train": tiny_train(run_dir, steps=1000, checkpoint_every=2),
+    }
+    # sleep 60 s between the files of every checkpoint from step 4 on: the kill lands mid-write
+    proc = _start(tmp_path, run, DEMASK_TEST_CHECKPOINT_SLEEP="4:60")
+    ckpts = run_dir / "checkpoints"
+    _wait_for(lambda: any(ckpts.glob(".tmp-step_00000004-*/model.safetensors")), proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+    assert any(ckpts.glob(".tmp-*"))  # the half-written checkpoint is there ...
+    assert latest_checkpoint(run_dir).name == "step_00000002"  # ... but latest was not moved
+    ck = load_checkpoint(run_dir, with_state=True)
+    assert ck.step == 2 and ck.state["step"] == 2 and "optimizer" in ck.state
+    # and the run resumes from it, cleaning the stale temporary folder on its next save
+    res = train(
+        ModelConfig(**run["model"]), TrainConfig(**{**run["train"], "steps": 4}), resume=True
+    )
+    assert res.step == 4 and sorted(res.losses) == [3, 4]
+    assert not any(ckpts.glob(".tmp-*"))
+    assert load_checkpoint(run_dir).step == 4
+
+
+@pytest.mark.parametrize(
+    "sig", [signal.SIGTERM, pytest.param(signal.SIGINT, marks=pytest.mark.slow)]
+)
+def test_signal_saves_a_checkpoint_and_exits_cleanly(tmp_path, sig):
+    run_dir = tmp_path / "run"
+    result = tmp_path / "result.json"
+    run = {
+        "model": tiny_model(),
+        "train": tiny_train(run_dir, steps=100_000, checkpoint_every=0),
+        "result": str(result),
+    }
+    proc = _start(tmp_path, run)
+    metrics = run_dir / "metrics.jsonl"
+
+    def some_steps_done() -> bool:
+        return metrics.is_file() and len(metrics.read_text().splitlines()) >= 3
+
+    _wait_for(some_steps_done, proc)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err.decode()[-2000:]
+    res = json.loads(result.read_text())
+    assert res["status"] == "interrupted" and 3 <= res["step"] < 100_000
+    ck = load_checkpoint(run_dir)
+    assert ck.step == res["step"]
+    assert "interrupted: saving the checkpoint" in err.decode()
