@@ -75,7 +75,9 @@ class SequenceDataset(Dataset):
 
     def gather(self, indices: Tensor) -> Tensor:
         """(k,) long indices -> (k, seq_len) long examples, in one indexing operation."""
-        return self.rows[indices].long()
+        # index_select, not rows[indices]: on an unfold view advanced indexing took ~20 ms
+        # for 32x256 bytes (torch 2.13, CPU), index_select 0.01 ms
+        return self.rows.index_select(0, indices).long()
 
     def __repr__(self) -> str:
         return (
