@@ -159,7 +159,7 @@ class TrainConfig:
     fsdp: bool = False  # shard parameters with FSDP2 (fully_shard) instead of DDP replication
     log_every: int = 10  # write a metrics record every N steps
     val_every: int = 200  # validate every N steps (and at the end); 0 = only at the end
-    val_batches: int = 8  # validation batches (global) per validation
+    val_batches: int = 8  # validation: the first val_batches * global batch examples of val
     checkpoint_every: int = 500  # checkpoint every N steps (and at the end); 0 = only at the end
     keep_checkpoints: int = 2  # how many recent checkpoints to keep in out/checkpoints
     nan_policy: str = "stop"  # on a NaN/inf loss or gradient: stop | skip (drop that update)

@@ -306,7 +306,7 @@ def _train(model_cfg, train_cfg, info, resume, overwrite, callbacks, stop_after,
             model,
             val_ds,
             cfg.batch_size,
-            cfg.val_batches,
+            cfg.val_batches * info.world_size,  # the same examples for any world size
             info.rank,
             info.world_size,
             seed=cfg.seed,

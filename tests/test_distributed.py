@@ -1,0 +1,117 @@
+"""Multi-process training on CPU with gloo, 2 processes launched by torchrun (a real subprocess).
+
+One torchrun launch runs three trainings in the same process group (to pay the start-up once):
+  A: 8 steps, batch 4 per rank                      -> compared with 1 process, batch 8
+  B: the same run stopped after step 4, then resumed -> compared with A, loss for loss
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from _train_worker import run_workers, tiny_model, tiny_train
+
+from demask.checkpoint import load_checkpoint
+from demask.config import ModelConfig, TrainConfig
+from demask.distributed import DistInfo, parallelize, torchrun_command
+from demask.train import train
+
+pytestmark = pytest.mark.distributed
+STEPS, B = 8, 4
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    """Results of the 2-process runs A and B (and B resumed), keyed by name."""
+    tmp = tmp_path_factory.mktemp("ddp")
+    common = dict(steps=STEPS, batch_size=B, val_every=4, val_batches=3)
+    runs = [
+        {
+            "model": tiny_model(),
+            "train": tiny_train(tmp / "A", **common),
+            "result": str(tmp / "A.json"),
+        },
+        {
+            "model": tiny_model(),
+            "train": tiny_train(tmp / "B", **common),
+            "stop_after": 4,
+            "result": str(tmp / "B1.json"),
+        },
+        {
+            "model": tiny_model(),
+            "train": tiny_train(tmp / "B", **common),
+            "resume": True,
+            "result": str(tmp / "B2.json"),
+        },
+    ]
+    run_workers(runs, tmp, nproc=2)
+    names = ("A", "B1", "B2")
+    return tmp, {n: json.loads((tmp / f"{n}.json").read_text()) for n in names}
+
+
+def _losses(res: dict) -> dict[int, float]:
+    return {int(k): v for k, v in res["losses"].items()}
+
+
+def test_two_ranks_equal_one_process_with_twice_the_batch(two_ranks, tmp_path):
+    tmp, res = two_ranks
+    torch.set_num_threads(1)
+    m = ModelConfig(**tiny_model())
+    one = train(
+        m,
+        TrainConfig(
+            **tiny_train(
+                tmp_path / "one", steps=STEPS, batch_size=2 * B, val_every=4, val_batches=3
+            )
+        ),
+    )
+    two = _losses(res["A"])
+    assert sorted(two) == list(range(1, STEPS + 1))
+    for s in range(1, STEPS + 1):
+        assert two[s] == pytest.approx(one.losses[s], rel=1e-5, abs=1e-6)
+    a = load_checkpoint(tmp / "A").model.state_dict()
+    b = load_checkpoint(tmp_path / "one").model.state_dict()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+    # validation is reduced over ranks: the same number as one process evaluating everything
+    for s, v in res["A"]["val"].items():
+        assert v == pytest.approx(one.val[int(s)], rel=1e-5)
+
+
+def test_two_rank_resume_is_exact(two_ranks):
+    tmp, res = two_ranks
+    assert res["B1"]["status"] == "stopped" and res["B1"]["step"] == 4
+    assert res["B2"]["status"] == "finished" and res["B2"]["step"] == STEPS
+    resumed = {**_losses(res["B1"]), **_losses(res["B2"])}
+    assert sorted(_losses(res["B2"])) == list(range(5, STEPS + 1))
+    assert resumed == _losses(res["A"])  # exactly
+    a = load_checkpoint(tmp / "A").model.state_dict()
+    b = load_checkpoint(tmp / "B").model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_torchrun_command_strips_nproc():
+    cmd = torchrun_command(2, ["train", "--nproc", "2", "--data", "digits", "--nproc=2"])
+    assert cmd[1:] == [
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "demask",
+        "train",
+        "--data",
+        "digits",
+    ]
+    extra = ["--nnodes", "2", "--node_rank", "1", "--rdzv_endpoint", "host:29500"]
+    assert torchrun_command(4, ["train"], extra=extra)[3:9] == extra
+    with pytest.raises(ValueError, match="nproc must be >= 1, got 0"):
+        torchrun_command(0, ["train"])
+
+
+def test_parallelize_single_process_is_the_module_itself():
+    m = torch.nn.Linear(2, 2)
+    assert parallelize(m, DistInfo()) is m
