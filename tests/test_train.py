@@ -21,7 +21,12 @@ from demask.config import (
     configs_to_json,
     register_model_kind,
 )
-from demask.evaluate import autoregressive_bits, register_likelihood
+from demask.evaluate import (
+    autoregressive_bits,
+    likelihood_bits_per_token,
+    likelihood_sums,
+    register_likelihood,
+)
 from demask.train import NonFiniteLossError, lr_at, param_groups, train
 
 param = pytest.mark.parametrize
@@ -109,7 +114,13 @@ GOLDEN = {
         5.471203804016113,
         5.478732109069824,
     ],
-    "masked": [],
+    "masked": [
+        4.44741678237915,
+        6.7233991622924805,
+        3.7093400955200195,
+        6.666599273681641,
+        4.670593738555908,
+    ],
 }
 
 
@@ -258,3 +269,71 @@ def test_bad_config_values_name_the_field(cls, kwargs, match):
 def test_unknown_config_keys_are_rejected():
     with pytest.raises(TypeError, match="ModelConfig got unexpected keyword argument.*: depht"):
         ModelConfig.from_dict({"depht": 3})
+
+
+# ------------------------------------------------------------------------ likelihood evaluation
+
+
+def _val_data(n=5):
+    from _train_worker import DATA, SEQ_LEN
+
+    from demask.data import get_dataset
+
+    ds = get_dataset(DATA, "val", seq_len=SEQ_LEN, max_bytes=20_000)
+    return [ds[i] for i in range(n)]  # a plain list of (N,) tensors is a dataset too
+
+
+def test_autoregressive_bits_equal_a_prefix_by_prefix_reference():
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(**tiny_model())).eval()
+    data = _val_data(3)
+    got = likelihood_bits_per_token(model, data, batch_size=2)
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for x in data:
+            for i in range(1, len(x)):  # predict token i from tokens < i only
+                logp = model.net(x[None, :i])[0, -1].log_softmax(-1)
+                total -= float(logp[x[i]]) / math.log(2)
+                count += 1
+    assert count == 3 * (len(data[0]) - 1)
+    assert got == pytest.approx(total / count, rel=1e-5)
+
+
+@param("kind", ["autoregressive", "masked"])
+def test_likelihood_is_deterministic_and_splits_over_ranks(kind):
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(**tiny_model(kind))).eval()
+    data = _val_data(5)
+    state = torch.get_rng_state()
+    one = likelihood_sums(model, data, batch_size=2)
+    assert torch.equal(torch.get_rng_state(), state)  # the global RNG is left alone
+    assert likelihood_sums(model, data, batch_size=2) == one  # deterministic
+    # ranks 0 and 1 of 2 take batches 0, 2 and 1: their sums add up to the 1-process sums
+    r0 = likelihood_sums(model, data, batch_size=2, rank=0, world_size=2)
+    r1 = likelihood_sums(model, data, batch_size=2, rank=1, world_size=2)
+    assert r0[1] + r1[1] == one[1]
+    assert r0[0] + r1[0] == pytest.approx(one[0], rel=1e-12)
+    n_tok = len(data[0]) - (kind == "autoregressive")
+    assert one[1] == 5 * n_tok and r1[1] == 2 * n_tok
+    # max_batches counts global batches
+    assert likelihood_sums(model, data, batch_size=2, max_batches=1)[1] == 2 * n_tok
+    if kind == "masked":  # the NELBO of the wrapper, seeded per batch
+        x = torch.stack(data[:2])
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            want = float(model.nelbo(x).mean())
+        got = likelihood_bits_per_token(model, data[:2], batch_size=2)
+        assert got == pytest.approx(want, rel=1e-9)
+        assert likelihood_bits_per_token(model, data[:2], batch_size=2, seed=1) != got
+
+
+def test_likelihood_bad_input():
+    model = build_model(ModelConfig(**tiny_model()))
+    with pytest.raises(TypeError, match="wrapper must be one of .* got Linear"):
+        likelihood_bits_per_token(nn.Linear(2, 2), _val_data(2), batch_size=2)
+    with pytest.raises(ValueError, match="batch_size must be >= 1, got 0"):
+        likelihood_bits_per_token(model, _val_data(2), batch_size=0)
+    with pytest.raises(ValueError, match="rank must be <= 1, got 2"):
+        likelihood_bits_per_token(model, _val_data(2), batch_size=1, rank=2, world_size=2)
+    with pytest.raises(ValueError, match="dataset must be a non-empty"):
+        likelihood_bits_per_token(model, [], batch_size=1)
