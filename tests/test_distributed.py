@@ -3,11 +3,14 @@
 One torchrun launch runs three trainings in the same process group (to pay the start-up once):
   A: 8 steps, batch 4 per rank                      -> compared with 1 process, batch 8
   B: the same run stopped after step 4, then resumed -> compared with A, loss for loss
+  D: B again with FSDP2 (fully_shard) instead of DDP  -> compared with A
+  C: a masked model with self-conditioning under DDP -> finishes with finite losses
 """
 
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -46,8 +49,28 @@ def two_ranks(tmp_path_factory):
             "result": str(tmp / "B2.json"),
         },
     ]
+    fsdp = dict(common, fsdp=True)
+    runs += [
+        {
+            "model": tiny_model(),
+            "train": tiny_train(tmp / "D", **fsdp),
+            "stop_after": 4,
+            "result": str(tmp / "D1.json"),
+        },
+        {
+            "model": tiny_model(),
+            "train": tiny_train(tmp / "D", **fsdp),
+            "resume": True,
+            "result": str(tmp / "D2.json"),
+        },
+        {  # self-conditioning leaves a Linear unused on some steps: DDP must cope
+            "model": tiny_model("masked", self_cond=True),
+            "train": tiny_train(tmp / "C", steps=4, batch_size=B, val_batches=1),
+            "result": str(tmp / "C.json"),
+        },
+    ]
     run_workers(runs, tmp, nproc=2)
-    names = ("A", "B1", "B2")
+    names = ("A", "B1", "B2", "C", "D1", "D2")
     return tmp, {n: json.loads((tmp / f"{n}.json").read_text()) for n in names}
 
 
@@ -90,6 +113,28 @@ def test_two_rank_resume_is_exact(two_ranks):
     a = load_checkpoint(tmp / "A").model.state_dict()
     b = load_checkpoint(tmp / "B").model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_fsdp2_matches_ddp_and_resumes(two_ranks):
+    tmp, res = two_ranks
+    assert res["D1"]["step"] == 4 and res["D2"]["status"] == "finished"
+    fsdp = {**_losses(res["D1"]), **_losses(res["D2"])}
+    ddp = _losses(res["A"])
+    assert sorted(fsdp) == sorted(ddp)
+    for s in ddp:
+        assert fsdp[s] == pytest.approx(ddp[s], rel=1e-5, abs=1e-6)
+    a = load_checkpoint(tmp / "A").model.state_dict()
+    d = load_checkpoint(tmp / "D").model.state_dict()  # gathered to a full state dict
+    for k in a:
+        torch.testing.assert_close(d[k], a[k], rtol=1e-4, atol=1e-5)
+
+
+def test_masked_self_conditioning_under_ddp(two_ranks):
+    tmp, res = two_ranks
+    losses = _losses(res["C"])
+    assert sorted(losses) == [1, 2, 3, 4]
+    assert all(math.isfinite(v) for v in losses.values())
+    assert load_checkpoint(tmp / "C", kind="masked").step == 4
 
 
 def test_torchrun_command_strips_nproc():
