@@ -5,11 +5,12 @@ The public API. The seed-compatible facade is `TransformerWrapper`, `Encoder`, `
 """
 
 from demask.model import Decoder, Encoder, Intermediates, KVCache, TransformerWrapper
-from demask.wrappers.nonautoregressive import Losses, NonAutoregressiveWrapper
+from demask.wrappers import AutoregressiveWrapper, Losses, NonAutoregressiveWrapper
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AutoregressiveWrapper",
     "Decoder",
     "Encoder",
     "Intermediates",
