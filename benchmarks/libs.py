@@ -31,13 +31,21 @@ def _demask() -> Lib:
     except ImportError:
         sys.path.insert(0, str(REPO / "src"))
         import demask
+    try:  # the wrappers, once they have landed (exported at the top level or not)
+        import demask.wrappers as wrappers
+    except ImportError:
+        wrappers = None
+
+    def find(name: str) -> Any:
+        return getattr(demask, name, None) or getattr(wrappers, name, None)
+
     return Lib(
         "demask",
         demask.TransformerWrapper,
         demask.Encoder,
         demask.Decoder,
-        getattr(demask, "NonAutoregressiveWrapper", None),
-        getattr(demask, "AutoregressiveWrapper", None),
+        find("NonAutoregressiveWrapper"),
+        find("AutoregressiveWrapper"),
     )
 
 

@@ -12,7 +12,6 @@ keys: B * (T * 2P + 4 L I T (T + 1) / 2) with T = prompt + new - 1 (benchmarks/f
 from __future__ import annotations
 
 import argparse
-import inspect
 import sys
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -45,12 +44,6 @@ class Config:
 SMOKE = Config(dim=32, depth=1, heads=2, num_tokens=17, max_seq_len=32, batch=2, new_tokens=8)
 
 
-def cache_kwargs(generate_fn: Any) -> dict[str, Any]:
-    """`cache_kv=True` when the generate signature names it (both libraries default to it)."""
-    params = inspect.signature(generate_fn).parameters
-    return {"cache_kv": True} if "cache_kv" in params else {}
-
-
 def generate(lib_name: str, cfg: Config) -> Workload:
     lib = load(lib_name)
     torch.manual_seed(cfg.seed)
@@ -60,10 +53,9 @@ def generate(lib_name: str, cfg: Config) -> Workload:
     model.eval()
     g = torch.Generator().manual_seed(cfg.seed)
     prompt = torch.randint(0, cfg.num_tokens, (cfg.batch, cfg.prompt_len), generator=g)  # (B, P)
-    kwargs = cache_kwargs(model.generate)
 
     def run() -> torch.Tensor:
-        return model.generate(prompt, cfg.new_tokens, **kwargs)  # (B, P + new)
+        return model.generate(prompt, cfg.new_tokens, cache_kv=True)  # (B, P + new)
 
     f = flops.ar_generate_flops(cfg.shape(), cfg.batch, cfg.prompt_len, cfg.new_tokens)
     return Workload(run, cfg.batch * cfg.new_tokens, f)
