@@ -268,3 +268,5 @@ def test_a_binary_file_inside_a_folder_is_named(tmp_path):
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         get_dataset("digits", **kwargs)
+    with pytest.raises(ValueError, match="spec must name a dataset"):
+        get_dataset("")

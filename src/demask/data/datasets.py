@@ -261,7 +261,8 @@ def get_dataset(
 ) -> SequenceDataset:
     """Load a dataset split as fixed-length token sequences.
 
-    spec: "digits", "python-stdlib" or a path to a UTF-8 text file or a folder of them.
+    spec: "digits", "python-stdlib" or a path to a UTF-8 text file or a folder of them (a
+        registry name wins over a same-named path; write "./digits" for the folder).
     split: "train" or "val" (fixed, documented splits; see the module docstring).
     seq_len: tokens per example; digits: 64 only; text: default 256.
     max_bytes: text only: keep at most this many bytes of the split (a size cap for quick runs).
@@ -274,6 +275,8 @@ def get_dataset(
     if not isinstance(spec, (str, os.PathLike)):
         raise TypeError(f"spec must be a dataset name or a path, got {type(spec).__name__}")
     spec = os.fspath(spec)
+    if not spec.strip():
+        raise ValueError(f"spec must name a dataset {sorted(DATASETS)} or a path, got {spec!r}")
     builder: Any = DATASETS.get(spec)
     if builder is None:
         return _build_path(spec, split, seq_len, max_bytes)
