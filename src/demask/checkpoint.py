@@ -30,10 +30,11 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from demask.config import ModelConfig, TrainConfig, build_model, configs_from_json, configs_to_json
+from demask.distributed import DistInfo, barrier, broadcast_object
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -316,3 +317,87 @@ def checkpoint_configs(path: str | Path) -> tuple[ModelConfig, TrainConfig | Non
     _, meta = _read_weights(ckpt_dir / WEIGHTS_FILE, tensors_too=False)
     model_config, train_config = read_configs(ckpt_dir, meta)
     return model_config, train_config, int(meta.get("demask_step", -1))
+
+
+# ----------------------------------------------------------------------------------------------
+# training state: full (unsharded) state dicts, so any world size can resume any checkpoint
+
+
+def save_training_state(
+    run_dir: str | Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    *,
+    step: int,
+    model_config: ModelConfig,
+    train_config: TrainConfig,
+    info: DistInfo,
+) -> Path | None:
+    """Gather the full model and optimiser state (a collective under FSDP2: every rank calls
+    this) and let rank 0 write the checkpoint. Returns its folder on rank 0, None elsewhere."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    msd = get_model_state_dict(model, options=full)
+    osd = get_optimizer_state_dict(model, optimizer, options=full)
+    path = None
+    if info.is_main:
+        extra = {"optimizer": osd, "rng": rng_state(), "world_size": info.world_size}
+        path = save_checkpoint(run_dir, step=step, model_state=msd, model_config=model_config,
+                               train_config=train_config, train_state=extra,
+                               keep=train_config.keep_checkpoints)  # fmt: skip
+    barrier(info)
+    return path
+
+
+def restore_training_state(
+    ckpt_dir: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer, info: DistInfo
+) -> int:
+    """Load weights and optimiser state saved by `save_training_state` into `model` (possibly
+    DDP-replicated or FSDP2-sharded, any world size): rank 0 reads the files and broadcasts.
+    Returns the checkpoint's step."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    state = read_state(ckpt_dir) if info.is_main else {}
+    weights = load_file(str(Path(ckpt_dir) / WEIGHTS_FILE)) if info.is_main else {}
+    load = StateDictOptions(full_state_dict=True, broadcast_from_rank0=info.distributed)
+    set_model_state_dict(model, weights, options=load)
+    set_optimizer_state_dict(model, optimizer, state.get("optimizer", {}), options=load)
+    if info.is_main and "rng" in state:
+        set_rng_state(state["rng"])
+    return int(broadcast_object(state.get("step"), info))
+
+
+def plan_run(
+    run_dir: str | Path, model_config: ModelConfig, *, resume: bool, overwrite: bool
+) -> Path | None:
+    """Decide how a training run starts in `run_dir`: the checkpoint folder to resume from, or
+    None to start fresh. Raises CheckpointError (nothing to resume, model config differs from the
+    saved one, broken `latest`) or FileExistsError (a checkpoint is there and neither resume nor
+    overwrite was asked: it is never overwritten silently)."""
+    found = latest_checkpoint(run_dir)
+    if resume:
+        if found is None:
+            raise CheckpointError(f"resume=True but {str(run_dir)!r} holds no checkpoint to resume")
+        saved, _ = read_configs(found, {})
+        diff = {k: (v, getattr(model_config, k)) for k, v in saved.to_dict().items()
+                if getattr(model_config, k) != v}  # fmt: skip
+        if diff:
+            raise CheckpointError(
+                f"model config differs from the checkpoint in {str(found)!r}: (saved, given) {diff}"
+            )
+        return found
+    if found is not None and not overwrite:
+        raise FileExistsError(
+            f"out {str(run_dir)!r} already holds a checkpoint ({found.name}); resume it "
+            "(resume=True) or start over (overwrite=True), or pick another folder"
+        )
+    return None

@@ -33,30 +33,19 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 from torch import Tensor, nn
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_optimizer_state_dict,
-    set_model_state_dict,
-    set_optimizer_state_dict,
-)
 
 from demask import distributed as dd
 from demask._checks import check_int
 from demask.checkpoint import (
-    WEIGHTS_FILE,
     CheckpointError,
     clear_run,
-    latest_checkpoint,
-    read_configs,
-    read_state,
-    rng_state,
-    save_checkpoint,
-    set_rng_state,
+    plan_run,
+    restore_training_state,
+    save_training_state,
 )
 from demask.config import ModelConfig, TrainConfig, build_model, save_configs
+from demask.data import batch_indices, get_batch, get_dataset
 from demask.evaluate import likelihood_bits_per_token
 
 METRICS_FILE = "metrics.jsonl"
@@ -162,38 +151,18 @@ class _Metrics:
             cb(record)
 
 
-def _plan(out: Path, model_cfg: ModelConfig, resume: bool, overwrite: bool) -> dict[str, Any]:
-    """Rank 0 decides: start fresh, resume from a checkpoint, or refuse (with the error)."""
-    try:
-        found = latest_checkpoint(out)
-    except CheckpointError as err:
-        return {"error": ("CheckpointError", str(err))}
-    if resume:
-        if found is None:
-            msg = f"resume=True but {str(out)!r} holds no checkpoint to resume from"
-            return {"error": ("CheckpointError", msg)}
-        saved, _ = read_configs(found, {})
-        if saved != model_cfg:
-            diff = {
-                k: (v, getattr(model_cfg, k))
-                for k, v in saved.to_dict().items()
-                if getattr(model_cfg, k) != v
-            }
-            msg = (
-                f"model config differs from the checkpoint in {str(found)!r}: (saved, given) {diff}"
-            )
-            return {"error": ("CheckpointError", msg)}
-        return {"error": None, "ckpt": str(found)}
-    if found is not None and not overwrite:
-        msg = (
-            f"out {str(out)!r} already holds a checkpoint ({found.name}); resume it "
-            "(resume=True) or start over (overwrite=True), or pick another folder"
-        )
-        return {"error": ("FileExistsError", msg)}
-    return {"error": None, "ckpt": None}
-
-
-_ERRORS = {"CheckpointError": CheckpointError, "FileExistsError": FileExistsError}
+def _start_from(out: Path, cfg: ModelConfig, resume: bool, overwrite: bool, info: dd.DistInfo):
+    """Rank 0 decides (plan_run) and tells the others, so all ranks raise the same error."""
+    outcome: Any = None
+    if info.is_main:
+        try:
+            outcome = ("ok", plan_run(out, cfg, resume=resume, overwrite=overwrite))
+        except (CheckpointError, FileExistsError) as err:
+            outcome = (type(err).__name__, str(err))
+    kind, value = dd.broadcast_object(outcome, info)
+    if kind != "ok":
+        raise {"CheckpointError": CheckpointError, "FileExistsError": FileExistsError}[kind](value)
+    return value
 
 
 def train(
@@ -212,225 +181,176 @@ def train(
     checkpoint (otherwise FileExistsError). callbacks: called on rank 0 with every metrics record.
     stop_after: end this invocation after that step with a checkpoint (status "stopped"), as if
     interrupted; the LR schedule still spans train_cfg.steps.
-    Under torchrun each process calls this; the process group is joined here.
+    Under torchrun every process calls this; the process group is joined (and left) here.
+    Raises NonFiniteLossError on a NaN/inf with nan_policy="stop".
     """
-    from demask.data import batch_indices, get_batch, get_dataset
-
     if not isinstance(model_cfg, ModelConfig) or not isinstance(train_cfg, TrainConfig):
         raise TypeError("train(model_cfg, train_cfg) needs a ModelConfig and a TrainConfig")
     if stop_after is not None:
         check_int("stop_after", stop_after, min=1)
     info = dd.setup(train_cfg.device)
     try:
-        return _train(
-            model_cfg,
-            train_cfg,
-            info,
-            resume,
-            overwrite,
-            callbacks,
-            stop_after,
-            get_dataset,
-            get_batch,
-            batch_indices,
-        )
+        return _Run(model_cfg, train_cfg, info, resume, overwrite, callbacks).loop(stop_after)
     finally:
         dd.teardown(info)
 
 
-def _train(model_cfg, train_cfg, info, resume, overwrite, callbacks, stop_after,
-           get_dataset, get_batch, batch_indices) -> TrainResult:  # fmt: skip
-    cfg, out, dev = train_cfg, Path(train_cfg.out), info.device
-    main = info.is_main
-    kw = {"seq_len": model_cfg.seq_len, "max_bytes": cfg.data_max_bytes}
-    train_ds, val_ds = get_dataset(cfg.data, "train", **kw), get_dataset(cfg.data, "val", **kw)
-    vocab = train_ds.tokenizer.vocab_size
-    if vocab > model_cfg.num_tokens:
-        raise ValueError(
-            f"num_tokens must be >= the data's vocabulary {vocab}, got {model_cfg.num_tokens}"
-        )
-    plan = dd.broadcast_object(_plan(out, model_cfg, resume, overwrite) if main else None, info)
-    if plan["error"]:
-        kind, msg = plan["error"]
-        raise _ERRORS[kind](msg)
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-        if not resume:
-            clear_run(out)
-        save_configs(out / "config.json", model_cfg, cfg)
+class _Run:
+    """One invocation of `train`: the model, optimiser, data and logs of this process."""
 
-    torch.manual_seed(cfg.seed)
-    model = build_model(model_cfg).to(dev)
-    module = dd.parallelize(
-        model, info, compile=cfg.compile, fsdp=cfg.fsdp, find_unused_parameters=model_cfg.self_cond
-    )
-    optimizer = torch.optim.AdamW(
-        param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2)
-    )
-    full = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    start = 0
-    if plan["ckpt"] is not None:
-        ckpt = Path(plan["ckpt"])
-        state = read_state(ckpt) if main else {}
-        weights = load_file(str(ckpt / WEIGHTS_FILE)) if main else {}
-        load = StateDictOptions(full_state_dict=True, broadcast_from_rank0=info.distributed)
-        set_model_state_dict(model, weights, options=load)
-        set_optimizer_state_dict(model, optimizer, state.get("optimizer", {}), options=load)
-        start = dd.broadcast_object(state.get("step"), info)
-        if main and "rng" in state:
-            set_rng_state(state["rng"])
-    metrics = _Metrics(
-        out / "metrics.jsonl" if main else None, callbacks, keep_upto=start if resume else None
-    )
-    result = TrainResult(step=start, status="finished")
-
-    def save(step: int) -> None:
-        msd = get_model_state_dict(model, options=full)  # collective under FSDP2
-        osd = get_optimizer_state_dict(model, optimizer, options=full)
+    def __init__(self, model_cfg, train_cfg, info, resume, overwrite, callbacks) -> None:
+        self.mcfg, self.cfg, self.info = model_cfg, train_cfg, info
+        cfg, out, main = train_cfg, Path(train_cfg.out), info.is_main
+        kw = {"seq_len": model_cfg.seq_len, "max_bytes": cfg.data_max_bytes}
+        self.train_ds = get_dataset(cfg.data, "train", **kw)
+        self.val_ds = get_dataset(cfg.data, "val", **kw)
+        vocab = self.train_ds.tokenizer.vocab_size
+        if vocab > model_cfg.num_tokens:
+            raise ValueError(
+                f"num_tokens must be >= the data's vocabulary {vocab}, got {model_cfg.num_tokens}"
+            )
+        ckpt = _start_from(out, model_cfg, resume, overwrite, info)
         if main:
-            extra = {"optimizer": osd, "rng": rng_state(), "world_size": info.world_size}
-            result.checkpoint = save_checkpoint(
-                out,
-                step=step,
-                model_state=msd,
-                model_config=model_cfg,
-                train_config=cfg,
-                train_state=extra,
-                keep=cfg.keep_checkpoints,
-            )
-            metrics.write({"type": "checkpoint", "step": step, "path": str(result.checkpoint)})
-        dd.barrier(info)
-
-    def validate(step: int) -> None:
-        bits = likelihood_bits_per_token(
-            model,
-            val_ds,
-            cfg.batch_size,
-            cfg.val_batches * info.world_size,  # the same examples for any world size
-            info.rank,
-            info.world_size,
-            seed=cfg.seed,
-            device=dev,
+            out.mkdir(parents=True, exist_ok=True)
+            if ckpt is None:
+                clear_run(out)
+            save_configs(out / "config.json", model_cfg, cfg)
+        torch.manual_seed(cfg.seed)
+        self.model = build_model(model_cfg).to(info.device)
+        self.module = dd.parallelize(self.model, info, compile=cfg.compile, fsdp=cfg.fsdp,
+                                     find_unused_parameters=model_cfg.self_cond)  # fmt: skip
+        groups = param_groups(self.model, cfg.weight_decay)
+        self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+        start = (
+            0 if ckpt is None else restore_training_state(ckpt, self.model, self.optimizer, info)
         )
-        result.val[step] = bits
-        metrics.write({"type": "val", "step": step, "val_bits_per_token": bits})
-        say(f"step {step}: val {bits:.4f} bits/token")
+        path = out / METRICS_FILE if main else None
+        self.metrics = _Metrics(path, callbacks, keep_upto=None if ckpt is None else start)
+        self.result = TrainResult(step=start, status="finished")
+        self.tty = sys.stderr.isatty()
+        from tqdm.auto import tqdm
 
-    tty = sys.stderr.isatty()
-    from tqdm.auto import tqdm
+        show = main and cfg.progress and self.tty
+        self.bar = tqdm(total=cfg.steps, initial=start, disable=not show, unit="step",
+                        dynamic_ncols=True)  # fmt: skip
 
-    bar = tqdm(
-        total=cfg.steps,
-        initial=start,
-        disable=not (main and cfg.progress and tty),
-        unit="step",
-        dynamic_ncols=True,
-    )
-
-    def say(text: str, always: bool = False) -> None:
-        if main and (cfg.progress or always):
-            bar.write(text, file=sys.stderr) if tty else print(text, file=sys.stderr, flush=True)
-
-    tokens_per_step = cfg.batch_size * info.world_size * model_cfg.seq_len
-    flag = {"stop": False}
-    t_last, steps_since = time.perf_counter(), 0
-    model.train()
-    step = start
-    with _stop_on_signals(flag), bar:
-        while step < cfg.steps:
-            s = step + 1
-            lr = lr_at(s, cfg)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            x = get_batch(train_ds, s, cfg.batch_size, cfg.seed, info.rank, info.world_size).to(dev)
-            seed = model_step_seed(cfg.seed, s, info.rank)
-            torch.manual_seed(seed)
-            np.random.seed(seed % 2**32)
-            random.seed(seed)
-            with torch.autocast(dev.type, dtype=torch.bfloat16) if cfg.bf16 else nullcontext():
-                loss = _scalar_loss(module(x))
-            bad = not bool(torch.isfinite(loss.detach()))
-            # one all-reduce per step: [loss sum, ranks with a bad loss, ranks asked to stop]
-            agg = torch.tensor(
-                [0.0 if bad else float(loss.detach()), float(bad), float(flag["stop"])],
-                dtype=torch.float64,
-                device=dev,
-            )
-            dd.all_reduce_sum(agg, info)
-            if agg[2] > 0:  # SIGTERM / Ctrl-C somewhere: leave before this update
-                result.status = "interrupted"
-                break
-            grad_norm = float("nan")
-            if agg[1] == 0:
-                loss.backward()
-                clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-                norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-                grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-            if agg[1] > 0 or not math.isfinite(grad_norm):
-                optimizer.zero_grad(set_to_none=True)
-                idx = batch_indices(
-                    len(train_ds), s, cfg.batch_size, cfg.seed, info.rank, info.world_size
-                )
-                what = "loss" if agg[1] > 0 else "gradient norm"
-                where = (
-                    f"rank {info.rank} loss {float(loss.detach())}, batch = train examples {idx.tolist()[:16]}"
-                    f" (get_batch(step={s}, seed={cfg.seed}, rank={info.rank}, world_size={info.world_size}))"
-                )
-                if agg[1] > 0 and not bad:
-                    where = "on another rank"
-                msg = f"non-finite {what} at step {s} {where}"
-                metrics.write(
-                    {
-                        "type": "nonfinite",
-                        "step": s,
-                        "what": what,
-                        "action": cfg.nan_policy,
-                        "batch_indices": idx.tolist(),
-                    }
-                )
-                if cfg.nan_policy == "stop":
-                    raise NonFiniteLossError(
-                        msg + "; stopping without a checkpoint (nan_policy='stop')"
-                    )
-                say(msg + "; update skipped")
-                result.skipped.append(s)
+    def say(self, text: str, always: bool = False) -> None:
+        if self.info.is_main and (self.cfg.progress or always):
+            if self.tty:
+                self.bar.write(text, file=sys.stderr)
             else:
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            step = result.step = s
-            mean_loss = float(agg[0]) / info.world_size
-            if agg[1] == 0:
-                result.losses[s] = mean_loss
-            steps_since += 1
-            bar.update(1)
-            if s % cfg.log_every == 0 or s == cfg.steps:
-                now = time.perf_counter()
-                tps = tokens_per_step * steps_since / max(now - t_last, 1e-9)
-                t_last, steps_since = now, 0
-                metrics.write(
-                    {
-                        "type": "train",
-                        "step": s,
-                        "loss": mean_loss,
-                        "lr": lr,
-                        "tokens_per_s": tps,
-                        "grad_norm": grad_norm,
-                    }
-                )
-                bar.set_postfix(loss=f"{mean_loss:.4f}", tok_s=f"{tps:,.0f}")
-            if cfg.val_every and s % cfg.val_every == 0 and s != cfg.steps:
-                validate(s)
-            if s == stop_after:
-                result.status = "stopped"
-                break
-            if cfg.checkpoint_every and s % cfg.checkpoint_every == 0 and s != cfg.steps:
-                save(s)
-    if result.status == "finished":
-        validate(step)
-    if result.status == "interrupted":
-        say(f"interrupted: saving the checkpoint of step {step}", always=True)
-    if step > 0 and (
-        result.checkpoint is None or not result.checkpoint.name.endswith(f"{step:08d}")
-    ):
-        save(step)
-    return result
+                print(text, file=sys.stderr, flush=True)
+
+    def save(self, step: int) -> None:
+        path = save_training_state(self.cfg.out, self.model, self.optimizer, step=step,
+                                   model_config=self.mcfg, train_config=self.cfg, info=self.info)  # fmt: skip
+        self.result.checkpoint, self.saved_step = path, step
+        self.metrics.write({"type": "checkpoint", "step": step, "path": str(path)})
+
+    def validate(self, step: int) -> None:
+        info, cfg = self.info, self.cfg
+        bits = likelihood_bits_per_token(
+            self.model, self.val_ds, cfg.batch_size,
+            cfg.val_batches * info.world_size,  # the same examples for any world size
+            info.rank, info.world_size, seed=cfg.seed, device=info.device,
+        )  # fmt: skip
+        self.result.val[step] = bits
+        self.metrics.write({"type": "val", "step": step, "val_bits_per_token": bits})
+        self.say(f"step {step}: val {bits:.4f} bits/token")
+
+    def nonfinite(self, s: int, what: str, own_loss: float, here: bool) -> None:
+        """Report a NaN/inf at step s; raise (stop) or record the skipped update."""
+        cfg, info = self.cfg, self.info
+        idx = batch_indices(len(self.train_ds), s, cfg.batch_size, cfg.seed, info.rank,
+                            info.world_size).tolist()  # fmt: skip
+        where = "on another rank"
+        if here:
+            where = (f"on rank {info.rank} (loss {own_loss}), batch = train examples {idx[:16]} = "
+                     f"get_batch(step={s}, seed={cfg.seed}, rank={info.rank}, "
+                     f"world_size={info.world_size})")  # fmt: skip
+        msg = f"non-finite {what} at step {s} {where}"
+        self.metrics.write({"type": "nonfinite", "step": s, "what": what,
+                            "action": cfg.nan_policy, "batch_indices": idx})  # fmt: skip
+        if cfg.nan_policy == "stop":
+            raise NonFiniteLossError(msg + "; stopping without a checkpoint (nan_policy='stop')")
+        self.say(msg + "; update skipped")
+        self.result.skipped.append(s)
+
+    def step(self, s: int, stop: bool) -> tuple[float, float] | None:
+        """Update number s. Returns (mean loss over ranks or nan, grad norm), None to stop."""
+        cfg, info, dev = self.cfg, self.info, self.info.device
+        lr = lr_at(s, cfg)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        x = get_batch(self.train_ds, s, cfg.batch_size, cfg.seed, info.rank, info.world_size)
+        seed = model_step_seed(cfg.seed, s, info.rank)
+        torch.manual_seed(seed)
+        np.random.seed(seed % 2**32)
+        random.seed(seed)
+        with torch.autocast(dev.type, dtype=torch.bfloat16) if cfg.bf16 else nullcontext():
+            loss = _scalar_loss(self.module(x.to(dev)))  # scalar
+        own = loss.detach().double()
+        finite = torch.isfinite(own)
+        # ONE all-reduce (and one host sync) per step: [sum of losses, #bad losses, #stop asks]
+        agg = torch.stack([torch.where(finite, own, 0.0), (~finite).double(),
+                           torch.tensor(float(stop), dtype=torch.float64, device=dev)])  # fmt: skip
+        loss_sum, n_bad, n_stop = dd.all_reduce_sum(agg, info).tolist()
+        if n_stop > 0:  # SIGTERM / Ctrl-C on some rank: leave before this update
+            return None
+        if n_bad > 0:
+            self.nonfinite(s, "loss", float(own), here=not bool(finite))
+            self.optimizer.zero_grad(set_to_none=True)
+            return math.nan, math.nan
+        loss.backward()
+        clip = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        if not math.isfinite(grad_norm):  # the same on every rank: gradients are synchronised
+            self.nonfinite(s, "gradient norm", float(own), here=True)
+            self.optimizer.zero_grad(set_to_none=True)
+            return math.nan, grad_norm
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss_sum / info.world_size, grad_norm
+
+    def loop(self, stop_after: int | None) -> TrainResult:
+        cfg, res = self.cfg, self.result
+        tokens_per_step = cfg.batch_size * self.info.world_size * self.mcfg.seq_len
+        flag = {"stop": False}
+        t_last, since, self.saved_step = time.perf_counter(), 0, -1
+        self.model.train()
+        with _stop_on_signals(flag), self.bar:
+            for s in range(res.step + 1, cfg.steps + 1):
+                out = self.step(s, flag["stop"])
+                if out is None:
+                    res.status = "interrupted"
+                    break
+                loss, grad_norm = out
+                res.step = s
+                if math.isfinite(loss):
+                    res.losses[s] = loss
+                since += 1
+                self.bar.update(1)
+                if s % cfg.log_every == 0 or s == cfg.steps:
+                    now = time.perf_counter()
+                    tps = tokens_per_step * since / max(now - t_last, 1e-9)
+                    t_last, since = now, 0
+                    self.metrics.write({"type": "train", "step": s,
+                                        "loss": loss if math.isfinite(loss) else None,
+                                        "lr": lr_at(s, cfg), "tokens_per_s": tps,
+                                        "grad_norm": grad_norm if math.isfinite(grad_norm) else None})  # fmt: skip
+                    self.bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tps:,.0f}")
+                if cfg.val_every and s % cfg.val_every == 0 and s != cfg.steps:
+                    self.validate(s)
+                if s == stop_after:
+                    res.status = "stopped"
+                    break
+                if cfg.checkpoint_every and s % cfg.checkpoint_every == 0 and s != cfg.steps:
+                    self.save(s)
+        if res.status == "finished":
+            self.validate(res.step)
+        if res.status == "interrupted":
+            self.say(f"interrupted: saving the checkpoint of step {res.step}", always=True)
+        if res.step > 0 and self.saved_step != res.step:
+            self.save(res.step)
+        return res
