@@ -138,3 +138,21 @@ def test_unknown_suite_is_rejected(capsys):
 
     assert main(["nope"]) == 2
     assert "suite must be one of" in capsys.readouterr().err
+
+
+def test_logits_adapter_gives_demask_nelbo_unchanged():
+    """Scoring a net through LogitsAsEmbeddings (how the reference is evaluated) is neutral: a
+    demask net gives the same NELBO through it as through its own wrapper, mask for mask."""
+    from benchmarks.libs import build_net, load
+    from benchmarks.quality import LogitsAsEmbeddings
+
+    lib = load("demask")
+    torch.manual_seed(0)
+    net = build_net(lib, causal=False, num_tokens=9, max_seq_len=12, dim=16, depth=1, heads=2)
+    own = lib.NonAutoregressiveWrapper(net, mask_id=8)
+    adapted = lib.NonAutoregressiveWrapper(LogitsAsEmbeddings(net, 9, 12), mask_id=8)
+    x = torch.randint(0, 8, (3, 12), generator=torch.Generator().manual_seed(1))
+    a = own.nelbo(x, generator=torch.Generator().manual_seed(2))
+    b = adapted.nelbo(x, generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert bool((a > 0).all())

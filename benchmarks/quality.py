@@ -1,0 +1,205 @@
+"""quality: validation bits per byte at an equal training budget, demask vs the reference.
+
+Data: the Shakespeare plays in /work/shared/data/shakespeare, byte-level, seq 256, demask's split
+(the last three files by sorted name are validation). Every model gets the same config (dim 256,
+depth 4, heads 4), the same batches (`demask.data.get_batch`, same seed), the same optimizer
+(AdamW, linear warmup then constant lr, gradient norm clipped at 1) and the same number of steps.
+
+Models (each library's seed defaults: `NonAutoregressiveWrapper(net, mask_id=256)` with
+use_simple_mdlm_loss_weight=True, `AutoregressiveWrapper(net)`):
+  demask-masked, reference-masked   masked models, num_tokens 257 (mask id 256)
+  demask-ar, reference-ar           autoregressive models, num_tokens 256
+
+Evaluation is demask's evaluator for all (`demask.evaluate.likelihood_bits_per_token`) on the
+same fixed, evenly spaced validation windows: the masked models' NELBO (MDLM continuous-time
+bound, 32 fixed stratified times, masks seeded per batch, so both models see the same masks),
+and the autoregressive models' exact NLL of bytes 1..255 given their prefix. The reference's masked
+net is evaluated by handing its logits to demask's NELBO computation (`LogitsAsEmbeddings`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from benchmarks import harness
+from benchmarks.libs import build_net, load
+
+NAME = "quality"
+DATA = "/work/shared/data/shakespeare"
+
+
+@dataclass(frozen=True)
+class Config:
+    data: str = DATA
+    seq_len: int = 256
+    dim: int = 256
+    depth: int = 4
+    heads: int = 4
+    batch: int = 8
+    steps: int = 200
+    lr: float = 1e-3
+    warmup: int = 20
+    clip: float = 1.0
+    seed: int = 0
+    eval_windows: int = 64  # evenly spaced validation windows
+    eval_batch: int = 16
+
+
+SMOKE = Config(seq_len=32, dim=32, depth=1, heads=2, batch=4, steps=3, warmup=1, eval_windows=8)
+
+# model name -> (library, masked?)
+MODELS: dict[str, tuple[str, bool]] = {
+    "demask-masked": ("demask", True),
+    "reference-masked": ("reference", True),
+    "demask-ar": ("demask", False),
+    "reference-ar": ("reference", False),
+}
+
+
+class LogitsAsEmbeddings(nn.Module):
+    """Presents a net whose forward returns logits to demask's NELBO code.
+
+    demask's NonAutoregressiveWrapper asks its net for embeddings (`return_embeddings=True`) and
+    projects the masked positions with `net.logits_from_embeddings`. Here the "embeddings" are the
+    foreign net's logits (B, N, V) and the projection is the identity, so the NELBO is computed by
+    demask's code from the foreign model's predictions, with nothing of its internals assumed.
+    """
+
+    def __init__(self, net: nn.Module, num_tokens: int, max_seq_len: int):
+        super().__init__()
+        self.net = net
+        self.num_tokens = num_tokens
+        self.max_seq_len = max_seq_len
+        self.attn_layers = net.attn_layers  # read for .dim only (self-conditioning, critic)
+        self.emb_dim = getattr(net, "emb_dim", self.attn_layers.dim)
+
+    def forward(self, x: Tensor, return_embeddings: bool = False, sum_embeds: Any = None) -> Tensor:
+        if sum_embeds is not None:
+            raise ValueError("LogitsAsEmbeddings does not support self-conditioning (sum_embeds)")
+        return self.net(x)  # (B, N, V)
+
+    def logits_from_embeddings(self, emb: Tensor) -> Tensor:
+        return emb
+
+
+def _demask_modules() -> tuple[Any, Any, Any]:
+    load("demask")  # puts src/ on the path when demask is not installed
+    from demask import evaluate
+    from demask.data import get_batch, get_dataset
+
+    return evaluate, get_batch, get_dataset
+
+
+def build_model(name: str, cfg: Config) -> nn.Module:
+    lib_name, masked = MODELS[name]
+    lib = load(lib_name)
+    torch.manual_seed(cfg.seed)
+    num_tokens = 257 if masked else 256
+    net = build_net(lib, causal=not masked, num_tokens=num_tokens, max_seq_len=cfg.seq_len,
+                    dim=cfg.dim, depth=cfg.depth, heads=cfg.heads)  # fmt: skip
+    if masked:
+        return lib.NonAutoregressiveWrapper(net, mask_id=256)
+    return lib.AutoregressiveWrapper(net)
+
+
+def _loss(model: nn.Module, x: Tensor) -> Tensor:
+    out = model(x)
+    return out if isinstance(out, Tensor) else out.loss  # AR: a scalar; masked: Losses
+
+
+def train(model: nn.Module, cfg: Config, train_ds: Any, get_batch: Any) -> dict[str, Any]:
+    """`cfg.steps` AdamW steps on the shared batch sequence; returns the loss curve and time."""
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / cfg.warmup))
+    torch.manual_seed(cfg.seed)  # the wrappers' own noise (mask draws) starts from the same state
+    model.train()
+    losses: list[float] = []
+    start = time.perf_counter()
+    for step in range(cfg.steps):
+        x = get_batch(train_ds, step=step, batch_size=cfg.batch, seed=cfg.seed)  # (B, N)
+        loss = _loss(model, x)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
+        opt.step()
+        sched.step()
+        losses.append(float(loss.detach()))
+    return {"train_s": time.perf_counter() - start, "losses": losses}
+
+
+def eval_windows(val_ds: Any, count: int) -> list[Tensor]:
+    """`count` evenly spaced validation windows (a fixed subset, the same for every model)."""
+    idx = torch.linspace(0, len(val_ds) - 1, min(count, len(val_ds))).round().long().unique()
+    return [val_ds[int(i)] for i in idx]
+
+
+def evaluate_bits(name: str, model: nn.Module, cfg: Config, windows: list[Tensor]) -> float:
+    """Validation bits per byte by demask's evaluator (NELBO or exact NLL)."""
+    evaluate, _, _ = _demask_modules()
+    lib_name, masked = MODELS[name]
+    scored = model
+    if lib_name == "reference" and masked:
+        demask_nar = load("demask").NonAutoregressiveWrapper
+        scored = demask_nar(LogitsAsEmbeddings(model.net, 257, cfg.seq_len), mask_id=256)
+    elif lib_name == "reference":
+        evaluate.register_likelihood(type(model), evaluate.autoregressive_bits)
+    return evaluate.likelihood_bits_per_token(scored, windows, cfg.eval_batch, seed=cfg.seed)
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--steps", type=int, default=None, help="training steps per model")
+    p.add_argument("--batch", type=int, default=None, help="training batch size")
+    p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--save", type=Path, default=None, help="folder for the trained state dicts")
+
+
+def main(args: argparse.Namespace) -> dict[str, Any]:
+    cfg = SMOKE if args.smoke else Config()
+    overrides = {k: getattr(args, k) for k in ("steps", "batch") if getattr(args, k) is not None}
+    cfg = Config(**{**asdict(cfg), **overrides})
+    torch.set_num_threads(args.threads)
+    _, get_batch, get_dataset = _demask_modules()
+    train_ds = get_dataset(cfg.data, split="train", seq_len=cfg.seq_len)
+    val_ds = get_dataset(cfg.data, split="val", seq_len=cfg.seq_len)
+    windows = eval_windows(val_ds, cfg.eval_windows)
+    results: dict[str, Any] = {}
+    for name in args.models:
+        model = build_model(name, cfg)
+        run = train(model, cfg, train_ds, get_batch)
+        start = time.perf_counter()
+        bits = evaluate_bits(name, model, cfg, windows)
+        run.update(val_bits_per_byte=bits, eval_s=time.perf_counter() - start)
+        run["final_train_loss_mean10"] = sum(run["losses"][-10:]) / len(run["losses"][-10:])
+        results[name] = run
+        print(f"{name}: {bits:.4f} bits/byte ({run['train_s']:.0f} s training)", flush=True)
+        if args.save is not None:
+            args.save.mkdir(parents=True, exist_ok=True)
+            torch.save(model.state_dict(), args.save / f"{name}.pt")
+    rows = []
+    for name, run in results.items():
+        kind = "NELBO (bound)" if MODELS[name][1] else "NLL (exact)"
+        rows.append([name, kind, run["val_bits_per_byte"], run["train_s"]])
+    print(f"## {NAME}  (config {asdict(cfg)}; {len(windows)} validation windows)")
+    print(harness.format_table(["model", "metric", "val bits/byte", "train s"], rows))
+    ratio = _ratio(results, "demask-masked", "reference-masked")
+    if ratio is not None:
+        print(f"masked NELBO demask / reference: {ratio:.3f} (< 1 is better for demask)")
+    payload = harness.record(NAME, asdict(cfg), results, eval_windows=len(windows), args=vars(args))
+    payload["tokens_per_model"] = cfg.steps * cfg.batch * cfg.seq_len
+    return payload
+
+
+def _ratio(results: dict[str, Any], a: str, b: str) -> float | None:
+    if a in results and b in results:
+        x, y = results[a]["val_bits_per_byte"], results[b]["val_bits_per_byte"]
+        return x / y if math.isfinite(y) and y else None
+    return None
