@@ -160,3 +160,32 @@ def test_torchrun_command_strips_nproc():
 def test_parallelize_single_process_is_the_module_itself():
     m = torch.nn.Linear(2, 2)
     assert parallelize(m, DistInfo()) is m
+
+
+@pytest.mark.slow
+def test_launch_runs_demask_train_under_torchrun(tmp_path):
+    """`demask train --nproc 2` -> launch() -> torchrun -> `python -m demask train` on 2 ranks."""
+    import os
+
+    from _train_worker import DATA, SEQ_LEN, subprocess_env
+
+    from demask.distributed import launch
+
+    out = tmp_path / "run"
+    argv = ["train", "--model", "autoregressive", "--data", DATA, "--steps", "3",
+            "--batch-size", "2", "--dim", "16", "--depth", "1", "--heads", "2", "--quiet",
+            "--no-plot", "--out", str(out), "--nproc", "2"]  # fmt: skip
+    if DATA != "digits":
+        argv += ["--seq-len", str(SEQ_LEN), "--max-bytes", "20000"]
+    env = subprocess_env()
+    old = dict(os.environ)
+    os.environ.update(env)
+    try:
+        assert launch(2, argv) == 0
+    finally:
+        os.environ.clear()
+        os.environ.update(old)
+    ck = load_checkpoint(out)
+    assert ck.step == 3 and ck.train_config.batch_size == 2
+    state = load_checkpoint(out, with_state=True).state
+    assert state["world_size"] == 2

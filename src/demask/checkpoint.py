@@ -342,7 +342,7 @@ def save_training_state(
     )
 
     full = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    msd = get_model_state_dict(model, options=full)
+    msd: dict[str, Any] = get_model_state_dict(model, options=full)  # type: ignore[assignment]
     osd = get_optimizer_state_dict(model, optimizer, options=full)
     path = None
     if info.is_main:
@@ -367,7 +367,7 @@ def restore_training_state(
     )
 
     state = read_state(ckpt_dir) if info.is_main else {}
-    weights = load_file(str(Path(ckpt_dir) / WEIGHTS_FILE)) if info.is_main else {}
+    weights: dict[str, Any] = load_file(str(Path(ckpt_dir) / WEIGHTS_FILE)) if info.is_main else {}
     load = StateDictOptions(full_state_dict=True, broadcast_from_rank0=info.distributed)
     set_model_state_dict(model, weights, options=load)
     set_optimizer_state_dict(model, optimizer, state.get("optimizer", {}), options=load)

@@ -123,7 +123,7 @@ def _network(model: nn.Module) -> nn.Module:
 
 def _blocks(net: nn.Module) -> list[nn.Module]:
     """The repeated blocks of a network: the elements of every ModuleList that hold parameters."""
-    blocks = []
+    blocks: list[nn.Module] = []
     for module in net.modules():
         if isinstance(module, nn.ModuleList):
             blocks.extend(m for m in module if any(True for _ in m.parameters()))

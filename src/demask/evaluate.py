@@ -44,14 +44,14 @@ def masked_bits(wrapper: nn.Module, x: Tensor, seed: int) -> tuple[Tensor, int]:
     """NELBO bits summed over the batch x (B, N), with the wrapper's noise seeded by `seed`."""
     with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
         torch.manual_seed(seed)
-        bits = wrapper.nelbo(x)  # bits per token: a scalar (batch mean) or (B,) per sequence
+        bits = wrapper.nelbo(x)  # type: ignore[operator]  # bits per token: a scalar (batch mean) or (B,) per sequence
     total = bits * x.numel() if bits.ndim == 0 else bits.sum() * x.shape[1]
     return total.double(), x.numel()
 
 
 def autoregressive_bits(wrapper: nn.Module, x: Tensor, seed: int) -> tuple[Tensor, int]:
     """Exact NLL bits of x[:, 1:] given the prefix, summed over the batch x (B, N)."""
-    logits = wrapper.net(x[:, :-1])  # (B, N-1, V)
+    logits = wrapper.net(x[:, :-1])  # type: ignore[operator]  # (B, N-1, V)
     nats = F.cross_entropy(
         logits.float().reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="sum"
     )

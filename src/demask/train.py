@@ -85,7 +85,8 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     and a Linear weight tied to an embedding) does not."""
     emb = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
     linear = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear)}
-    decay, rest = [], []
+    decay: list[nn.Parameter] = []
+    rest: list[nn.Parameter] = []
     for p in model.parameters():  # each shared parameter once
         if p.requires_grad:
             (decay if id(p) in linear and id(p) not in emb else rest).append(p)
