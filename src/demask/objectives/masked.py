@@ -8,7 +8,8 @@ https://arxiv.org/abs/2406.07524: with tokens masked independently with probabil
 
 (in nats per sequence; divide by the length for nats per token). Its value does not depend on the
 schedule. The T-step discrete-time bound replaces m'(t) / m(t) dt by (m(t_i) - m(t_{i-1})) / m(t_i)
-summed over t_i = i / T; it is larger than the continuous bound and tends to it as T grows.
+summed over t_i = i / T; it bounds the T-step sampler's likelihood and tends to the
+continuous bound as T grows (gap ~ 1 / T).
 The MaskGIT loss (Chang et al. 2022, https://arxiv.org/abs/2202.04200) is the plain mean
 cross-entropy over masked positions.
 """
