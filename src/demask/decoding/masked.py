@@ -56,7 +56,7 @@ class _Predictions:
 class _Model:
     """The calls to the network, the critic and the self-conditioning projection."""
 
-    def __init__(self, net, self_cond, token_critic, critic_head, net_kwargs):
+    def __init__(self, net, self_cond, token_critic, critic_head, net_kwargs) -> None:
         self.net, self.self_cond = net, self_cond
         self.token_critic, self.critic_head = token_critic, critic_head
         self.kwargs = net_kwargs or {}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -21,7 +22,7 @@ class CallableSchedule:
 
     name = "callable"
 
-    def __init__(self, fn: Callable[[Tensor], Tensor | float]):
+    def __init__(self, fn: Callable[[Any], Any]):
         if not callable(fn):
             raise TypeError(f"schedule must be 'linear', 'cosine' or a callable, got {fn!r}")
         self.fn = fn

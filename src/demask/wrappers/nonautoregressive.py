@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from demask._checks import check_choice, check_float, check_int, check_tokens
 from demask.decoding.masked import demask
+from demask.model import TransformerWrapper
 from demask.objectives.masked import (
     augment_masked,
     discrete_step_weight,
@@ -67,7 +68,7 @@ class NonAutoregressiveWrapper(nn.Module):
 
     def __init__(
         self,
-        net: nn.Module,
+        net: TransformerWrapper,
         *,
         mask_id: int,
         steps: int = 18,
@@ -187,6 +188,7 @@ class NonAutoregressiveWrapper(nn.Module):
         if self.token_critic is not None:
             critic_logits = self.token_critic(generated, **kwargs).squeeze(-1)  # (B, N)
         else:
+            assert self.to_critic_logits is not None  # has_critic
             emb = self.net(generated, return_embeddings=True, **kwargs)
             critic_logits = self.to_critic_logits(emb).squeeze(-1)  # (B, N)
         critic_loss = F.binary_cross_entropy_with_logits(critic_logits.float(), target)
@@ -344,5 +346,3 @@ class NonAutoregressiveWrapper(nn.Module):
                 f"batch_size={batch_size} does not match prompt of shape {tuple(prompt.shape)}"
             )
         return prompt.clone(), False
-
-
