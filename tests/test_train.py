@@ -345,6 +345,11 @@ def test_likelihood_is_deterministic_and_splits_over_ranks(kind):
         got = likelihood_bits_per_token(model, data[:2], batch_size=2)
         assert got == pytest.approx(want, rel=1e-9)
         assert likelihood_bits_per_token(model, data[:2], batch_size=2, seed=1) != got
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            want4 = float(model.nelbo(x, num_times=4).mean())
+        got4 = likelihood_bits_per_token(model, data[:2], batch_size=2, num_times=4)
+        assert got4 == pytest.approx(want4, rel=1e-9) and got4 != got
 
 
 def test_likelihood_bad_input():

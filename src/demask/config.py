@@ -160,6 +160,7 @@ class TrainConfig:
     log_every: int = 10  # write a metrics record every N steps
     val_every: int = 200  # validate every N steps (and at the end); 0 = only at the end
     val_batches: int = 8  # validation: the first val_batches * global batch examples of val
+    val_num_times: int = 8  # (masked) NELBO diffusion times in validation (demask eval: 32)
     checkpoint_every: int = 500  # checkpoint every N steps (and at the end); 0 = only at the end
     keep_checkpoints: int = 2  # how many recent checkpoints to keep in out/checkpoints
     nan_policy: str = "stop"  # on a NaN/inf loss or gradient: stop | skip (drop that update)
@@ -187,6 +188,7 @@ class TrainConfig:
         check_int("log_every", self.log_every, min=1)
         check_int("val_every", self.val_every, min=0)
         check_int("val_batches", self.val_batches, min=1)
+        check_int("val_num_times", self.val_num_times, min=1)
         check_int("checkpoint_every", self.checkpoint_every, min=0)
         check_int("keep_checkpoints", self.keep_checkpoints, min=1)
         check_choice("nan_policy", self.nan_policy, NAN_POLICIES)

@@ -11,8 +11,8 @@ Batches are fixed: global batch j holds examples [j*batch_size, (j+1)*batch_size
 and rank r takes the batches j with j % world_size == r. Ranks sum bits and token counts and the
 sums are all-reduced (not a mean of means), so the result does not depend on world_size.
 
-A new wrapper class is supported by `register_likelihood(cls, fn)`, fn(wrapper, x, seed) ->
-(bits summed over the batch, number of tokens scored).
+A new wrapper class is supported by `register_likelihood(cls, fn)`, fn(wrapper, x, seed,
+**options) -> (bits summed over the batch, number of tokens scored); options: num_times.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from demask._checks import check_int
 
-LikelihoodFn = Callable[[nn.Module, Tensor, int], tuple[Tensor, int]]
+LikelihoodFn = Callable[..., tuple[Tensor, int]]  # fn(wrapper, x, seed, **options)
 LIKELIHOODS: dict[type, LikelihoodFn] = {}
 _LN2 = math.log(2.0)
 
@@ -40,16 +40,20 @@ def register_likelihood(cls: type, fn: LikelihoodFn) -> LikelihoodFn:
     return fn
 
 
-def masked_bits(wrapper: nn.Module, x: Tensor, seed: int) -> tuple[Tensor, int]:
-    """NELBO bits summed over the batch x (B, N), with the wrapper's noise seeded by `seed`."""
+def masked_bits(
+    wrapper: nn.Module, x: Tensor, seed: int, num_times: int | None = None
+) -> tuple[Tensor, int]:
+    """NELBO bits summed over the batch x (B, N), with the wrapper's noise seeded by `seed`.
+    num_times: diffusion times per sequence (None: the wrapper's default)."""
+    kwargs = {} if num_times is None else {"num_times": num_times}
     with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
         torch.manual_seed(seed)
-        bits = wrapper.nelbo(x)  # type: ignore[operator]  # bits per token: a scalar (batch mean) or (B,) per sequence
+        bits = wrapper.nelbo(x, **kwargs)  # type: ignore[operator]  # bits per token: a scalar (batch mean) or (B,) per sequence
     total = bits * x.numel() if bits.ndim == 0 else bits.sum() * x.shape[1]
     return total.double(), x.numel()
 
 
-def autoregressive_bits(wrapper: nn.Module, x: Tensor, seed: int) -> tuple[Tensor, int]:
+def autoregressive_bits(wrapper: nn.Module, x: Tensor, seed: int, **_: Any) -> tuple[Tensor, int]:
     """Exact NLL bits of x[:, 1:] given the prefix, summed over the batch x (B, N)."""
     logits = wrapper.net(x[:, :-1])  # type: ignore[operator]  # (B, N-1, V)
     nats = F.cross_entropy(
@@ -58,7 +62,10 @@ def autoregressive_bits(wrapper: nn.Module, x: Tensor, seed: int) -> tuple[Tenso
     return nats.double() / _LN2, x[:, 1:].numel()
 
 
-_DEFAULTS = {"NonAutoregressiveWrapper": masked_bits, "AutoregressiveWrapper": autoregressive_bits}
+_DEFAULTS: dict[str, LikelihoodFn] = {
+    "NonAutoregressiveWrapper": masked_bits,
+    "AutoregressiveWrapper": autoregressive_bits,
+}
 
 
 def _default_registry() -> None:
@@ -100,6 +107,7 @@ def likelihood_sums(
     *,
     seed: int = 0,
     device: torch.device | str | None = None,
+    num_times: int | None = None,
 ) -> tuple[float, int]:
     """(bits summed over all scored tokens, number of scored tokens), over all ranks."""
     check_int("batch_size", batch_size, min=1)
@@ -110,6 +118,7 @@ def likelihood_sums(
     if not isinstance(dataset, Sized) or len(dataset) == 0:
         raise ValueError("dataset must be a non-empty sequence of examples")
     fn = _likelihood_fn(wrapper)
+    options = {} if num_times is None else {"num_times": check_int("num_times", num_times, min=1)}
     if device is None:
         device = next(wrapper.parameters()).device
     n = len(dataset)
@@ -123,7 +132,7 @@ def likelihood_sums(
     try:
         for j in range(rank, num_batches, world_size):
             x = _stack(dataset, j * batch_size, min(n, (j + 1) * batch_size)).to(device)
-            b, c = fn(wrapper, x, seed * 1_000_003 + j)
+            b, c = fn(wrapper, x, seed * 1_000_003 + j, **options)
             bits += b
             count += c
     finally:
@@ -144,15 +153,19 @@ def likelihood_bits_per_token(
     *,
     seed: int = 0,
     device: torch.device | str | None = None,
+    num_times: int | None = None,
 ) -> float:
     """Bits per token on `dataset`: NELBO for masked wrappers, exact NLL for autoregressive ones.
 
     dataset: a sequence of (N,) LongTensors (`demask.data.get_dataset(..., split="val")`).
     max_batches: evaluate only the first max_batches global batches (None = the whole dataset).
     rank, world_size: this process's share; the result is reduced over the process group.
+    num_times: masked only: diffusion times of the NELBO per sequence (None: the wrapper's
+    default; fewer is cheaper and coarser).
     Deterministic: the same inputs give the same number, for any world_size.
     """
     bits, count = likelihood_sums(
-        wrapper, dataset, batch_size, max_batches, rank, world_size, seed=seed, device=device
-    )
+        wrapper, dataset, batch_size, max_batches, rank, world_size,
+        seed=seed, device=device, num_times=num_times,
+    )  # fmt: skip
     return bits / count

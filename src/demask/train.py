@@ -254,6 +254,7 @@ class _Run:
             self.model, self.val_ds, cfg.batch_size,
             cfg.val_batches * info.world_size,  # the same examples for any world size
             info.rank, info.world_size, seed=cfg.seed, device=info.device,
+            num_times=cfg.val_num_times,
         )  # fmt: skip
         self.result.val[step] = bits
         self.metrics.write({"type": "val", "step": step, "val_bits_per_token": bits})
