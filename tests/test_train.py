@@ -224,7 +224,7 @@ class NaNAtStep(nn.Module):
 
 
 register_model_kind("nan-test", lambda c: NaNAtStep(MODEL_BUILDERS["autoregressive"](c)))
-register_likelihood(NaNAtStep, lambda w, x, seed: autoregressive_bits(w.inner, x, seed))
+register_likelihood(NaNAtStep, lambda w, x, seed, **kw: autoregressive_bits(w.inner, x, seed))
 
 
 def test_nan_loss_stops_without_a_checkpoint(tmp_path):
