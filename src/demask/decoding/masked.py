@@ -161,11 +161,17 @@ def demask(
             pred = _predict(model, seq, candidates, mask_id, filter_thres, logits_filter)
         rows, cols = pred.rows, pred.cols
 
-        drawn = sample_categorical(pred.logits, temperature, generator)  # (M,) index into K
-        if pred.vocab_index is not None:
-            drawn = pred.vocab_index.gather(-1, drawn[:, None]).squeeze(-1)
-        was_masked = masked[rows, cols]  # (M,)
-        tokens = torch.where(was_masked, drawn, seq[rows, cols])  # revealed tokens stay
+        local = sample_categorical(pred.logits, temperature, generator)  # (M,) index into K
+        drawn = local if pred.vocab_index is None else pred.vocab_index.gather(-1, local[:, None])
+        drawn = drawn.view(-1)  # (M,) vocabulary ids
+        token_probs = pred.probs.gather(-1, local[:, None]).view(-1)  # (M,)
+        if remask:  # revealed candidates keep their token: score that token instead
+            was_masked = masked[rows, cols]  # (M,)
+            tokens = torch.where(was_masked, drawn, seq[rows, cols])
+            token_probs = torch.where(was_masked, token_probs, _prob_of(pred, tokens))
+        else:  # every candidate is masked
+            was_masked = torch.ones_like(drawn, dtype=torch.bool)
+            tokens = drawn
 
         critic = None
         if use_critic:
@@ -182,7 +188,7 @@ def demask(
             ratio_after=_ratio(schedule, 1.0 - step / steps),
             generator=generator,
         )
-        proposal = Proposal(rows, cols, was_masked, tokens, pred.probs, _prob_of(pred, tokens))
+        proposal = Proposal(rows, cols, was_masked, tokens, pred.probs, token_probs)
         proposal.critic = critic
         stay_masked = sampler.select(proposal, info)  # (M,) bool
 
