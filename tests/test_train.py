@@ -223,6 +223,19 @@ class NaNAtStep(nn.Module):
         return loss * float("nan") if self.calls == self.at else loss
 
 
+class InfGradAtStep(NaNAtStep):
+    """A finite loss whose gradient is inf on training forward number `at`."""
+
+    def forward(self, x):
+        self.calls += 1
+        loss = self.inner(x)
+        if self.calls == self.at:
+            loss = loss * 1.0
+            loss.register_hook(lambda g: g * float("inf"))
+        return loss
+
+
+register_model_kind("inf-grad-test", lambda c: InfGradAtStep(MODEL_BUILDERS["autoregressive"](c)))
 register_model_kind("nan-test", lambda c: NaNAtStep(MODEL_BUILDERS["autoregressive"](c)))
 register_likelihood(NaNAtStep, lambda w, x, seed, **kw: autoregressive_bits(w.inner, x, seed))
 
@@ -243,6 +256,18 @@ def test_nan_loss_stops_without_a_checkpoint(tmp_path):
     bad = [r for r in records if r["type"] == "nonfinite"]
     assert len(bad) == 1 and bad[0]["step"] == 3 and len(bad[0]["batch_indices"]) == 4
     assert max(r["step"] for r in records) == 3
+
+
+def test_inf_gradient_is_caught_before_the_update(tmp_path):
+    m, t = run(tmp_path, model=tiny_model("inf-grad-test"), steps=4, checkpoint_every=1)
+    with pytest.raises(NonFiniteLossError, match="non-finite gradient norm at step 3"):
+        train(m, t)
+    assert latest_checkpoint(tmp_path / "run").name == "step_00000002"
+    _, t2 = run(tmp_path, "skip", model=tiny_model("inf-grad-test"), steps=4, nan_policy="skip")
+    res = train(m, t2)
+    assert res.skipped == [3] and sorted(res.losses) == [1, 2, 4]
+    ck = load_checkpoint(tmp_path / "skip")
+    assert all(torch.isfinite(p).all() for p in ck.model.parameters())
 
 
 def test_nan_loss_skip_policy_drops_one_update(tmp_path):
