@@ -189,3 +189,10 @@ def test_launch_runs_demask_train_under_torchrun(tmp_path):
     assert ck.step == 3 and ck.train_config.batch_size == 2
     state = load_checkpoint(out, with_state=True).state
     assert state["world_size"] == 2
+
+
+def test_fsdp_flag_on_one_process_trains_unsharded(tmp_path):
+    m = ModelConfig(**tiny_model())
+    plain = train(m, TrainConfig(**tiny_train(tmp_path / "a", steps=2)))
+    fsdp = train(m, TrainConfig(**tiny_train(tmp_path / "b", steps=2, fsdp=True)))
+    assert fsdp.losses == plain.losses

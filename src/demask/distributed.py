@@ -145,11 +145,12 @@ def parallelize(
     `model.state_dict()` keys never change). Build the optimiser AFTER this call (FSDP2 replaces
     parameters by sharded DTensors).
     find_unused_parameters: DDP option for wrappers whose steps leave some parameters unused.
+    fsdp=True on a single process is accepted and does nothing (there is nothing to shard).
     """
     net = _network(model)
     if compile:
         net.compile()  # in place: same module, same state_dict keys, compiled forward
-    if fsdp:
+    if fsdp and info.distributed:  # one process has nothing to shard: plain module
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
