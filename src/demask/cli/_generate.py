@@ -17,8 +17,9 @@ from torch import Tensor
 
 from demask.cli._common import HOLE_MARKER, CLIError, parse_prompt
 
-STRIP_ROWS = 4  # sequences shown in the demasking strip
-STRIP_STEPS = 10  # columns of the strip at most (evenly spaced steps, the last one included)
+GRID_COLUMNS = 8  # digits per row in samples.png
+STRIP_ROWS = 4  # sequences shown in demasking.png
+STRIP_COLUMNS = 10  # states shown per sequence at most (evenly spaced, first and last included)
 
 
 @dataclass
@@ -187,26 +188,30 @@ def generate(run: Run, opts: argparse.Namespace) -> Samples:
 # ---------------------------------------------------------------------------------- writers
 
 
-def strip_states(samples: Samples, rows: int = STRIP_ROWS, columns: int = STRIP_STEPS) -> Tensor:
-    """(columns, rows, N): evenly spaced states of the first `rows` sequences, last one included."""
-    assert samples.history is not None
-    s = samples.history.shape[0]
-    picks = torch.linspace(0, s - 1, min(columns, s)).round().long().unique()
-    return samples.history[picks, :rows]
-
-
 def write_image_samples(run: Run, samples: Samples, out: Path) -> list[str]:
-    """samples.png (a grid) and, with a history, demasking.png (step-by-step strip)."""
+    """samples.png (a grid) and, with a history, demasking.png (the first sequences, step by
+    step from fully masked to done)."""
     from demask import pictures
 
     out.mkdir(parents=True, exist_ok=True)
-    written = [pictures.save_image_grid(samples.tokens, run.tokenizer, out / "samples.png")]
+    ncols = max(1, min(GRID_COLUMNS, samples.tokens.shape[0]))
+    grid = pictures.save_image_grid(
+        samples.tokens, out / "samples.png", ncols, tokenizer=run.tokenizer
+    )
+    written = [grid]
     if samples.history is not None:
-        states = strip_states(samples)
+        mask_id = run.model.mask_id
+        start = torch.full_like(samples.history[:1], mask_id)  # (1, B, N): the fully masked start
+        history = torch.cat([start, samples.history])  # (steps + 1, B, N)
         written.append(
             pictures.save_demasking_strip(
-                states, run.tokenizer, out / "demasking.png", mask_id=run.model.mask_id
-            )
+                history,
+                mask_id,
+                out / "demasking.png",
+                tokenizer=run.tokenizer,
+                max_rows=STRIP_ROWS,
+                max_cols=STRIP_COLUMNS,
+            )  # fmt: skip
         )
     return [str(p) for p in written]
 

@@ -121,11 +121,9 @@ def _is_main_process() -> bool:
 
 def write_loss_curve(run_dir: Path) -> Path:
     """loss_curve.png from the run's metrics.jsonl."""
-    from demask.pictures import loss_curve_png
+    from demask.pictures import save_loss_curve
 
-    path = run_dir / "loss_curve.png"
-    loss_curve_png(run_dir / "metrics.jsonl", path)
-    return path
+    return save_loss_curve(run_dir / "metrics.jsonl", run_dir / "loss_curve.png")
 
 
 def note(message: str) -> None:

@@ -36,10 +36,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from demask.cli._run import run_demo
+    from demask.cli._demo import run_demo
 
-    run_demo(args)
-    return 0
+    return run_demo(args)
 
 
 COMMAND = Command(
