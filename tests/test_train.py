@@ -181,7 +181,6 @@ def test_compiled_run_matches_eager(tmp_path):
     assert load_checkpoint(tmp_path / "c").step == 3
 
 
-@pytest.mark.slow
 def test_tiny_model_learns(tmp_path):
     m, t = run(tmp_path, model=tiny_model(dim=32), steps=150, batch_size=16, log_every=50)
     res = train(m, t)

@@ -14,8 +14,10 @@ transformer block, then on the network (when fsdp=True), or else DDP around the 
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -219,4 +221,20 @@ def launch(
     """
     if in_torchrun():
         raise RuntimeError("launch() called inside a torchrun worker; run the command directly")
-    return subprocess.call(torchrun_command(nproc, argv, module=module, extra=extra))
+    proc = subprocess.Popen(torchrun_command(nproc, argv, module=module, extra=extra))
+    # SIGTERM to this launcher goes on to torchrun, which passes it to the workers; Ctrl-C reaches
+    # the workers directly (same terminal process group). Either way the workers save a
+    # checkpoint and exit, and we wait for them instead of killing torchrun.
+    forward = signal.getsignal(signal.SIGTERM)
+    on_main = threading.current_thread() is threading.main_thread()
+    if on_main:
+        signal.signal(signal.SIGTERM, lambda signum, frame: proc.send_signal(signal.SIGTERM))
+    try:
+        while True:
+            try:
+                return proc.wait()
+            except KeyboardInterrupt:
+                continue
+    finally:
+        if on_main:
+            signal.signal(signal.SIGTERM, forward)
