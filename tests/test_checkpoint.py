@@ -83,6 +83,21 @@ def test_keeps_the_newest_checkpoints(tmp_path):
     assert latest_checkpoint(tmp_path).name == "step_00000004"
 
 
+def test_a_stale_same_step_folder_is_replaced(tmp_path):
+    """A writer killed after renaming its folder but before moving `latest` leaves a complete
+    step folder that `latest` does not name; a later save of that step must not trust it."""
+    _save(tmp_path, 1)
+    _save(tmp_path, 2)  # a complete step-2 folder ...
+    (tmp_path / "latest").write_text("checkpoints/step_00000001\n")  # ... latest not moved
+    torch.manual_seed(99)
+    model = build_model(ModelConfig(**tiny_model()))  # other weights for the same step
+    _save(tmp_path, 2, model=model)
+    got = load_checkpoint(tmp_path).model.state_dict()
+    for a, b in zip(got.values(), model.state_dict().values()):
+        assert torch.equal(a, b)
+    assert not any((tmp_path / "checkpoints").glob(".tmp-*"))
+
+
 def test_refuses_non_finite_weights(tmp_path):
     model, _ = _save(tmp_path, 1)
     with torch.no_grad():

@@ -145,7 +145,9 @@ def save_checkpoint(
     for stale in ckpts.glob(_TMP_PREFIX + "*"):  # left by a writer that was killed
         shutil.rmtree(stale, ignore_errors=True)
     final = ckpts / step_dir_name(step)
-    if not final.exists():
+    pointer = run_dir / LATEST_FILE
+    current = pointer.is_file() and (run_dir / pointer.read_text().strip()) == final
+    if not current:  # a same-step folder that `latest` does not name may be stale: rewrite it
         tmp = ckpts / f"{_TMP_PREFIX}{step_dir_name(step)}-{os.getpid()}"
         tmp.mkdir()
         cfg_json = configs_to_json(model_config, train_config)
@@ -163,10 +165,14 @@ def save_checkpoint(
         torch.save(state, tmp / STATE_FILE)
         _fsync_file(tmp / STATE_FILE)
         _fsync_dir(tmp)
+        if final.exists():  # not named by `latest`, so moving it away is safe at any moment
+            os.replace(final, ckpts / f"{_TMP_PREFIX}old-{final.name}-{os.getpid()}")
         os.replace(tmp, final)
         _fsync_dir(ckpts)
     _write_latest(run_dir, final)
     _prune(ckpts, keep=keep, current=final)
+    for old in ckpts.glob(f"{_TMP_PREFIX}old-*"):
+        shutil.rmtree(old, ignore_errors=True)
     return final
 
 
