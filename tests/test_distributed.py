@@ -25,6 +25,14 @@ pytestmark = pytest.mark.distributed
 STEPS, B = 8, 4
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
     """Results of the 2-process runs A and B (and B resumed), keyed by name."""
@@ -80,7 +88,6 @@ def _losses(res: dict) -> dict[int, float]:
 
 def test_two_ranks_equal_one_process_with_twice_the_batch(two_ranks, tmp_path):
     tmp, res = two_ranks
-    torch.set_num_threads(1)
     m = ModelConfig(**tiny_model())
     one = train(
         m,
