@@ -22,6 +22,7 @@ from demask.config import (
     register_model_kind,
 )
 from demask.evaluate import (
+    LIKELIHOODS,
     autoregressive_bits,
     likelihood_bits_per_token,
     likelihood_sums,
@@ -234,12 +235,20 @@ class InfGradAtStep(NaNAtStep):
         return loss
 
 
-register_model_kind("inf-grad-test", lambda c: InfGradAtStep(MODEL_BUILDERS["autoregressive"](c)))
-register_model_kind("nan-test", lambda c: NaNAtStep(MODEL_BUILDERS["autoregressive"](c)))
-register_likelihood(NaNAtStep, lambda w, x, seed, **kw: autoregressive_bits(w.inner, x, seed))
+@pytest.fixture(scope="module")
+def standins():
+    """Register the fault-injecting stand-ins for this module only."""
+    ar = MODEL_BUILDERS["autoregressive"]
+    register_model_kind("nan-test", lambda c: NaNAtStep(ar(c)))
+    register_model_kind("inf-grad-test", lambda c: InfGradAtStep(ar(c)))
+    register_likelihood(NaNAtStep, lambda w, x, seed, **kw: autoregressive_bits(w.inner, x, seed))
+    yield
+    for kind in ("nan-test", "inf-grad-test"):
+        MODEL_BUILDERS.pop(kind)
+    LIKELIHOODS.pop(NaNAtStep)
 
 
-def test_nan_loss_stops_without_a_checkpoint(tmp_path):
+def test_nan_loss_stops_without_a_checkpoint(tmp_path, standins):
     m, t = run(tmp_path, model=tiny_model("nan-test"), steps=6, checkpoint_every=1)
     with pytest.raises(NonFiniteLossError, match=r"non-finite loss at step 3 .*batch = train"):
         train(m, t)
@@ -257,7 +266,7 @@ def test_nan_loss_stops_without_a_checkpoint(tmp_path):
     assert max(r["step"] for r in records) == 3
 
 
-def test_inf_gradient_is_caught_before_the_update(tmp_path):
+def test_inf_gradient_is_caught_before_the_update(tmp_path, standins):
     m, t = run(tmp_path, model=tiny_model("inf-grad-test"), steps=4, checkpoint_every=1)
     with pytest.raises(NonFiniteLossError, match="non-finite gradient norm at step 3"):
         train(m, t)
@@ -269,7 +278,7 @@ def test_inf_gradient_is_caught_before_the_update(tmp_path):
     assert all(torch.isfinite(p).all() for p in ck.model.parameters())
 
 
-def test_nan_loss_skip_policy_drops_one_update(tmp_path):
+def test_nan_loss_skip_policy_drops_one_update(tmp_path, standins):
     m, t = run(tmp_path, model=tiny_model("nan-test"), steps=5, nan_policy="skip")
     res = train(m, t)
     assert res.skipped == [3] and res.status == "finished"
