@@ -44,12 +44,12 @@ class Config:
     depth: int = 4
     heads: int = 4
     batch: int = 8
-    steps: int = 200
+    steps: int = 120
     lr: float = 1e-3
     warmup: int = 20
     clip: float = 1.0
     seed: int = 0
-    eval_windows: int = 64  # evenly spaced validation windows
+    eval_windows: int = 32  # evenly spaced validation windows
     eval_batch: int = 16
 
 
@@ -132,6 +132,8 @@ def train(model: nn.Module, cfg: Config, train_ds: Any, get_batch: Any) -> dict[
         opt.step()
         sched.step()
         losses.append(float(loss.detach()))
+        if (step + 1) % 25 == 0:
+            print(f"  step {step + 1}/{cfg.steps}: loss {losses[-1]:.4f}", flush=True)
     return {"train_s": time.perf_counter() - start, "losses": losses}
 
 
@@ -157,7 +159,8 @@ def evaluate_bits(name: str, model: nn.Module, cfg: Config, windows: list[Tensor
 def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=None, help="training steps per model")
     p.add_argument("--batch", type=int, default=None, help="training batch size")
-    p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS),
+                   help="which models to train (one process per model runs them in parallel)")  # fmt: skip
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--save", type=Path, default=None, help="folder for the trained state dicts")
 
