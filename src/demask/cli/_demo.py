@@ -24,6 +24,10 @@ DEMO_TRAIN: dict[str, Any] = {
     "checkpoint_every": 0,
     "log_every": 10,
 }
+# How the demo samples: MDLM ancestral sampling (see demask sample --help).
+DEMO_SAMPLING: dict[str, Any] = {
+    "sampler": "ancestral", "steps": 64, "temperature": 1.0, "filter_thres": 0.0, "anneal": False
+}  # fmt: skip
 MARKER = "demo.json"  # marks a folder written by the demo, which a later demo may overwrite
 
 
@@ -77,8 +81,7 @@ def run_demo(args: argparse.Namespace) -> int:
     note(f"demo: sampling {args.num} digits")
     run = load_run(str(out), device=device, kind="masked")
     opts = argparse.Namespace(
-        num=args.num, seed=args.seed, temperature=1.0, steps=None, sampler=None,
-        filter_thres=None, prompt=None, batch_size=64, max_batches=None,
+        num=args.num, seed=args.seed, prompt=None, batch_size=64, max_batches=None, **DEMO_SAMPLING
     )  # fmt: skip
     from demask.cli._generate import generate
 

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from demask.cli._common import CLIError, format_table, write_json
-from demask.cli._generate import Run, generate, load_run, resolve_device
+from demask.cli._generate import SAMPLING_DEFAULTS, Run, generate, load_run, resolve_device
 
 # model kind -> what its likelihood number is
 LIKELIHOOD_NAMES = {
@@ -95,14 +95,12 @@ def evaluate_run(run: Run, args: argparse.Namespace) -> dict[str, Any]:
     }
     results.update(likelihood(run, args))
     samples = generate(run, args)
-    results["sampling"] = {
-        "num": int(samples.tokens.shape[0]),
-        "seed": args.seed,
-        "temperature": args.temperature,
-        "steps": getattr(args, "steps", None),
-        "sampler": getattr(args, "sampler", None),
-        "filter_thres": getattr(args, "filter_thres", None),
-    }
+    sampling = {"num": int(samples.tokens.shape[0]), "seed": args.seed}
+    sampling.update(SAMPLING_DEFAULTS.get(run.kind, {}))
+    for name in ("temperature", "steps", "sampler", "filter_thres", "anneal"):
+        if getattr(args, name, None) not in (None, False):
+            sampling[name] = getattr(args, name)
+    results["sampling"] = sampling
     results["quality"] = QUALITY[run.modality](run, samples.tokens, args)
     return results
 

@@ -17,6 +17,12 @@ from torch import Tensor
 
 from demask.cli._common import HOLE_MARKER, CLIError, parse_prompt
 
+DEFAULT_MASKED_SAMPLER = "ancestral"
+# model kind -> the sampling settings used when the options leave them out (recorded in eval.json)
+SAMPLING_DEFAULTS: dict[str, dict[str, Any]] = {
+    "masked": {"sampler": DEFAULT_MASKED_SAMPLER, "filter_thres": 0.0, "anneal": False},
+    "autoregressive": {"filter_thres": 0.0},
+}
 GRID_COLUMNS = 8  # digits per row in samples.png
 STRIP_ROWS = 4  # sequences shown in demasking.png
 STRIP_COLUMNS = 10  # states shown per sequence at most (evenly spaced, first and last included)
@@ -102,14 +108,24 @@ def _masked_prompt(run: Run, prompt: list[int | None], num: int) -> Tensor:
 
 
 def generate_masked(run: Run, opts: argparse.Namespace, prompt: list[int | None] | None) -> Samples:
-    """Iterative demasking (the wrapper's `generate`), with the step-by-step states kept."""
+    """Iterative demasking (the wrapper's `generate`), with the step-by-step states kept.
+
+    CLI defaults: MDLM ancestral sampling at a constant temperature without logits filtering,
+    i.e. samples from the model's own distribution (Sahoo et al. 2024,
+    https://arxiv.org/abs/2406.07524). `--sampler confidence --filter-thres 0.7 --anneal` is the
+    seed's MaskGIT decoding, which on small data tends to collapse onto a few modes.
+    """
     dev = next(run.model.parameters()).device
-    gen = torch.Generator(dev).manual_seed(opts.seed)
-    kwargs: dict[str, Any] = {"generator": gen, "return_history": True}
-    for opt, name in (("steps", "steps"), ("sampler", "sampler"), ("filter_thres", "filter_thres")):
-        if getattr(opts, opt, None) is not None:
-            kwargs[name] = getattr(opts, opt)
-    kwargs["start_temperature"] = opts.temperature
+    kwargs: dict[str, Any] = {
+        "generator": torch.Generator(dev).manual_seed(opts.seed),
+        "return_history": True,
+        "sampler": getattr(opts, "sampler", None) or DEFAULT_MASKED_SAMPLER,
+        "filter_thres": getattr(opts, "filter_thres", None) or 0.0,
+        "anneal_temperature": bool(getattr(opts, "anneal", False)),
+        "start_temperature": opts.temperature,
+    }
+    if getattr(opts, "steps", None) is not None:
+        kwargs["steps"] = opts.steps
     if prompt is not None:
         kwargs["prompt"] = _masked_prompt(run, prompt, opts.num).to(dev)
     tokens, history = run.model.generate(batch_size=opts.num, **kwargs)

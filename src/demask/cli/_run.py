@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from demask.cli._common import CLIError
+from demask.cli._common import CLIError, one_line
 
 # CLI option (argparse dest) -> ModelConfig field / TrainConfig field.
 MODEL_OPTIONS = {"model": "kind", "seq_len": "seq_len", "dim": "dim", "depth": "depth",
@@ -91,7 +91,7 @@ def run_training(args: argparse.Namespace) -> int:
         return launch(args.nproc, args._argv)
     if args.resume and args.overwrite:
         raise CLIError("--resume and --overwrite contradict each other; give one")
-    from demask.train import train
+    from demask.train import NonFiniteLossError, train
 
     kind = args.model or "masked"
     out = args.out or default_out(args.data or "digits", kind)
@@ -99,7 +99,13 @@ def run_training(args: argparse.Namespace) -> int:
     model_cfg, train_cfg = make(args, out)
     flags = {f: True for o, f in FLAG_OPTIONS.items() if getattr(args, o)}
     train_cfg = dataclasses.replace(train_cfg, progress=not args.quiet, **flags)
-    result = train(model_cfg, train_cfg, resume=args.resume, overwrite=args.overwrite)
+    try:
+        result = train(model_cfg, train_cfg, resume=args.resume, overwrite=args.overwrite)
+    except NonFiniteLossError as err:  # a failed run, not bad input: exit 1, still one line
+        print(f"demask train: {one_line(str(err))}", file=sys.stderr)
+        return 1
+    if not _is_main_process():
+        return 0
     lines = [f"run folder: {out} (step {result.step}/{train_cfg.steps}, {result.status})"]
     if result.checkpoint is not None:
         lines.append(f"checkpoint: {result.checkpoint}")
@@ -107,7 +113,7 @@ def run_training(args: argparse.Namespace) -> int:
         step, bits = max(result.val.items())
         lines.append(f"validation: {bits:.4f} bits/token at step {step}")
     lines.append(f"metrics:    {Path(out) / 'metrics.jsonl'}")
-    if not args.no_plot and _is_main_process():
+    if not args.no_plot:
         lines.append(f"loss curve: {write_loss_curve(Path(out))}")
     print("\n".join(lines))
     return 0 if result.status != "interrupted" else 130

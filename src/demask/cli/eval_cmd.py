@@ -42,13 +42,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="validation batches for the likelihood (default: the whole split)",
     )
     p.add_argument("--batch-size", type=positive_int, default=64, help="(default: %(default)s)")
-    p.add_argument("--sampler", help="masked models: the remasking strategy for the samples")
+    p.add_argument(
+        "--sampler",
+        help="masked models: the remasking strategy (default: ancestral; see demask sample)",
+    )
     p.add_argument("--steps", type=positive_int, help="masked models: demasking steps")
     p.add_argument(
         "--filter-thres",
         type=float,
-        help="keep the top ceil((1 - F) * vocab) logits before sampling; 0 = no filtering "
-        "(default: the seed's 0.7 for masked models, 0 for autoregressive ones)",
+        help="keep the top ceil((1 - F) * vocab) logits before sampling (default: 0, no "
+        "filtering; the seed's MaskGIT decoding uses 0.7)",
+    )
+    p.add_argument(
+        "--anneal",
+        action="store_true",
+        help="masked models: anneal the temperature linearly to 0 over the steps (the seed's "
+        "MaskGIT decoding); default: a constant temperature",
     )
     p.add_argument(
         "--temperature", type=non_negative_float, default=1.0, help="(default: %(default)s)"

@@ -14,6 +14,10 @@ checkpoint alone.
           (a few sequences being demasked step by step) into --out (default: <run>/samples).
   text:   prints the samples, separated by lines of dashes, and writes samples.txt into --out.
 
+Masked models sample by default with MDLM ancestral sampling at a constant temperature and no
+logits filtering (samples from the model's own distribution); the seed library's MaskGIT decoding
+is `--sampler confidence --filter-thres 0.7 --anneal`.
+
 Prompts (--prompt, text only):
   masked models fill holes: `[MASK]` is one token (one byte) to fill, `[MASK:N]` is N tokens;
   positions after the prompt, up to the model's sequence length, are filled too.
@@ -31,7 +35,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, help="run folder or checkpoint file")
     p.add_argument("--num", type=positive_int, default=16, help="samples (default: %(default)s)")
     p.add_argument("--prompt", help="text prompt; `[MASK]` / `[MASK:N]` mark holes to fill")
-    p.add_argument("--sampler", help="masked models: the remasking strategy (default: confidence)")
+    p.add_argument(
+        "--sampler",
+        help="masked models: confidence | low_confidence | random | margin | entropy | "
+        "ancestral (default: ancestral)",
+    )
     p.add_argument("--steps", type=positive_int, help="masked models: demasking steps")
     p.add_argument(
         "--temperature",
@@ -48,8 +56,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--filter-thres",
         type=float,
-        help="keep the top ceil((1 - F) * vocab) logits before sampling; 0 = no filtering "
-        "(default: the seed's 0.7 for masked models, 0 for autoregressive ones)",
+        help="keep the top ceil((1 - F) * vocab) logits before sampling (default: 0, no "
+        "filtering; the seed's MaskGIT decoding uses 0.7)",
+    )
+    p.add_argument(
+        "--anneal",
+        action="store_true",
+        help="masked models: anneal the temperature linearly to 0 over the steps (the seed's "
+        "MaskGIT decoding); default: a constant temperature",
     )
     p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     p.add_argument("--device", help="cpu | cuda (default: cuda if available, else cpu)")
