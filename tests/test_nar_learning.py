@@ -1,0 +1,128 @@
+"""Learning, measured: a tiny masked model beats an exact baseline and respects an entropy bound.
+
+Both tests are slow (they train for up to a minute on two CPU cores): `pytest -m slow`.
+"""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from demask import Encoder, NonAutoregressiveWrapper, TransformerWrapper
+
+# the digits run: about 40 s of CPU time on two cores
+DIGITS = dict(dim=64, depth=2, batch=64, steps=500, lr=5e-3, mdlm=False)
+
+
+def _train(w, sample, steps, lr, seed=0):
+    torch.manual_seed(seed)
+    opt = torch.optim.AdamW(w.parameters(), lr=lr, weight_decay=0.0)
+    warmup = max(1, steps // 10)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
+    for step in range(steps):
+        loss = w(sample(step)).loss
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(w.parameters(), 1.0)
+        opt.step()
+        sched.step()
+    return w
+
+
+@pytest.mark.slow
+def test_digits_nelbo_beats_the_independent_pixel_baseline():
+    from sklearn.datasets import load_digits
+
+    x = torch.from_numpy(load_digits().images.reshape(-1, 64).astype(np.int64))  # grey 0..16
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
+    train, val = x[perm[:1500]], x[perm[1500:]]
+    # the exact baseline: each pixel independent with its training-set marginal (bits per pixel)
+    counts = torch.stack([torch.bincount(train[:, i], minlength=17) for i in range(64)]).double()
+    p = counts / counts.sum(-1, keepdim=True)
+    baseline = float(-(p * torch.log2(p.clamp_min(1e-300))).sum(-1).mean())  # 2.41 bits
+
+    torch.manual_seed(0)
+    net = TransformerWrapper(
+        num_tokens=18,
+        max_seq_len=64,
+        attn_layers=Encoder(dim=DIGITS["dim"], depth=DIGITS["depth"], heads=4, attn_dim_head=16),
+    )
+    w = NonAutoregressiveWrapper(
+        net,
+        mask_id=17,
+        no_replace_prob=0.0,
+        random_token_prob=0.0,
+        use_simple_mdlm_loss_weight=DIGITS["mdlm"],
+    )
+    g = torch.Generator().manual_seed(1)
+    batch = DIGITS["batch"]
+    _train(
+        w,
+        lambda s: train[torch.randint(0, len(train), (batch,), generator=g)],
+        DIGITS["steps"],
+        DIGITS["lr"],
+    )
+    bits = w.nelbo(val, num_times=16, generator=torch.Generator().manual_seed(0))  # (297,)
+    se = float(bits.std()) / math.sqrt(len(bits))
+    print(f"digits NELBO {float(bits.mean()):.4f} +- {se:.4f} bits/pixel, baseline {baseline:.4f}")
+    assert float(bits.mean()) + 3 * se < baseline, (float(bits.mean()), se, baseline)
+
+
+def _markov():
+    # a 4-state order-1 Markov chain started from its stationary law
+    P = torch.tensor(
+        [
+            [0.85, 0.05, 0.05, 0.05],
+            [0.1, 0.1, 0.7, 0.1],
+            [0.3, 0.3, 0.2, 0.2],
+            [0.05, 0.45, 0.05, 0.45],
+        ],
+        dtype=torch.float64,
+    )
+    evals, evecs = torch.linalg.eig(P.T)
+    pi = evecs[:, evals.real.argmax()].real
+    return P, pi / pi.sum()
+
+
+def _entropy(p):
+    return -(p * torch.log2(p)).sum(-1)
+
+
+def _sample_chain(P, pi, n, length, g):
+    x = torch.empty(n, length, dtype=torch.long)
+    x[:, 0] = torch.multinomial(pi.float(), n, replacement=True, generator=g)
+    for i in range(1, length):
+        x[:, i] = torch.multinomial(P[x[:, i - 1]].float(), 1, generator=g).squeeze(-1)
+    return x
+
+
+@pytest.mark.slow
+def test_markov_chain_nelbo_stays_above_the_entropy_and_approaches_it():
+    P, pi = _markov()
+    length = 16
+    rate = float((pi * _entropy(P)).sum())  # bits per step
+    per_token = (float(_entropy(pi)) + (length - 1) * rate) / length  # H(X_1..X_L) / L = 1.255
+    iid = float(_entropy(pi))  # what a model ignoring context gets: 1.76
+
+    torch.manual_seed(0)
+    net = TransformerWrapper(
+        num_tokens=5,
+        max_seq_len=length,
+        attn_layers=Encoder(dim=32, depth=2, heads=2, attn_dim_head=16),
+    )
+    w = NonAutoregressiveWrapper(net, mask_id=4, no_replace_prob=0.0, random_token_prob=0.0)
+    val = _sample_chain(P, pi, 2000, length, torch.Generator().manual_seed(1))
+    g = torch.Generator().manual_seed(2)
+
+    def nelbo():
+        bits = w.nelbo(val, num_times=16, generator=torch.Generator().manual_seed(0))
+        return float(bits.mean()), float(bits.std()) / math.sqrt(len(bits))
+
+    _train(w, lambda s: _sample_chain(P, pi, 128, length, g), 250, 3e-3)
+    early, _ = nelbo()
+    _train(w, lambda s: _sample_chain(P, pi, 128, length, g), 350, 3e-3, seed=1)
+    late, se = nelbo()
+    assert late > per_token - 3 * se - 0.01  # a bound: never below the true entropy
+    assert late < early  # training moves it towards the entropy
+    assert late - per_token < 0.25 * (iid - per_token), (late, per_token, iid)
