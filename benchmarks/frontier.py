@@ -70,11 +70,14 @@ def _score(ar_net: nn.Module, x: Tensor) -> dict[str, float]:
             "unigram_entropy_bits": float(unigram_entropy_bits(x).mean())}  # fmt: skip
 
 
-def _load_models(qcfg: quality.Config, folder: Path | None, smoke: bool) -> dict[str, nn.Module]:
+def _load_models(
+    qcfg: quality.Config, folder: Path | None, smoke: bool, reference: bool = True
+) -> dict[str, nn.Module]:
     """The trained quality models (or, in smoke mode, tiny ones trained for a few steps)."""
     _, get_batch, get_dataset = quality._demask_modules()
     models: dict[str, nn.Module] = {}
-    for name in ("demask-masked", "demask-ar", "reference-masked"):
+    names = ("demask-masked", "demask-ar") + (("reference-masked",) if reference else ())
+    for name in names:
         path = None if folder is None else folder / f"{name}.pt"
         lib_name = quality.MODELS[name][0]
         if lib_name == "reference" and not reference_available():
@@ -100,17 +103,21 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--models", type=Path, default=harness.REPO / "runs/bench/quality_models",
                    help="folder of the state dicts saved by the quality suite")  # fmt: skip
     p.add_argument("--samples", type=int, default=None, help="sequences per generate call")
+    p.add_argument("--steps", type=int, nargs="+", default=None, help="masked steps to measure")
+    p.add_argument("--no-reference", dest="reference", action="store_false",
+                   help="skip the reference library's masked model")  # fmt: skip
     p.add_argument("--png", type=Path, default=None, help="plot path (default beside the JSON)")
     p.add_argument("--threads", type=int, default=2)
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
     cfg = SMOKE if args.smoke else Config()
-    if args.samples is not None:
-        cfg = Config(steps=cfg.steps, samples=args.samples, seed=cfg.seed)
+    if args.samples is not None or args.steps is not None:
+        steps = tuple(args.steps) if args.steps else cfg.steps
+        cfg = Config(steps=steps, samples=args.samples or cfg.samples, seed=cfg.seed)
     qcfg = quality.SMOKE if args.smoke else quality.Config()
     torch.set_num_threads(args.threads)
-    models = _load_models(qcfg, args.models, args.smoke)
+    models = _load_models(qcfg, args.models, args.smoke, args.reference)
     ar = models["demask-ar"]
     _, _, get_dataset = quality._demask_modules()
     val = torch.stack(quality.eval_windows(get_dataset(qcfg.data, "val", seq_len=qcfg.seq_len), 64))
