@@ -25,7 +25,7 @@ import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -161,7 +161,7 @@ class ModelStepper:
     ):
         batch, total = buf.shape
         self.net, self.buf, self.prompt_len, self.start_pos = net, buf, prompt_len, start_pos
-        self.window = int(net.max_seq_len)
+        self.window = cast(int, net.max_seq_len)
         self.cache = None
         if start_pos is not None:  # (B, T): True at real tokens, allocated once
             cols = torch.arange(total, device=buf.device)
@@ -181,7 +181,8 @@ class ModelStepper:
                     "window then slides by re-running the last max_seq_len tokens every step), "
                     "or use rotary_pos_emb=True"
                 )
-            self.cache = net.new_cache(batch, min(total, self.window))
+            new_cache = cast(Callable[..., Any], net.new_cache)
+            self.cache = new_cache(batch, min(total, self.window))
         # with the cache the model sees buf[:, offset:]; the prompt is cut to the window
         self.offset = max(0, prompt_len - self.window)
         self.cache_start = None
@@ -258,7 +259,7 @@ def iter_decode(
     )
     seen = None
     if options.repetition_penalty != 1.0:
-        seen = _prompt_seen(buf, prompt_len, start_pos, int(net.num_tokens))
+        seen = _prompt_seen(buf, prompt_len, start_pos, cast(int, net.num_tokens))
     track = eos_token is not None or len(stop_sequences) > 0
     done = torch.zeros(batch, dtype=torch.bool, device=buf.device)
 

@@ -18,6 +18,7 @@ follows the surviving hypotheses with `cache.reorder`.
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 from torch import Tensor, nn
@@ -52,7 +53,7 @@ def beam_search(
     buf[:, :prompt_len] = prompts.repeat_interleave(k, dim=0)  # rows b*K .. b*K + K-1
     starts = start_pos.repeat_interleave(k, dim=0) if start_pos is not None else None
     stepper = ModelStepper(net, buf, prompt_len, starts, cache_kv)
-    vocab = int(net.num_tokens)
+    vocab = cast(int, net.num_tokens)
 
     scores = torch.zeros(batch, k, device=device)
     scores[:, 1:] = -math.inf  # the K copies of the prompt: expand only the first at step 1

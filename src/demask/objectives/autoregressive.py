@@ -21,7 +21,7 @@ x[:, 1:] from x[:, :-1] with a causal `net`. Optional terms, each off by default
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -83,15 +83,16 @@ def autoregressive_loss(
     metrics holds detached scalars: "ce" (nats per target token), "tokens" (number of targets),
     and "attn_z_loss" / "next_embed_loss" when those terms are on.
     """
-    num_tokens = net.num_tokens
+    num_tokens = cast(int, net.num_tokens)
+    max_seq_len = cast(int, net.max_seq_len)
     if not isinstance(x, Tensor) or x.ndim != 2:
         shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
         raise ValueError(f"x must be a (batch, length) tensor of token ids, got {shape}")
     check_int("x.shape[1]", x.shape[1], min=2)
-    if x.shape[1] - 1 > net.max_seq_len:
+    if x.shape[1] - 1 > max_seq_len:
         raise ValueError(
             f"x has length {x.shape[1]}, so the model input x[:, :-1] has {x.shape[1] - 1} tokens, "
-            f"more than max_seq_len={net.max_seq_len}"
+            f"more than max_seq_len={max_seq_len}"
         )
     if mask is not None and (mask.shape != x.shape or mask.dtype != torch.bool):
         raise ValueError(
@@ -109,7 +110,9 @@ def autoregressive_loss(
 
     attn_mask = None if mask is None else mask[:, :-1]
     if mask_prob > 0:
-        keep = forgetful_causal_mask(*inp.shape, mask_prob, device=x.device, generator=generator)
+        keep = forgetful_causal_mask(
+            inp.shape[0], inp.shape[1], mask_prob, device=x.device, generator=generator
+        )
         attn_mask = keep if attn_mask is None else attn_mask & keep
 
     want_continuous = _has_continuous_head(net) and next_embed_loss_weight > 0
@@ -145,7 +148,7 @@ def autoregressive_loss(
         if pred is None:
             raise ValueError("the net has a continuous_pred_head but returned no continuous_pred")
         next_tokens = tokens[:, 1:]  # (B, N-1); ignored targets are masked out below
-        target_emb = net.token_emb(next_tokens).detach()  # (B, N-1, E)
+        target_emb = cast(nn.Module, net.token_emb)(next_tokens).detach()  # (B, N-1, E)
         dist = 1 - F.cosine_similarity(pred.float(), target_emb.float(), dim=-1)  # (B, N-1)
         weight = counts.to(dist.dtype)
         embed_loss = (dist * weight).sum() / weight.sum().clamp(min=1)

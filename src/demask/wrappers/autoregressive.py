@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -89,11 +89,11 @@ class AutoregressiveWrapper(nn.Module):
 
     @property
     def max_seq_len(self) -> int:
-        return int(self.net.max_seq_len)
+        return cast(int, self.net.max_seq_len)
 
     @property
     def num_tokens(self) -> int:
-        return int(self.net.num_tokens)
+        return cast(int, self.net.num_tokens)
 
     def forward(self, x: Tensor, return_metrics: bool = False, **kwargs: Any) -> Any:
         """x: (B, N) tokens -> the scalar loss; with return_metrics, (loss, metrics dict).
