@@ -11,7 +11,18 @@ import torch
 
 from demask import Encoder, NonAutoregressiveWrapper, TransformerWrapper
 
-# the digits run: about 40 s of CPU time on two cores
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # tiny models: one thread is as fast as two and never stalls on a busy machine
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+# the digits run: about 55 s of CPU time on one core (MaskGIT loss: at this budget it lowers the
+# NELBO faster than the MDLM-weighted loss, which reached 2.43 bits at 400 steps vs < 2.41)
 DIGITS = dict(dim=64, depth=2, batch=64, steps=500, lr=5e-3, mdlm=False)
 
 
