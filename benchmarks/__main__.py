@@ -16,7 +16,7 @@ import importlib
 import sys
 from pathlib import Path
 
-from benchmarks.harness import REPO, write_json
+from benchmarks.harness import REPO, git_commit, write_json
 
 SUITES: dict[str, str] = {
     "speed/train": "benchmarks.speed_train",
@@ -58,9 +58,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     args = suite_parser(suite).parse_args(argv[1:])
     args.suite = suite
+    git_at_start = git_commit()  # the code that ran (HEAD may move while a long suite runs)
     payload = importlib.import_module(SUITES[suite]).main(args)
     if payload is None:  # the suite skipped itself (and said why)
         return 0
+    payload["machine"]["git_at_start"] = git_at_start
     out = write_json(args.out or default_out(suite, args.smoke), payload)
     print(f"\nwrote {out}")
     return 0
