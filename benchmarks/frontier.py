@@ -64,10 +64,12 @@ def ar_bits_per_byte(ar_net: nn.Module, x: Tensor) -> float:
     return float(nats) / math.log(2)
 
 
-def _score(ar_net: nn.Module, x: Tensor) -> dict[str, float]:
+def _score(ar_net: nn.Module, x: Tensor) -> dict[str, Any]:
     bits = ar_bits_per_byte(ar_net, x)
+    sample = bytes(int(b) for b in x[0].tolist()).decode("utf-8", errors="replace")
     return {"gen_bits_per_byte": bits, "gen_ppl": 2.0**bits,
-            "unigram_entropy_bits": float(unigram_entropy_bits(x).mean())}  # fmt: skip
+            "unigram_entropy_bits": float(unigram_entropy_bits(x).mean()),
+            "first_sample": sample}  # fmt: skip
 
 
 def _load_models(
