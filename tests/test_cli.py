@@ -49,7 +49,7 @@ def png_size(path: Path) -> tuple[int, int]:
     return struct.unpack(">II", head[16:24])
 
 
-def grid_size(n: int, ncols: int, cell: int = 8, scale: int = 4, pad: int = 1) -> tuple[int, int]:
+def grid_size(n: int, ncols: int, cell: int = 8, scale: int = 6, pad: int = 1) -> tuple[int, int]:
     """Pixel size of demask.pictures' grids: (width, height)."""
     rows = -(-n // ncols)
     return ncols * (cell * scale + pad) + pad, rows * (cell * scale + pad) + pad
@@ -361,6 +361,8 @@ def test_bad_checkpoints_exit_2_and_stay_untouched(digits_run, text_runs, tmp_pa
             "train",
             "already holds a checkpoint",
         ),
+        # the demo never overwrites a run it did not write
+        (["demo", "--out", digits_run, "--steps", "1"], "demo", "did not write"),
         # no checkpoint at all
         (["sample", "--checkpoint", tmp_path], "sample", "no checkpoint"),
         (["sample", "--checkpoint", tmp_path / "missing"], "sample", "does not exist"),
@@ -393,3 +395,20 @@ def test_corrupt_checkpoint_exit_2_and_not_overwritten(digits_run, tmp_path, cap
         code, _, err = run_cli(capsys, *argv)
         assert_one_line_error(code, err, command, "corrupt")
     assert tree_digest(run) == before
+
+
+@pytest.mark.slow
+def test_demo_writes_pictures_and_numbers(tmp_path, capsys):
+    out = tmp_path / "demo"
+    code, stdout, _ = run_cli(
+        capsys, "demo", "--out", out, "--steps", "3", "--num", "16", "--quiet"
+    )
+    assert code == 0
+    assert png_size(out / "samples.png") == grid_size(16, 8)
+    assert png_size(out / "demasking.png") == grid_size(4 * 10, 10)  # 65 states, 10 shown
+    assert png_size(out / "loss_curve.png") == (640, 400)
+    res = json.loads((out / "eval.json").read_text())
+    assert res["step"] == 3 and res["quality"]["num_images"] == 16
+    assert "NELBO bits/token" in stdout and str(out / "samples.png") in stdout
+    # a second demo may overwrite the first one's folder
+    assert run_cli(capsys, "demo", "--out", out, "--steps", "1", "--num", "4", "--quiet")[0] == 0

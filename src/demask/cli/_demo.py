@@ -13,11 +13,11 @@ from typing import Any
 from demask.cli._common import CLIError, format_table, write_json
 
 # The tuned demo: model and training settings (ModelConfig / TrainConfig fields).
-DEMO_MODEL: dict[str, Any] = {"dim": 128, "depth": 4, "heads": 4}
+DEMO_MODEL: dict[str, Any] = {"dim": 96, "depth": 4, "heads": 4}
 DEMO_TRAIN: dict[str, Any] = {
-    "steps": 500,
+    "steps": 1000,
     "batch_size": 64,
-    "lr": 2e-3,
+    "lr": 3e-3,
     "warmup_steps": 50,
     "val_every": 100,
     "val_batches": 2,

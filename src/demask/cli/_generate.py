@@ -24,6 +24,7 @@ SAMPLING_DEFAULTS: dict[str, dict[str, Any]] = {
     "autoregressive": {"filter_thres": 0.0},
 }
 GRID_COLUMNS = 8  # digits per row in samples.png
+PIXEL_SCALE = 6  # each image pixel drawn as a 6x6 block (an 8x8 digit is 48x48 pixels)
 STRIP_ROWS = 4  # sequences shown in demasking.png
 STRIP_COLUMNS = 10  # states shown per sequence at most (evenly spaced, first and last included)
 
@@ -212,7 +213,7 @@ def write_image_samples(run: Run, samples: Samples, out: Path) -> list[str]:
     out.mkdir(parents=True, exist_ok=True)
     ncols = max(1, min(GRID_COLUMNS, samples.tokens.shape[0]))
     grid = pictures.save_image_grid(
-        samples.tokens, out / "samples.png", ncols, tokenizer=run.tokenizer
+        samples.tokens, out / "samples.png", ncols, tokenizer=run.tokenizer, scale=PIXEL_SCALE
     )
     written = [grid]
     if samples.history is not None:
