@@ -18,7 +18,7 @@ DEMO_TRAIN: dict[str, Any] = {
     "steps": 1000,
     "batch_size": 64,
     "lr": 3e-3,
-    "warmup_steps": 50,
+    "warmup_steps": 100,
     "val_every": 100,
     "val_batches": 2,
     "checkpoint_every": 0,
