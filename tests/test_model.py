@@ -330,3 +330,22 @@ def test_tiny_decoder_memorises_a_batch():
         opt.step()
     assert first > 2.5  # about log(20) = 3.0 at the start
     assert loss.item() < 0.05, f"final loss {loss.item():.3f}"
+
+
+def test_ring_cache_forgets_padding_once_a_slot_is_overwritten():
+    # Row 0 is left-padded by 2. Once the ring wraps, the slots that held padding hold real
+    # positions and must be attended to: the step equals a full forward over the window.
+    net = make(depth=1, rotary_pos_emb=True, max_seq_len=8)
+    C, pad = 6, 2
+    x = torch.randint(0, 37, (1, 20))
+    padded = torch.cat([torch.zeros(1, pad, dtype=torch.long), x[:, :4]], 1)  # (1, 6)
+    mask = torch.arange(6)[None] >= pad
+    start = torch.tensor([pad])
+    cache = net.new_cache(1, capacity=C)
+    net(padded, mask=mask, cache=cache, seq_start_pos=start)
+    for p in range(4, 20):  # p = index into the real tokens
+        step = net(x[:, p : p + 1], cache=cache, seq_start_pos=start)[:, 0]
+        lo = max(0, p - C + 1)
+        # before the wrap the padding slots are still hidden, so the window starts at the first real token
+        window = net(x[:, lo : p + 1])[:, -1]
+        torch.testing.assert_close(step, window, atol=1e-5, rtol=0)

@@ -31,10 +31,11 @@ class KVCache:
         dtype: torch.dtype = torch.float32,
     ):
         shape = (batch_size, kv_heads, capacity, dim_head)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(num_layers)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(num_layers)]
+        # empty, not zeros: a slot is read only after it was written
+        self.k = [torch.empty(shape, device=device, dtype=dtype) for _ in range(num_layers)]
+        self.v = [torch.empty(shape, device=device, dtype=dtype) for _ in range(num_layers)]
         self.key_valid = torch.ones(batch_size, capacity, dtype=torch.bool, device=device)
-        self.slot_pos = torch.full((capacity,), -1, dtype=torch.long, device=device)
+        self._arange = torch.arange(capacity, device=device)  # positions, sliced without allocating
         self.capacity = capacity
         self.batch_size = batch_size
         self.length = 0
@@ -48,23 +49,20 @@ class KVCache:
         self.length = 0
         self.has_padding = False
         self.key_valid.fill_(True)
-        self.slot_pos.fill_(-1)
 
     def begin(self, n: int, key_valid: Tensor | None) -> None:
         """Prepare a step that appends `n` positions; key_valid (B, n) marks padding among them."""
         start, end = self.length, self.length + n
-        dev = self.key_valid.device
         if end <= self.capacity:
             self._slots = slice(start, end)
             self._visible = end
             if key_valid is not None:
                 self.key_valid[:, start:end] = key_valid
                 self.has_padding = self.has_padding or not bool(key_valid.all())
-            self.slot_pos[start:end] = torch.arange(start, end, device=dev)
             mask = None
             if n > 1:  # causal among the new positions
-                q_pos = torch.arange(start, end, device=dev)
-                mask = torch.arange(end, device=dev)[None, :] <= q_pos[:, None]  # (n, end)
+                q_pos = self._arange[start:end]
+                mask = self._arange[None, :end] <= q_pos[:, None]  # (n, end)
                 mask = mask[None, None]
             if self.has_padding:
                 kv = self.key_valid[:, None, None, :end]  # (B, 1, 1, end)
@@ -80,9 +78,8 @@ class KVCache:
         slot = start % self.capacity
         self._slots = slice(slot, slot + 1)
         self._visible = self.capacity
-        self.slot_pos[slot] = start
-        if key_valid is not None:
-            self.key_valid[:, slot] = key_valid[:, 0]
+        # the slot now holds a new position: its old padding flag must not outlive it
+        self.key_valid[:, slot] = True if key_valid is None else key_valid[:, 0]
         self._mask = self.key_valid[:, None, None, :] if self.has_padding else None
 
     def layer(self, i: int) -> LayerCache:
@@ -93,7 +90,10 @@ class KVCache:
 
     def positions(self, n: int) -> Tensor:
         """Absolute positions (n,) of the next `n` positions to be appended."""
-        return torch.arange(self.length, self.length + n, device=self.key_valid.device)
+        start, end = self.length, self.length + n
+        if end <= self.capacity:
+            return self._arange[start:end]
+        return torch.arange(start, end, device=self.key_valid.device)
 
     def reorder(self, index: Tensor) -> None:
         """Select/permute batch rows in place (beam search): row b becomes old row index[b]."""

@@ -198,7 +198,7 @@ class FeedForward(nn.Module):
         self.act = F.silu if swish else F.gelu
         self.proj_in = nn.Linear(dim, inner * (2 if glu else 1))
         self.proj_out = nn.Linear(inner, dim)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else None
 
     def forward(self, x: Tensor) -> Tensor:
         h = self.proj_in(x)
@@ -207,4 +207,6 @@ class FeedForward(nn.Module):
             h = h * self.act(gate)
         else:
             h = self.act(h)
-        return self.proj_out(self.dropout(h))
+        if self.dropout is not None:
+            h = self.dropout(h)
+        return self.proj_out(h)

@@ -240,7 +240,7 @@ class TransformerWrapper(nn.Module):
             else None
         )
         self.post_emb_norm = Norm(emb_dim) if post_emb_norm else None
-        self.emb_dropout = nn.Dropout(emb_dropout)
+        self.emb_dropout = nn.Dropout(emb_dropout) if emb_dropout > 0 else None
         self.project_emb = nn.Linear(emb_dim, dim) if emb_dim != dim else None
         self.to_logits = nn.Linear(dim, logits_dim, bias=False)
         if tie_embedding:
@@ -312,7 +312,10 @@ class TransformerWrapper(nn.Module):
     ) -> Any:
         """x: (B, N) token ids. With `cache`, x holds only the new tokens (see KVCache)."""
         reject_unknown_kwargs("TransformerWrapper.forward", kwargs)
-        if not torch.compiler.is_compiling():
+        # A continuing cached step feeds back tokens the decoder itself produced: skip the
+        # host-syncing range check there (nn.Embedding still refuses out-of-range ids).
+        continuing = cache is not None and cache.length > 0
+        if not continuing and not torch.compiler.is_compiling():
             check_tokens("x", x, num_tokens=self.num_tokens)
         b, n = x.shape
         if mask is not None and (mask.shape != x.shape or mask.dtype != torch.bool):
@@ -331,7 +334,10 @@ class TransformerWrapper(nn.Module):
 
         h = self.token_emb(x)  # (B, N, E)
         if self.abs_pos_emb is not None:
-            top = int(pos.max()) if pos.numel() else 0
+            if seq_start_pos is None:  # the largest position, known without a host sync
+                top = (cache.length if cache is not None else 0) + n - 1
+            else:
+                top = int(pos.max()) if pos.numel() else 0
             if top >= self.max_seq_len:
                 raise ValueError(
                     f"position {top} is past max_seq_len={self.max_seq_len}; absolute position "
@@ -342,7 +348,8 @@ class TransformerWrapper(nn.Module):
             h = h + sum_embeds
         if self.post_emb_norm is not None:
             h = self.post_emb_norm(h)
-        h = self.emb_dropout(h)
+        if self.emb_dropout is not None:
+            h = self.emb_dropout(h)
         if self.project_emb is not None:
             h = self.project_emb(h)
 
