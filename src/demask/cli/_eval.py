@@ -66,7 +66,7 @@ def text_quality(run: Run, samples: Any, args: argparse.Namespace) -> dict[str, 
     reference = None
     if run.dataset is not None:
         reference = run.dataset.gather(_arange(min(len(run.dataset), max(len(samples), 64))))
-    out = _text_quality(samples, nll_fn=nll_fn, reference=reference)
+    out: dict[str, Any] = dict(_text_quality(samples, nll_fn=nll_fn, reference=reference))
     if nll_fn is not None:
         out["ar_checkpoint"] = str(args.ar_checkpoint)
     return out

@@ -228,7 +228,8 @@ def write_image_samples(run: Run, samples: Samples, out: Path) -> list[str]:
                 tokenizer=run.tokenizer,
                 max_rows=STRIP_ROWS,
                 max_cols=STRIP_COLUMNS,
-            )  # fmt: skip
+                scale=PIXEL_SCALE,
+            )
         )
     return [str(p) for p in written]
 
