@@ -270,3 +270,12 @@ def test_bad_arguments(kwargs, match):
         get_dataset("digits", **kwargs)
     with pytest.raises(ValueError, match="spec must name a dataset"):
         get_dataset("")
+
+
+def test_byte_tokenizer_round_trips_the_empty_string():
+    from demask.data import ByteTokenizer
+
+    tok = ByteTokenizer()
+    ids = tok.encode("")
+    assert ids.dtype == torch.long and ids.shape == (0,)
+    assert tok.decode(ids) == ""

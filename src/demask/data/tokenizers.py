@@ -65,6 +65,8 @@ class ByteTokenizer:
             data = data.encode("utf-8")
         if not isinstance(data, (bytes, bytearray)):
             raise TypeError(f"data must be str or bytes, got {type(data).__name__}")
+        if not data:  # torch.frombuffer refuses an empty buffer
+            return torch.zeros(0, dtype=torch.long)
         return torch.frombuffer(bytearray(data), dtype=torch.uint8).long()  # (n,)
 
     def decode(self, ids: Any) -> str | list[str]:
