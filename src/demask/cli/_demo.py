@@ -24,9 +24,12 @@ DEMO_TRAIN: dict[str, Any] = {
     "checkpoint_every": 0,
     "log_every": 10,
 }
-# How the demo samples: MDLM ancestral sampling (see demask sample --help).
+# How the demo samples: MDLM ancestral sampling (see demask sample --help) at temperature 0.7.
+# Measured on the demo's own checkpoint, 256 samples (demask eval --temperature T): T = 1.0 gave a
+# classifier top-class probability of 0.65 and a Frechet distance of 5.2; T = 0.7 gave 0.70 and 4.1
+# with the class entropy still 3.17 bits (of 3.32); T = 0.5 collapses (2.82 bits, Frechet 11.3).
 DEMO_SAMPLING: dict[str, Any] = {
-    "sampler": "ancestral", "steps": 64, "temperature": 1.0, "filter_thres": 0.0, "anneal": False
+    "sampler": "ancestral", "steps": 64, "temperature": 0.7, "filter_thres": 0.0, "anneal": False
 }  # fmt: skip
 MARKER = "demo.json"  # marks a folder written by the demo, which a later demo may overwrite
 
