@@ -118,3 +118,33 @@ def positive_float(text: str) -> float:
     if value == 0:
         raise argparse.ArgumentTypeError("expected a number > 0, got 0")
     return value
+
+
+def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
+    """The sampling options shared by `demask sample` and `demask eval`."""
+    p.add_argument(
+        "--sampler",
+        help="masked models: confidence | low_confidence | random | margin | entropy | "
+        "ancestral (default: ancestral)",
+    )
+    p.add_argument("--steps", type=positive_int, help="masked models: demasking steps")
+    p.add_argument(
+        "--temperature",
+        type=non_negative_float,
+        default=1.0,
+        help="sampling temperature, 0 = greedy (default: %(default)s)",
+    )
+    p.add_argument(
+        "--filter-thres",
+        type=float,
+        help="keep the top ceil((1 - F) * vocab) logits before sampling (default: 0, no "
+        "filtering; the seed's MaskGIT decoding uses 0.7)",
+    )
+    p.add_argument(
+        "--anneal",
+        action="store_true",
+        help="masked models: anneal the temperature linearly to 0 over the steps (the seed's "
+        "MaskGIT decoding); default: a constant temperature",
+    )
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    p.add_argument("--device", help="cpu | cuda (default: cuda if available, else cpu)")

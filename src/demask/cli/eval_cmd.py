@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from demask.cli._common import Command, non_negative_float, positive_int
+from demask.cli._common import Command, add_sampling_arguments, positive_int
 
 DESCRIPTION = """\
 Evaluate a checkpoint on the validation split of its training data, print a table and write
@@ -42,28 +42,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="validation batches for the likelihood (default: the whole split)",
     )
     p.add_argument("--batch-size", type=positive_int, default=64, help="(default: %(default)s)")
-    p.add_argument(
-        "--sampler",
-        help="masked models: the remasking strategy (default: ancestral; see demask sample)",
-    )
-    p.add_argument("--steps", type=positive_int, help="masked models: demasking steps")
-    p.add_argument(
-        "--filter-thres",
-        type=float,
-        help="keep the top ceil((1 - F) * vocab) logits before sampling (default: 0, no "
-        "filtering; the seed's MaskGIT decoding uses 0.7)",
-    )
-    p.add_argument(
-        "--anneal",
-        action="store_true",
-        help="masked models: anneal the temperature linearly to 0 over the steps (the seed's "
-        "MaskGIT decoding); default: a constant temperature",
-    )
-    p.add_argument(
-        "--temperature", type=non_negative_float, default=1.0, help="(default: %(default)s)"
-    )
-    p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
-    p.add_argument("--device", help="cpu | cuda (default: cuda if available, else cpu)")
+    add_sampling_arguments(p)
     p.add_argument("--json", help="where to write the results (default: <run>/eval.json)")
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from demask.cli._common import Command, non_negative_float, positive_int
+from demask.cli._common import Command, add_sampling_arguments, positive_int
 
 DESCRIPTION = """\
 Generate from a checkpoint (a run folder or a checkpoint file); the model is rebuilt from the
@@ -35,38 +35,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, help="run folder or checkpoint file")
     p.add_argument("--num", type=positive_int, default=16, help="samples (default: %(default)s)")
     p.add_argument("--prompt", help="text prompt; `[MASK]` / `[MASK:N]` mark holes to fill")
-    p.add_argument(
-        "--sampler",
-        help="masked models: confidence | low_confidence | random | margin | entropy | "
-        "ancestral (default: ancestral)",
-    )
-    p.add_argument("--steps", type=positive_int, help="masked models: demasking steps")
-    p.add_argument(
-        "--temperature",
-        type=non_negative_float,
-        default=1.0,
-        help="sampling temperature, 0 = greedy (default: %(default)s)",
-    )
+    add_sampling_arguments(p)
     p.add_argument(
         "--length",
         type=positive_int,
         help="autoregressive models: tokens to generate (default: the model's sequence length "
         "minus the prompt)",
     )
-    p.add_argument(
-        "--filter-thres",
-        type=float,
-        help="keep the top ceil((1 - F) * vocab) logits before sampling (default: 0, no "
-        "filtering; the seed's MaskGIT decoding uses 0.7)",
-    )
-    p.add_argument(
-        "--anneal",
-        action="store_true",
-        help="masked models: anneal the temperature linearly to 0 over the steps (the seed's "
-        "MaskGIT decoding); default: a constant temperature",
-    )
-    p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
-    p.add_argument("--device", help="cpu | cuda (default: cuda if available, else cpu)")
     p.add_argument("--out", help="output folder (default: <run>/samples)")
 
 
