@@ -19,11 +19,14 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
 from demask._checks import check_choice, check_float, check_int, reject_unknown_kwargs
+
+if TYPE_CHECKING:
+    from demask.model import TransformerWrapper
 
 # ----------------------------------------------------------------------------------------------
 # the model registry
@@ -264,8 +267,11 @@ def build_model(config: ModelConfig) -> nn.Module:
     return MODEL_BUILDERS[config.kind](config)
 
 
-def _layers_kwargs(c: ModelConfig) -> dict[str, Any]:
-    return dict(
+def _net(c: ModelConfig, layers: type, num_tokens: int) -> TransformerWrapper:
+    """The backbone both kinds share: `layers` is Encoder (masked) or Decoder (autoregressive)."""
+    from demask.model import TransformerWrapper
+
+    attn_layers = layers(
         dim=c.dim,
         depth=c.depth,
         heads=c.heads,
@@ -275,20 +281,22 @@ def _layers_kwargs(c: ModelConfig) -> dict[str, Any]:
         ff_dropout=c.dropout,
         rotary_pos_emb=c.rotary,
     )
-
-
-def _build_masked(c: ModelConfig) -> nn.Module:
-    from demask.model import Encoder, TransformerWrapper
-    from demask.wrappers import NonAutoregressiveWrapper
-
-    mask_id = c.resolved_mask_id
-    net = TransformerWrapper(
-        num_tokens=max(c.num_tokens, mask_id) + 1,  # the data's tokens plus the mask token
+    return TransformerWrapper(
+        num_tokens=num_tokens,
         max_seq_len=c.seq_len,
-        attn_layers=Encoder(**_layers_kwargs(c)),
+        attn_layers=attn_layers,
         tie_embedding=c.tie_embedding,
         use_abs_pos_emb=not c.rotary,
     )
+
+
+def _build_masked(c: ModelConfig) -> nn.Module:
+    from demask.model import Encoder
+    from demask.wrappers import NonAutoregressiveWrapper
+
+    mask_id = c.resolved_mask_id
+    # the data's tokens plus the mask token
+    net = _net(c, Encoder, num_tokens=max(c.num_tokens, mask_id) + 1)
     return NonAutoregressiveWrapper(
         net,
         mask_id=mask_id,
@@ -304,16 +312,10 @@ def _build_masked(c: ModelConfig) -> nn.Module:
 
 
 def _build_autoregressive(c: ModelConfig) -> nn.Module:
-    from demask.model import Decoder, TransformerWrapper
+    from demask.model import Decoder
     from demask.wrappers import AutoregressiveWrapper
 
-    net = TransformerWrapper(
-        num_tokens=c.num_tokens,
-        max_seq_len=c.seq_len,
-        attn_layers=Decoder(**_layers_kwargs(c)),
-        tie_embedding=c.tie_embedding,
-        use_abs_pos_emb=not c.rotary,
-    )
+    net = _net(c, Decoder, num_tokens=c.num_tokens)
     return AutoregressiveWrapper(net, mask_prob=c.mask_prob, add_attn_z_loss=c.add_attn_z_loss)
 
 
