@@ -100,3 +100,12 @@ def add_speed_args(p: argparse.ArgumentParser, *, warmup: int, repeats: int) -> 
     p.add_argument(
         "--workload", dest="workloads", action="append", help="run only this workload (repeatable)"
     )
+
+
+def run_suite(module: ModuleType, name: str, cfg: Any, args: argparse.Namespace) -> dict[str, Any]:
+    """Compare both libraries on `module`'s workloads, print the table and return the record."""
+    results = compare(module, cfg, args)
+    print(f"## {name}  (config {dataclasses.asdict(cfg)})")
+    print(table(results))
+    print_profiles(results)
+    return harness.record(name, dataclasses.asdict(cfg), results, args=vars(args))

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from benchmarks import compare, flops, harness
+from benchmarks import compare, flops
 from benchmarks.harness import Workload
 from benchmarks.libs import build_net, load, require
 
@@ -68,8 +68,4 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
     cfg = Config() if not args.smoke else SMOKE
-    results = compare.compare(sys.modules[__name__], cfg, args)
-    print(f"## {NAME}  (config {asdict(cfg)})")
-    print(compare.table(results))
-    compare.print_profiles(results)
-    return harness.record(NAME, asdict(cfg), results, args=vars(args))
+    return compare.run_suite(sys.modules[__name__], NAME, cfg, args)
