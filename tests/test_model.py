@@ -349,3 +349,53 @@ def test_ring_cache_forgets_padding_once_a_slot_is_overwritten():
         # before the wrap the padding slots are still hidden, so the window starts at the first real token
         window = net(x[:, lo : p + 1])[:, -1]
         torch.testing.assert_close(step, window, atol=1e-5, rtol=0)
+
+
+# --- packed inference weights (cached decoding on CPU) ------------------------------------
+
+
+def _has_onednn_linear() -> bool:
+    from demask.model.layers import _onednn_pack
+
+    return _onednn_pack(torch.zeros(4, 4), 1) is not None
+
+
+needs_onednn = pytest.mark.skipif(not _has_onednn_linear(), reason="no oneDNN linear here")
+
+
+@needs_onednn
+@param("kw", [{}, dict(ff_glu=True), dict(ff_swish=True), dict(rotary_pos_emb=True)])
+def test_packed_weights_give_the_same_logits_and_are_dropped_on_exit(kw):
+    from demask.model.layers import Linear, packed_weights
+
+    net = make(**kw)
+    x = torch.randint(0, 37, (3, 10))
+    linears = [m for m in net.modules() if isinstance(m, Linear)]
+    with torch.no_grad():
+        plain = net(x)
+        with packed_weights(net, batch_size=3):
+            assert all(m.packed is not None for m in linears)
+            with packed_weights(net, batch_size=3):  # nested: shares the pack
+                packed = net(x)
+            assert all(m.packed is not None for m in linears), "inner exit dropped the pack"
+            cache = net.new_cache(3)
+            stepped = torch.cat([net(x[:, i : i + 1], cache=cache) for i in range(10)], dim=1)
+    assert all(m.packed is None for m in linears)
+    torch.testing.assert_close(packed, plain, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(stepped, plain, atol=1e-5, rtol=1e-5)
+
+
+@needs_onednn
+def test_packed_weights_never_serve_autograd():
+    from demask.model.layers import packed_weights
+
+    net = make().train()
+    x = torch.randint(0, 37, (2, 8))
+    with packed_weights(net, batch_size=2):
+        net(x).logsumexp(-1).sum().backward()
+    grads = {n: p.grad for n, p in net.named_parameters()}
+    net.zero_grad()
+    net(x).logsumexp(-1).sum().backward()
+    for n, p in net.named_parameters():
+        assert grads[n] is not None, n
+        torch.testing.assert_close(grads[n], p.grad, msg=n)

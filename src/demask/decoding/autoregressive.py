@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, cast
@@ -31,8 +32,9 @@ import torch
 from torch import Tensor, nn
 
 from demask._checks import check_choice, check_float
+from demask.model.layers import packed_weights
 from demask.samplers.categorical import sample_categorical
-from demask.samplers.filters import min_p, top_a, top_k, top_p
+from demask.samplers.filters import min_p, top_a, top_k, top_k_compact, top_p
 
 __all__ = [
     "FILTER_FUNCTIONS",
@@ -111,6 +113,14 @@ class SamplingOptions:
     contrastive_beta: float = 1.0
     generator: torch.Generator | None = None
 
+    def __post_init__(self) -> None:
+        # top-k (the default filter) samples over its k kept entries only, not V with -inf
+        # padding: the same distribution, less noise to draw and nothing to scatter.
+        fn = self.filter_fn
+        self._top_k: dict[str, Any] | None = None
+        if isinstance(fn, partial) and fn.func is top_k and not fn.args:
+            self._top_k = dict(fn.keywords)
+
 
 def select_tokens(
     logits: Tensor,
@@ -136,6 +146,10 @@ def select_tokens(
         )
     if options.temperature == 0.0:
         return logits.argmax(dim=-1)
+    if options._top_k is not None:
+        values, index = top_k_compact(logits, **options._top_k)  # (B, k) each
+        choice = sample_categorical(values, options.temperature, options.generator)  # (B,)
+        return index.gather(-1, choice[:, None]).squeeze(-1)
     if options.filter_fn is not None:
         logits = options.filter_fn(logits)
     return sample_categorical(logits, options.temperature, options.generator)
@@ -148,6 +162,9 @@ class ModelStepper:
     start_pos: (B,) index of each row's first real token (None: no padding); cache_kv: use the
     static key/value cache. `prefill()` runs the prompt; `step(cur)` runs after buf[:, cur - 1]
     was written and returns the logits that predict buf[:, cur].
+
+    Use it as a context manager: with the cache, its steps run from prepacked copies of the
+    weights (`demask.model.layers.packed_weights`), which exist until the block exits.
     """
 
     def __init__(
@@ -188,6 +205,15 @@ class ModelStepper:
         self.cache_start = None
         if start_pos is not None:
             self.cache_start = (start_pos - self.offset).clamp(min=0)
+        self._resources = ExitStack()
+
+    def __enter__(self) -> ModelStepper:
+        if self.cache is not None:  # one row per matmul and step: the layout that suits it
+            self._resources.enter_context(packed_weights(self.net, self.buf.shape[0]))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._resources.close()
 
     def _run(self, lo: int, hi: int, cache: Any) -> Tensor:
         x = self.buf[:, lo:hi]  # (B, n)
@@ -249,14 +275,33 @@ def iter_decode(
     `pad_value`, so the caller should pre-fill buf with it). Arguments are assumed validated.
     """
     options = options or SamplingOptions()
+    with ExitStack() as resources:  # closed when the loop ends or the caller drops the iterator
+        expert = resources.enter_context(ModelStepper(net, buf, prompt_len, start_pos, cache_kv))
+        amateur_stepper = None
+        if amateur is not None:
+            amateur_stepper = resources.enter_context(
+                ModelStepper(amateur, buf, prompt_len, start_pos, cache_kv, name="amateur_model")
+            )
+        yield from _decode_loop(
+            net, buf, prompt_len, expert, amateur_stepper, start_pos, options,
+            eos_token, stop_sequences, pad_value,
+        )  # fmt: skip
+
+
+def _decode_loop(
+    net: nn.Module,
+    buf: Tensor,
+    prompt_len: int,
+    expert: ModelStepper,
+    amateur_stepper: ModelStepper | None,
+    start_pos: Tensor | None,
+    options: SamplingOptions,
+    eos_token: int | None,
+    stop_sequences: Sequence[Tensor],
+    pad_value: int,
+) -> Iterator[Tensor]:
     batch, total = buf.shape
     seq_len = total - prompt_len
-    expert = ModelStepper(net, buf, prompt_len, start_pos, cache_kv)
-    amateur_stepper = (
-        ModelStepper(amateur, buf, prompt_len, start_pos, cache_kv, name="amateur_model")
-        if amateur is not None
-        else None
-    )
     seen = None
     if options.repetition_penalty != 1.0:
         seen = _prompt_seen(buf, prompt_len, start_pos, cast(int, net.num_tokens))

@@ -52,8 +52,24 @@ def beam_search(
     buf = torch.full((batch * k, total), pad_value, dtype=torch.long, device=device)
     buf[:, :prompt_len] = prompts.repeat_interleave(k, dim=0)  # rows b*K .. b*K + K-1
     starts = start_pos.repeat_interleave(k, dim=0) if start_pos is not None else None
-    stepper = ModelStepper(net, buf, prompt_len, starts, cache_kv)
-    vocab = cast(int, net.num_tokens)
+    with ModelStepper(net, buf, prompt_len, starts, cache_kv) as stepper:
+        return _search(stepper, buf, batch, prompt_len, seq_len, k, eos_token, pad_value,
+                       length_penalty, cast(int, net.num_tokens))  # fmt: skip
+
+
+def _search(
+    stepper: ModelStepper,
+    buf: Tensor,
+    batch: int,
+    prompt_len: int,
+    seq_len: int,
+    k: int,
+    eos_token: int | None,
+    pad_value: int,
+    length_penalty: float,
+    vocab: int,
+) -> tuple[Tensor, Tensor]:
+    total, device = buf.shape[1], buf.device
 
     scores = torch.zeros(batch, k, device=device)
     scores[:, 1:] = -math.inf  # the K copies of the prompt: expand only the first at step 1

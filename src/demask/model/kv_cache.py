@@ -44,6 +44,7 @@ class KVCache:
         self._slots: slice | Tensor = slice(0, 0)
         self._visible = 0
         self._mask: Tensor | None = None
+        self._layers = [LayerCache(self, i) for i in range(num_layers)]
 
     def reset(self) -> None:
         self.length = 0
@@ -53,6 +54,11 @@ class KVCache:
     def begin(self, n: int, key_valid: Tensor | None) -> None:
         """Prepare a step that appends `n` positions; key_valid (B, n) marks padding among them."""
         start, end = self.length, self.length + n
+        if n == 1 and key_valid is None and end <= self.capacity:  # the plain decoding step
+            self._slots = slice(start, end)
+            self._visible = end
+            self._mask = self.key_valid[:, None, None, :end] if self.has_padding else None
+            return
         if end <= self.capacity:
             self._slots = slice(start, end)
             self._visible = end
@@ -83,7 +89,7 @@ class KVCache:
         self._mask = self.key_valid[:, None, None, :] if self.has_padding else None
 
     def layer(self, i: int) -> LayerCache:
-        return LayerCache(self, i)
+        return self._layers[i]
 
     def commit(self, n: int) -> None:
         self.length += n

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from demask._checks import check_float, check_int, check_tokens, reject_unknown_kwargs
 from demask.model.kv_cache import KVCache, LayerCache
-from demask.model.layers import Attention, FeedForward, Norm, Rotary
+from demask.model.layers import Attention, FeedForward, Linear, Norm, Rotary
 
 
 @dataclass
@@ -241,11 +241,11 @@ class TransformerWrapper(nn.Module):
         )
         self.post_emb_norm = Norm(emb_dim) if post_emb_norm else None
         self.emb_dropout = nn.Dropout(emb_dropout) if emb_dropout > 0 else None
-        self.project_emb = nn.Linear(emb_dim, dim) if emb_dim != dim else None
-        self.to_logits = nn.Linear(dim, logits_dim, bias=False)
+        self.project_emb = Linear(emb_dim, dim) if emb_dim != dim else None
+        self.to_logits = Linear(dim, logits_dim, bias=False)
         if tie_embedding:
             self.to_logits.weight = self.token_emb.weight
-        self.continuous_pred_head = nn.Linear(dim, emb_dim) if add_continuous_pred_head else None
+        self.continuous_pred_head = Linear(dim, emb_dim) if add_continuous_pred_head else None
         self.apply(self._init_weights)
 
     @staticmethod
