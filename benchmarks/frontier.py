@@ -1,21 +1,34 @@
 """frontier: masked generation steps vs sample quality vs wall time, against autoregressive decoding.
 
 Uses the models that `python -m benchmarks quality --save runs/bench/quality_models` trained
-(Shakespeare bytes, seq 256, dim 256, depth 4, heads 4). For steps in 8, 16, ..., 256 the masked
-model generates `samples` sequences of 256 bytes with the seed's default sampling
-(`generate(batch_size=samples)`: start_temperature 1 annealed to 0, filter_thres 0.7, confidence
-remasking); the autoregressive model generates 255 bytes after a one-byte prompt (a newline) with
-its defaults (temperature 1, top-k filter), with the key/value cache. Reported per setting:
+(Shakespeare bytes, seq 256, dim 256, depth 4, heads 4): demask-masked, demask-ar, and the
+reference's reference-masked and reference-masked-mdlm where their state dicts are present. For
+steps in 8, 16, ..., 256 and each sampler of `--samplers`, each masked model generates `samples`
+sequences of 256 bytes; the autoregressive model generates 255 bytes after a one-byte prompt (a
+newline) with its defaults (temperature 1, top-k filter), with the key/value cache.
 
-  wall s        one batched generate call (after one untimed warmup call of each model)
+Samplers (the keyword arguments given to `generate` are recorded in every JSON row):
+  seed-default  each library's own `generate` with the seed's defaults: confidence remasking,
+                start_temperature 1 annealed linearly to 0, filter_thres 0.7 (top-k). The
+                120-step masked model of RESULTS.md wrote only spaces with it, at every step count.
+  ancestral     demask's MDLM ancestral sampler: every masked token is revealed with probability
+                (m(s) - m(t)) / m(s), drawn from the full distribution (filter_thres 0) at
+                temperature 1 (no annealing): proper samples of the model. The reference library
+                has no such sampler, so its nets are decoded by demask's loop on their logits
+                (`quality.LogitsAsEmbeddings`; the row's "decoder" says "demask").
+  low_confidence, random, margin, entropy, confidence
+                demask's other remasking strategies with the seed's temperature and filter.
+
+Reported per setting:
+
+  wall s        one batched generate call (after one untimed warmup call per model and sampler)
   gen PPL       generative perplexity: 2 ** (bits per byte of bytes 1..255 of each sample under
                 the demask autoregressive model, averaged over the samples' bytes)
   unigram H     entropy (bits) of each sample's byte histogram, averaged over samples; low values
                 flag the repetitive text that a low gen PPL can hide
 
 The same two figures for validation windows of real text are the reference line. A PNG plots gen
-PPL against wall time and unigram entropy against steps. The reference library's masked model is
-measured too when its trained state is present.
+PPL against wall time and unigram entropy against steps, one line per (model, sampler).
 """
 
 from __future__ import annotations
@@ -23,7 +36,7 @@ from __future__ import annotations
 import argparse
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,11 +49,32 @@ from benchmarks.libs import load, reference_available
 NAME = "frontier"
 
 
+# the seed's generate() defaults, spelled out so that the JSON says what ran
+SEED_DEFAULT: dict[str, Any] = {"start_temperature": 1.0, "filter_thres": 0.7}
+# sampler name -> keyword arguments of NonAutoregressiveWrapper.generate. "seed-default" runs each
+# library's own generate; every other entry is a demask sampler (demask's decoding loop).
+SAMPLERS: dict[str, dict[str, Any]] = {
+    "seed-default": SEED_DEFAULT,
+    "ancestral": {
+        "sampler": "ancestral",
+        "start_temperature": 1.0,
+        "filter_thres": 0.0,
+        "anneal_temperature": False,
+    },
+    **{
+        name: {"sampler": name, **SEED_DEFAULT}
+        for name in ("confidence", "low_confidence", "random", "margin", "entropy")
+    },
+}
+MASKED_MODELS = ("demask-masked", "reference-masked", "reference-masked-mdlm")
+
+
 @dataclass(frozen=True)
 class Config:
     steps: tuple[int, ...] = (8, 16, 32, 64, 128, 256)
     samples: int = 8
     seed: int = 0
+    samplers: tuple[str, ...] = ("seed-default", "ancestral")
 
 
 SMOKE = Config(steps=(2, 4), samples=2)
@@ -74,11 +108,12 @@ def _score(ar_net: nn.Module, x: Tensor) -> dict[str, Any]:
 
 def _load_models(
     qcfg: quality.Config, folder: Path | None, smoke: bool, reference: bool = True
-) -> dict[str, nn.Module]:
+) -> dict[str, Any]:
     """The trained quality models (or, in smoke mode, tiny ones trained for a few steps)."""
     _, get_batch, get_dataset = quality._demask_modules()
-    models: dict[str, nn.Module] = {}
-    names = ("demask-masked", "demask-ar") + (("reference-masked",) if reference else ())
+    models: dict[str, Any] = {}  # the wrappers, by quality model name
+    names: tuple[str, ...] = ("demask-masked", "demask-ar")
+    names += ("reference-masked", "reference-masked-mdlm") if reference else ()
     for name in names:
         path = None if folder is None else folder / f"{name}.pt"
         lib_name = quality.MODELS[name][0]
@@ -91,7 +126,8 @@ def _load_models(
         elif path is not None and path.exists():
             model = quality.build_model(name, qcfg)
             model.load_state_dict(torch.load(path, map_location="cpu"))
-        elif name == "reference-masked":
+        elif lib_name == "reference":
+            print(f"{name}: no state dict at {path}; skipped", flush=True)
             continue
         else:
             raise FileNotFoundError(
@@ -106,59 +142,87 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help="folder of the state dicts saved by the quality suite")  # fmt: skip
     p.add_argument("--samples", type=int, default=None, help="sequences per generate call")
     p.add_argument("--steps", type=int, nargs="+", default=None, help="masked steps to measure")
+    p.add_argument("--samplers", nargs="+", default=None, choices=list(SAMPLERS),
+                   help="masked samplers to measure, one line each per model "
+                        f"(default {' '.join(Config.samplers)})")  # fmt: skip
     p.add_argument("--no-reference", dest="reference", action="store_false",
-                   help="skip the reference library's masked model")  # fmt: skip
+                   help="skip the reference library's masked models")  # fmt: skip
+    p.add_argument("--data", type=Path, default=None,
+                   help=f"the Shakespeare folder (default {quality.DATA})")  # fmt: skip
     p.add_argument("--png", type=Path, default=None, help="plot path (default beside the JSON)")
     p.add_argument("--threads", type=int, default=2)
 
 
+def masked_generator(name: str, net: Any, sampler: str) -> tuple[Any, str]:
+    """(generate(steps, batch_size) -> (B, N) tokens, the library whose decoding loop runs)."""
+    lib_name = quality.MODELS[name][0]
+    kwargs = SAMPLERS[sampler]
+    if sampler != "seed-default" and lib_name != "demask":  # a demask sampler on foreign logits
+        lib_name, net = "demask", quality.LogitsAsEmbeddings(net, 257, net.max_seq_len)
+    wrapper_cls = load(lib_name).NonAutoregressiveWrapper
+
+    def generate(steps: int, batch_size: int) -> Tensor:
+        wrapper = wrapper_cls(net, mask_id=256, steps=steps)
+        return wrapper.generate(batch_size=batch_size, **kwargs)
+
+    return generate, lib_name
+
+
 def main(args: argparse.Namespace) -> dict[str, Any]:
     cfg = SMOKE if args.smoke else Config()
-    if args.samples is not None or args.steps is not None:
-        steps = tuple(args.steps) if args.steps else cfg.steps
-        cfg = Config(steps=steps, samples=args.samples or cfg.samples, seed=cfg.seed)
+    if args.steps:
+        cfg = replace(cfg, steps=tuple(args.steps))
+    if args.samples is not None:
+        cfg = replace(cfg, samples=args.samples)
+    if args.samplers:
+        cfg = replace(cfg, samplers=tuple(dict.fromkeys(args.samplers)))
     qcfg = quality.SMOKE if args.smoke else quality.Config()
+    qcfg = replace(qcfg, data=str(quality.data_folder(args.data)))
     torch.set_num_threads(args.threads)
     models = _load_models(qcfg, args.models, args.smoke, args.reference)
     ar = models["demask-ar"]
     _, _, get_dataset = quality._demask_modules()
     val = torch.stack(quality.eval_windows(get_dataset(qcfg.data, "val", seq_len=qcfg.seq_len), 64))
-    rows: list[dict[str, Any]] = [{"model": "validation text", "steps": None, "wall_s": None,
-                                   **_score(ar.net, val[:, :])}]  # fmt: skip
+    rows: list[dict[str, Any]] = [{"model": "validation text", "sampler": None,
+                                   "sampler_kwargs": None, "decoder": None, "steps": None,
+                                   "wall_s": None, **_score(ar.net, val[:, :])}]  # fmt: skip
 
     prompt = torch.full((cfg.samples, 1), 10, dtype=torch.long)  # a newline
     ar.generate(prompt[:, :1], 2)  # warm
     torch.manual_seed(cfg.seed)
     start = time.perf_counter()
     out = ar.generate(prompt, qcfg.seq_len - 1)  # (S, 256)
-    rows.append({"model": "demask-ar", "steps": qcfg.seq_len - 1,
+    rows.append({"model": "demask-ar", "sampler": "ar-default", "sampler_kwargs": {},
+                 "decoder": "demask", "steps": qcfg.seq_len - 1,
                  "wall_s": time.perf_counter() - start, **_score(ar.net, out)})  # fmt: skip
 
-    for name in ("demask-masked", "reference-masked"):
+    for name in MASKED_MODELS:
         if name not in models:
             continue
-        lib = load(quality.MODELS[name][0])
-        lib.NonAutoregressiveWrapper(models[name].net, mask_id=256, steps=1).generate(batch_size=1)
-        for steps in cfg.steps:
-            wrapper = lib.NonAutoregressiveWrapper(models[name].net, mask_id=256, steps=steps)
-            torch.manual_seed(cfg.seed)
-            start = time.perf_counter()
-            out = wrapper.generate(batch_size=cfg.samples)  # (S, 256)
-            wall = time.perf_counter() - start
-            rows.append({"model": name, "steps": steps, "wall_s": wall, **_score(ar.net, out)})
-            print(
-                f"{name} steps={steps}: {wall:.1f} s, gen PPL {rows[-1]['gen_ppl']:.2f}", flush=True
-            )
+        for sampler in cfg.samplers:
+            generate, decoder = masked_generator(name, models[name].net, sampler)
+            generate(1, 1)  # warm
+            for steps in cfg.steps:
+                torch.manual_seed(cfg.seed)
+                start = time.perf_counter()
+                out = generate(steps, cfg.samples)  # (S, 256)
+                wall = time.perf_counter() - start
+                rows.append({"model": name, "sampler": sampler,
+                             "sampler_kwargs": dict(SAMPLERS[sampler]), "decoder": decoder,
+                             "steps": steps, "wall_s": wall, **_score(ar.net, out)})  # fmt: skip
+                print(f"{name} {sampler} steps={steps}: {wall:.1f} s, "
+                      f"gen PPL {rows[-1]['gen_ppl']:.2f}", flush=True)  # fmt: skip
 
-    headers = ["model", "steps", "wall s", "gen PPL", "unigram H (bits)"]
-    table = [[r["model"], r["steps"], r["wall_s"], r["gen_ppl"], r["unigram_entropy_bits"]]
-             for r in rows]  # fmt: skip
+    headers = ["model", "sampler", "steps", "wall s", "gen PPL", "unigram H (bits)"]
+    table = [[r["model"], r["sampler"], r["steps"], r["wall_s"], r["gen_ppl"],
+              r["unigram_entropy_bits"]] for r in rows]  # fmt: skip
     print(f"## {NAME}  ({cfg.samples} samples of {qcfg.seq_len} bytes per call)")
     print(harness.format_table(headers, table))
     png = args.png or (args.out or harness.REPO / "runs/bench/frontier.json").with_suffix(".png")
     plot(rows, png)
     print(f"plot: {png}")
-    return harness.record(NAME, asdict(cfg), rows, quality_config=asdict(qcfg), png=str(png))
+    return harness.record(NAME, asdict(cfg), rows, quality_config=asdict(qcfg),
+                          samplers={k: SAMPLERS[k] for k in cfg.samplers}, png=str(png))  # fmt: skip
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
@@ -168,21 +232,32 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.6))
     data = rows[0]
-    for name, marker in (("demask-masked", "o-"), ("reference-masked", "s--")):
-        pts = [r for r in rows if r["model"] == name]
-        if not pts:
-            continue
-        ax1.plot([r["wall_s"] for r in pts], [r["gen_ppl"] for r in pts], marker, label=name)
-        for r in pts:
-            ax1.annotate(str(r["steps"]), (r["wall_s"], r["gen_ppl"]), fontsize=7,
-                         xytext=(3, 3), textcoords="offset points")  # fmt: skip
-        ax2.plot([r["steps"] for r in pts], [r["unigram_entropy_bits"] for r in pts], marker,
-                 label=name)  # fmt: skip
+    # model -> (marker, colour); the line style tells the sampler apart
+    markers = {"demask-masked": ("o", "C0"), "reference-masked": ("s", "C1"),
+               "reference-masked-mdlm": ("^", "C2")}  # fmt: skip
+    styles = ["-", "--", ":", "-.", (0, (5, 1)), (0, (1, 3)), (0, (3, 1, 1, 1))]
+    samplers = list(dict.fromkeys(r["sampler"] for r in rows if r["model"] in markers))
+    for name, (marker, colour) in markers.items():
+        for i, sampler in enumerate(samplers):
+            pts = [r for r in rows if r["model"] == name and r["sampler"] == sampler]
+            if not pts:
+                continue
+            label = f"{name} / {sampler}"
+            if pts[0]["decoder"] != quality.MODELS[name][0]:
+                label += f" ({pts[0]['decoder']}'s loop)"
+            style = {"marker": marker, "color": colour, "ls": styles[i % len(styles)],
+                     "label": label}  # fmt: skip
+            ax1.plot([r["wall_s"] for r in pts], [r["gen_ppl"] for r in pts], **style)
+            for r in pts:
+                ax1.annotate(str(r["steps"]), (r["wall_s"], r["gen_ppl"]), fontsize=7,
+                             xytext=(3, 3), textcoords="offset points")  # fmt: skip
+            ax2.plot([r["steps"] for r in pts], [r["unigram_entropy_bits"] for r in pts], **style)
     for r in rows:
         if r["model"] == "demask-ar":
-            ax1.plot([r["wall_s"]], [r["gen_ppl"]], "r*", markersize=12, label="demask-ar (cached)")
+            ax1.plot([r["wall_s"]], [r["gen_ppl"]], "r*", markersize=12,
+                     label="demask-ar (cached, its defaults)")  # fmt: skip
             ax2.axhline(r["unigram_entropy_bits"], color="r", ls=":", label="demask-ar")
     ax1.axhline(data["gen_ppl"], color="k", ls=":", label="validation text")
     ax2.axhline(data["unigram_entropy_bits"], color="k", ls=":", label="validation text")
@@ -190,8 +265,8 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
             ylabel="generative perplexity (demask-ar)", title="quality vs time (labels: steps)")  # fmt: skip
     ax2.set(xscale="log", xlabel="masked generation steps", ylabel="unigram entropy (bits)",
             title="diversity vs steps")  # fmt: skip
-    ax1.legend(fontsize=7)
-    ax2.legend(fontsize=7)
+    ax1.legend(fontsize=7, handlelength=4)
+    ax2.legend(fontsize=7, handlelength=4)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)

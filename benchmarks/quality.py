@@ -1,20 +1,26 @@
 """quality: validation bits per byte at an equal training budget, demask vs the reference.
 
-Data: the Shakespeare plays in /work/shared/data/shakespeare, byte-level, seq 256, demask's split
-(the last three files by sorted name are validation). Every model gets the same config (dim 256,
-depth 4, heads 4), the same batches (`demask.data.get_batch`, same seed), the same optimizer
-(AdamW, linear warmup then constant lr, gradient norm clipped at 1) and the same number of steps.
+Data: the Shakespeare plays in ../shared/data/shakespeare beside the repository clone (`--data`
+overrides), byte-level, seq 256, demask's split (the last three files by sorted name are
+validation). Every model gets the same config (dim 256, depth 4, heads 4), the same batches
+(`demask.data.get_batch`, same seed), the same optimizer (AdamW, linear warmup then constant lr,
+gradient norm clipped at 1) and the same number of steps.
 
-Models (each library's seed defaults: `NonAutoregressiveWrapper(net, mask_id=256)` with
-use_simple_mdlm_loss_weight=True, `AutoregressiveWrapper(net)`):
+Models (each library's seed defaults, `NonAutoregressiveWrapper(net, mask_id=256)` with
+use_simple_mdlm_loss_weight=True and `AutoregressiveWrapper(net)`, unless stated):
   demask-masked, reference-masked   masked models, num_tokens 257 (mask id 256)
+  reference-masked-mdlm             the reference's masked model with
+                                    use_simple_mdlm_loss_weight=False (mean cross-entropy over
+                                    the masked positions): a fairer opponent than the reference's
+                                    default, whose MDLM-weighted loss goes negative
   demask-ar, reference-ar           autoregressive models, num_tokens 256
 
 Evaluation is demask's evaluator for all (`demask.evaluate.likelihood_bits_per_token`) on the
 same fixed, evenly spaced validation windows: the masked models' NELBO (MDLM continuous-time
-bound, 32 fixed stratified times, masks seeded per batch, so both models see the same masks),
-and the autoregressive models' exact NLL of bytes 1..255 given their prefix. The reference's masked
-net is evaluated by handing its logits to demask's NELBO computation (`LogitsAsEmbeddings`).
+bound, 32 fixed stratified times, masks seeded per batch, so all masked models see the same
+masks), and the autoregressive models' exact NLL of bytes 1..255 given their prefix. The
+reference's masked nets (both) are evaluated by handing their logits to demask's NELBO
+computation (`LogitsAsEmbeddings`); the NELBO does not depend on the training loss's weighting.
 """
 
 from __future__ import annotations
@@ -33,12 +39,13 @@ from benchmarks import harness
 from benchmarks.libs import build_net, load
 
 NAME = "quality"
-DATA = "/work/shared/data/shakespeare"
+# ../shared lies beside the repository clone (wherever it is cloned)
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "shakespeare"
 
 
 @dataclass(frozen=True)
 class Config:
-    data: str = DATA
+    data: str = str(DATA)
     seq_len: int = 256
     dim: int = 256
     depth: int = 4
@@ -59,9 +66,26 @@ SMOKE = Config(seq_len=32, dim=32, depth=1, heads=2, batch=4, steps=3, warmup=1,
 MODELS: dict[str, tuple[str, bool]] = {
     "demask-masked": ("demask", True),
     "reference-masked": ("reference", True),
+    "reference-masked-mdlm": ("reference", True),
     "demask-ar": ("demask", False),
     "reference-ar": ("reference", False),
 }
+
+# model name -> keyword arguments of its wrapper beyond the seed defaults (recorded in the JSON)
+WRAPPER_KWARGS: dict[str, dict[str, Any]] = {
+    "reference-masked-mdlm": {"use_simple_mdlm_loss_weight": False},
+}
+
+
+def data_folder(path: str | Path | None = None) -> Path:
+    """The data folder (default DATA); a clear error naming it when it does not exist."""
+    folder = Path(DATA if path is None else path)
+    if not folder.exists():
+        raise FileNotFoundError(
+            f"data folder {folder} does not exist (the default is ../shared/data/shakespeare "
+            "beside the repository clone); pass --data PATH"
+        )
+    return folder
 
 
 class LogitsAsEmbeddings(nn.Module):
@@ -105,9 +129,10 @@ def build_model(name: str, cfg: Config) -> nn.Module:
     num_tokens = 257 if masked else 256
     net = build_net(lib, causal=not masked, num_tokens=num_tokens, max_seq_len=cfg.seq_len,
                     dim=cfg.dim, depth=cfg.depth, heads=cfg.heads)  # fmt: skip
+    kwargs = WRAPPER_KWARGS.get(name, {})
     if masked:
-        return lib.NonAutoregressiveWrapper(net, mask_id=256)
-    return lib.AutoregressiveWrapper(net)
+        return lib.NonAutoregressiveWrapper(net, mask_id=256, **kwargs)
+    return lib.AutoregressiveWrapper(net, **kwargs)
 
 
 def _loss(model: nn.Module, x: Tensor) -> Tensor:
@@ -143,7 +168,7 @@ def eval_windows(val_ds: Any, count: int) -> list[Tensor]:
     return [val_ds[int(i)] for i in idx]
 
 
-def evaluate_bits(name: str, model: nn.Module, cfg: Config, windows: list[Tensor]) -> float:
+def evaluate_bits(name: str, model: Any, cfg: Config, windows: list[Tensor]) -> float:
     """Validation bits per byte by demask's evaluator (NELBO or exact NLL)."""
     evaluate, _, _ = _demask_modules()
     lib_name, masked = MODELS[name]
@@ -163,11 +188,14 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help="which models to train (one process per model runs them in parallel)")  # fmt: skip
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--save", type=Path, default=None, help="folder for the trained state dicts")
+    p.add_argument("--data", type=Path, default=None,
+                   help=f"the Shakespeare folder (default {DATA})")  # fmt: skip
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
     cfg = SMOKE if args.smoke else Config()
     overrides = {k: getattr(args, k) for k in ("steps", "batch") if getattr(args, k) is not None}
+    overrides["data"] = str(data_folder(args.data))
     cfg = Config(**{**asdict(cfg), **overrides})
     torch.set_num_threads(args.threads)
     _, get_batch, get_dataset = _demask_modules()
@@ -181,6 +209,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         start = time.perf_counter()
         bits = evaluate_bits(name, model, cfg, windows)
         run.update(val_bits_per_byte=bits, eval_s=time.perf_counter() - start)
+        run["library"], run["masked"] = MODELS[name]
+        run["wrapper_kwargs"] = WRAPPER_KWARGS.get(name, {})
         run["final_train_loss_mean10"] = sum(run["losses"][-10:]) / len(run["losses"][-10:])
         results[name] = run
         print(f"{name}: {bits:.4f} bits/byte ({run['train_s']:.0f} s training)", flush=True)
@@ -193,9 +223,10 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         rows.append([name, kind, run["val_bits_per_byte"], run["train_s"]])
     print(f"## {NAME}  (config {asdict(cfg)}; {len(windows)} validation windows)")
     print(harness.format_table(["model", "metric", "val bits/byte", "train s"], rows))
-    ratio = _ratio(results, "demask-masked", "reference-masked")
-    if ratio is not None:
-        print(f"masked NELBO demask / reference: {ratio:.3f} (< 1 is better for demask)")
+    for opponent in ("reference-masked", "reference-masked-mdlm"):
+        ratio = _ratio(results, "demask-masked", opponent)
+        if ratio is not None:
+            print(f"masked NELBO demask / {opponent}: {ratio:.3f} (< 1 is better for demask)")
     payload = harness.record(NAME, asdict(cfg), results, eval_windows=len(windows), args=vars(args))
     payload["tokens_per_model"] = cfg.steps * cfg.batch * cfg.seq_len
     return payload

@@ -1,5 +1,6 @@
-"""The benchmark harness: tables, JSON, interleaved timing, FLOP formulas, the memory probe, and
-one speed suite end to end in --smoke mode (skipped without the reference library)."""
+"""The benchmark harness: tables, JSON, interleaved timing, FLOP formulas, the memory probe, one
+speed suite, and the quality and frontier suites end to end in --smoke mode (skipped without the
+reference library or the Shakespeare data)."""
 
 from __future__ import annotations
 
@@ -156,3 +157,100 @@ def test_logits_adapter_gives_demask_nelbo_unchanged():
     b = adapted.nelbo(x, generator=torch.Generator().manual_seed(2))
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     assert bool((a > 0).all())
+
+
+def _shakespeare_present() -> bool:
+    from benchmarks import quality
+
+    return quality.DATA.exists()
+
+
+needs_quality_data = pytest.mark.skipif(
+    not (HAS_REFERENCE and _shakespeare_present()),
+    reason="needs x-transformers and ../shared/data/shakespeare beside the clone",
+)
+
+
+def test_default_data_folder_lies_beside_the_clone():
+    from benchmarks import quality
+
+    expected = REPO.parent / "shared" / "data" / "shakespeare"
+    assert expected == quality.DATA
+    assert quality.Config().data == str(quality.DATA)
+
+
+@pytest.mark.parametrize("suite", ["quality", "frontier"])
+def test_missing_data_folder_is_named_in_the_error(tmp_path, suite):
+    from benchmarks.__main__ import main
+
+    missing = tmp_path / "no" / "such" / "folder"
+    with pytest.raises(FileNotFoundError, match=str(missing)):
+        main([suite, "--smoke", "--threads", "1", "--data", str(missing),
+              "--out", str(tmp_path / "r.json")])  # fmt: skip
+
+
+@needs_quality_data
+def test_quality_smoke_trains_and_evaluates_every_model(tmp_path, capsys):
+    from benchmarks import quality
+    from benchmarks.__main__ import main
+
+    out, saved = tmp_path / "quality.json", tmp_path / "models"
+    assert main(["quality", "--smoke", "--threads", "1", "--out", str(out),
+                 "--save", str(saved)]) == 0  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "masked NELBO demask / reference-masked-mdlm:" in printed
+    rec = json.loads(out.read_text())
+    assert list(rec["results"]) == list(quality.MODELS)
+    assert "reference-masked-mdlm" in quality.MODELS and "reference-masked-mdlm" in quality.__doc__
+    for name, run in rec["results"].items():
+        assert 0 < run["val_bits_per_byte"] < 20, name
+        assert len(run["losses"]) == quality.SMOKE.steps
+        assert (saved / f"{name}.pt").exists()
+    mdlm = rec["results"]["reference-masked-mdlm"]
+    assert mdlm["library"] == "reference" and mdlm["masked"] is True
+    assert mdlm["wrapper_kwargs"] == {"use_simple_mdlm_loss_weight": False}
+    assert all(loss > 0 for loss in mdlm["losses"])  # a mean cross-entropy, never negative
+    model = quality.build_model("reference-masked-mdlm", quality.SMOKE)
+    assert model.loss_weight_fn is None  # the reference's switch took effect
+    assert quality.build_model("reference-masked", quality.SMOKE).loss_weight_fn is not None
+
+
+@needs_quality_data
+@pytest.mark.parametrize(
+    ("options", "masked_models", "samplers"),
+    [
+        ([], 3, ["seed-default", "ancestral"]),  # the default samplers, every masked model
+        (["--no-reference", "--samplers", "ancestral"], 1, ["ancestral"]),
+    ],
+)
+def test_frontier_smoke_one_row_per_model_sampler_and_steps(
+    tmp_path, options, masked_models, samplers
+):
+    from benchmarks import frontier
+    from benchmarks.__main__ import main
+
+    out, png = tmp_path / "frontier.json", tmp_path / "frontier.png"
+    args = ["frontier", "--smoke", "--threads", "1", "--steps", "2", "3", "--out", str(out)]
+    assert main([*args, "--png", str(png), *options]) == 0
+    assert png.stat().st_size > 0
+    rec = json.loads(out.read_text())
+    rows = rec["results"]
+    assert len(rows) == masked_models * 2 * len(samplers) + 2  # + the AR row + validation text
+    assert rec["config"]["samplers"] == samplers and rec["config"]["steps"] == [2, 3]
+    assert rows[0]["model"] == "validation text" and rows[0]["sampler"] is None
+    assert rows[1]["model"] == "demask-ar" and rows[1]["sampler"] == "ar-default"
+    masked = rows[2:]
+    assert {r["model"] for r in masked} == set(frontier.MASKED_MODELS[:masked_models])
+    for r in masked:
+        assert r["sampler"] in samplers and r["steps"] in (2, 3)
+        assert r["sampler_kwargs"] == frontier.SAMPLERS[r["sampler"]]
+        assert r["decoder"] in ("demask", "reference")
+        assert 0 <= r["unigram_entropy_bits"] <= 8 and r["gen_ppl"] > 0
+    combos = [(r["model"], r["sampler"], r["steps"]) for r in masked]
+    assert len(set(combos)) == len(combos)
+    ancestral = frontier.SAMPLERS["ancestral"]
+    assert ancestral["sampler"] == "ancestral" and ancestral["filter_thres"] == 0.0
+    assert ancestral["anneal_temperature"] is False
+    for r in masked:  # the reference has no ancestral sampler: demask's loop runs its logits
+        lib = "demask" if r["model"].startswith("demask") else "reference"
+        assert r["decoder"] == (lib if r["sampler"] == "seed-default" else "demask")
