@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 SRC = Path(__file__).resolve().parents[1] / "src"
-SHAKESPEARE = Path("/work/shared/data/shakespeare/hamlet_gut.txt")
+# ../shared lies beside the repository clone (locally and in CI)
+SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared/data/shakespeare/hamlet_gut.txt"
 DATA = str(SHAKESPEARE) if SHAKESPEARE.is_file() else "digits"
 SEQ_LEN = 16 if SHAKESPEARE.is_file() else 64
 

@@ -260,3 +260,25 @@ def test_memorises_a_batch():
     assert loss.item() < 0.05
     out = model.generate(data[:, :1], n - 1, temperature=0.0)
     assert torch.equal(out, data)
+
+
+@pytest.mark.parametrize("method", ["generate", "beam_search"])
+def test_generation_leaves_no_reference_cycles(method):
+    """The key/value cache (and its packed weights) must be freed when generation returns, not
+    whenever the cyclic garbage collector next runs: a cycle kept every call's cache alive."""
+    import gc
+
+    model = AutoregressiveWrapper(tiny_net())
+    prompt = torch.randint(0, 17, (2, 3))
+    gc.collect()
+    gc.disable()
+    try:
+        getattr(model, method)(prompt, 5)
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        gc.collect()
+        garbage = [type(o).__name__ for o in gc.garbage]
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
+    assert garbage == []

@@ -44,7 +44,6 @@ class KVCache:
         self._slots: slice | Tensor = slice(0, 0)
         self._visible = 0
         self._mask: Tensor | None = None
-        self._layers = [LayerCache(self, i) for i in range(num_layers)]
 
     def reset(self) -> None:
         self.length = 0
@@ -89,7 +88,7 @@ class KVCache:
         self._mask = self.key_valid[:, None, None, :] if self.has_padding else None
 
     def layer(self, i: int) -> LayerCache:
-        return self._layers[i]
+        return LayerCache(self, i)  # made per call: a list of them here would be a ref cycle
 
     def commit(self, n: int) -> None:
         self.length += n
