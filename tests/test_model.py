@@ -399,3 +399,17 @@ def test_packed_weights_never_serve_autograd():
     for n, p in net.named_parameters():
         assert grads[n] is not None, n
         torch.testing.assert_close(grads[n], p.grad, msg=n)
+
+
+@needs_onednn
+def test_packed_weights_step_aside_under_cpu_autocast():
+    from demask.model.layers import packed_weights
+
+    net = make()
+    x = torch.randint(0, 37, (2, 6))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        plain = net(x)
+        with packed_weights(net, batch_size=2):
+            packed = net(x)
+    assert plain.dtype == packed.dtype == torch.bfloat16
+    assert torch.equal(plain, packed)

@@ -38,8 +38,9 @@ class Linear(nn.Linear):
     linear on a weight reordered once into its blocked layout, with the GELU fused into the same
     kernel, makes the whole cached decoding step about 1.2x faster than `F.linear` at such shapes
     (benchmarks/RESULTS.md, speed/ar-generate). The packed copy exists only inside
-    `packed_weights(...)` and is used only without autograd, so training, state dicts and
-    gradients never see it. Without a pack, this is exactly `nn.Linear`.
+    `packed_weights(...)` and is used only without autograd and outside CPU autocast, so
+    training, mixed precision, state dicts and gradients never see it. Without a pack, this is
+    exactly `nn.Linear`.
     """
 
     packed: Tensor | None = None  # set by packed_weights
@@ -54,7 +55,7 @@ class Linear(nn.Linear):
 
     def _apply_linear(self, x: Tensor, gelu: bool) -> Tensor:
         packed = self.packed
-        if packed is None or torch.is_grad_enabled():
+        if packed is None or torch.is_grad_enabled() or torch.is_autocast_enabled("cpu"):
             out = F.linear(x, self.weight, self.bias)
             return F.gelu(out) if gelu else out
         flat = x.reshape(-1, x.shape[-1])  # (M, in)
