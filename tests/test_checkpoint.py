@@ -23,13 +23,7 @@ from demask.checkpoint import (
 from demask.config import ModelConfig, TrainConfig, build_model
 from demask.train import train
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _save(run_dir: Path, step: int, model=None, kind="autoregressive", keep=2):

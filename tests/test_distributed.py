@@ -21,16 +21,8 @@ from demask.config import ModelConfig, TrainConfig
 from demask.distributed import DistInfo, parallelize, torchrun_command
 from demask.train import train
 
-pytestmark = pytest.mark.distributed
+pytestmark = [pytest.mark.distributed, pytest.mark.usefixtures("one_thread")]
 STEPS, B = 8, 4
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -14,13 +14,7 @@ from demask.checkpoint import load_checkpoint
 from demask.config import ModelConfig, TrainConfig
 from demask.train import train
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _weights(path):

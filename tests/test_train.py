@@ -33,13 +33,7 @@ from demask.train import NonFiniteLossError, lr_at, param_groups, train
 param = pytest.mark.parametrize
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run many times faster on one thread (and do not fight parallel jobs)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def run(tmp_path, name="run", model=None, **over):
