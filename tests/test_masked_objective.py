@@ -28,13 +28,7 @@ L, V, MASK = 5, 3, 3  # length 5, vocabulary 3, mask id 3
 X = torch.tensor([0, 2, 1, 1, 0])
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny models: one thread avoids oversubscription stalls on a busy 2-core machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 SEED_SCHEDULES = {"linear": "linear", "cosine": "cosine", "callable": lambda p: 1 - p**2}

@@ -11,14 +11,7 @@ import torch
 
 from demask import Encoder, NonAutoregressiveWrapper, TransformerWrapper
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny models: one thread is as fast as two and never stalls on a busy machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # the digits run: about 55 s of CPU time on one core (MaskGIT loss: at this budget it lowers the

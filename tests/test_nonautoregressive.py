@@ -17,13 +17,7 @@ V, N, MASK = 9, 12, 9  # 9 real tokens, mask id 9, length 12
 EXACT = sorted(n for n, c in SAMPLERS.items() if c.exact_counts)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny models: one thread avoids oversubscription stalls on a busy 2-core machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_net(n=N, dim=16, logits_dim=None):
