@@ -13,6 +13,9 @@ use_simple_mdlm_loss_weight=True and `AutoregressiveWrapper(net)`, unless stated
                                     use_simple_mdlm_loss_weight=False (mean cross-entropy over
                                     the masked positions): a fairer opponent than the reference's
                                     default, whose MDLM-weighted loss goes negative
+  demask-masked-absorb              demask's masked model with no_replace_prob=0 and
+                                    random_token_prob=0: pure absorbing-state (MDLM) corruption,
+                                    so it trains on exactly the NELBO that is evaluated
   demask-ar, reference-ar           autoregressive models, num_tokens 256
 
 Evaluation is demask's evaluator for all (`demask.evaluate.likelihood_bits_per_token`) on the
@@ -65,6 +68,7 @@ SMOKE = Config(seq_len=32, dim=32, depth=1, heads=2, batch=4, steps=3, warmup=1,
 # model name -> (library, masked?)
 MODELS: dict[str, tuple[str, bool]] = {
     "demask-masked": ("demask", True),
+    "demask-masked-absorb": ("demask", True),
     "reference-masked": ("reference", True),
     "reference-masked-mdlm": ("reference", True),
     "demask-ar": ("demask", False),
@@ -74,6 +78,9 @@ MODELS: dict[str, tuple[str, bool]] = {
 # model name -> keyword arguments of its wrapper beyond the seed defaults (recorded in the JSON)
 WRAPPER_KWARGS: dict[str, dict[str, Any]] = {
     "reference-masked-mdlm": {"use_simple_mdlm_loss_weight": False},
+    # pure absorbing-state corruption: every selected position is masked (no BERT-style 15%
+    # unchanged / 10% random tokens), so training optimises exactly the NELBO that is evaluated
+    "demask-masked-absorb": {"no_replace_prob": 0.0, "random_token_prob": 0.0},
 }
 
 

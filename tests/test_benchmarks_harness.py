@@ -213,6 +213,12 @@ def test_quality_smoke_trains_and_evaluates_every_model(tmp_path, capsys):
     model = quality.build_model("reference-masked-mdlm", quality.SMOKE)
     assert model.loss_weight_fn is None  # the reference's switch took effect
     assert quality.build_model("reference-masked", quality.SMOKE).loss_weight_fn is not None
+    absorb = quality.build_model("demask-masked-absorb", quality.SMOKE)
+    assert (absorb.no_replace_prob, absorb.random_token_prob) == (0.0, 0.0)
+    assert rec["results"]["demask-masked-absorb"]["wrapper_kwargs"] == {
+        "no_replace_prob": 0.0,
+        "random_token_prob": 0.0,
+    }
 
 
 @needs_quality_data
