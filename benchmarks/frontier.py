@@ -66,7 +66,8 @@ SAMPLERS: dict[str, dict[str, Any]] = {
         for name in ("confidence", "low_confidence", "random", "margin", "entropy")
     },
 }
-MASKED_MODELS = ("demask-masked", "reference-masked", "reference-masked-mdlm")
+MASKED_MODELS = ("demask-masked", "reference-masked", "reference-masked-mdlm")  # the default
+ALL_MASKED = tuple(name for name, (_, masked) in quality.MODELS.items() if masked)
 
 
 @dataclass(frozen=True)
@@ -107,13 +108,18 @@ def _score(ar_net: nn.Module, x: Tensor) -> dict[str, Any]:
 
 
 def _load_models(
-    qcfg: quality.Config, folder: Path | None, smoke: bool, reference: bool = True
+    qcfg: quality.Config,
+    folder: Path | None,
+    smoke: bool,
+    reference: bool = True,
+    masked: tuple[str, ...] = MASKED_MODELS,
 ) -> dict[str, Any]:
     """The trained quality models (or, in smoke mode, tiny ones trained for a few steps)."""
     _, get_batch, get_dataset = quality._demask_modules()
     models: dict[str, Any] = {}  # the wrappers, by quality model name
-    names: tuple[str, ...] = ("demask-masked", "demask-ar")
-    names += ("reference-masked", "reference-masked-mdlm") if reference else ()
+    names = ("demask-ar",) + tuple(
+        name for name in masked if reference or quality.MODELS[name][0] == "demask"
+    )
     for name in names:
         path = None if folder is None else folder / f"{name}.pt"
         lib_name = quality.MODELS[name][0]
@@ -145,6 +151,13 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--samplers", nargs="+", default=None, choices=list(SAMPLERS),
                    help="masked samplers to measure, one line each per model "
                         f"(default {' '.join(Config.samplers)})")  # fmt: skip
+    p.add_argument(
+        "--masked-models",
+        nargs="+",
+        default=list(MASKED_MODELS),
+        choices=list(ALL_MASKED),
+        help="the quality suite's masked models to measure",
+    )
     p.add_argument("--no-reference", dest="reference", action="store_false",
                    help="skip the reference library's masked models")  # fmt: skip
     p.add_argument("--data", type=Path, default=None,
@@ -179,7 +192,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     qcfg = quality.SMOKE if args.smoke else quality.Config()
     qcfg = replace(qcfg, data=str(quality.data_folder(args.data)))
     torch.set_num_threads(args.threads)
-    models = _load_models(qcfg, args.models, args.smoke, args.reference)
+    masked_names = tuple(getattr(args, "masked_models", MASKED_MODELS))
+    models = _load_models(qcfg, args.models, args.smoke, args.reference, masked_names)
     ar = models["demask-ar"]
     _, _, get_dataset = quality._demask_modules()
     val = torch.stack(quality.eval_windows(get_dataset(qcfg.data, "val", seq_len=qcfg.seq_len), 64))
@@ -196,7 +210,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                  "decoder": "demask", "steps": qcfg.seq_len - 1,
                  "wall_s": time.perf_counter() - start, **_score(ar.net, out)})  # fmt: skip
 
-    for name in MASKED_MODELS:
+    for name in masked_names:
         if name not in models:
             continue
         for sampler in cfg.samplers:
@@ -235,8 +249,9 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.6))
     data = rows[0]
     # model -> (marker, colour); the line style tells the sampler apart
-    markers = {"demask-masked": ("o", "C0"), "reference-masked": ("s", "C1"),
-               "reference-masked-mdlm": ("^", "C2")}  # fmt: skip
+    shapes = ["o", "s", "^", "D", "v", "P"]
+    masked = list(dict.fromkeys(r["model"] for r in rows if r["model"] in ALL_MASKED))
+    markers = {name: (shapes[i % len(shapes)], f"C{i}") for i, name in enumerate(masked)}
     styles = ["-", "--", ":", "-.", (0, (5, 1)), (0, (1, 3)), (0, (3, 1, 1, 1))]
     samplers = list(dict.fromkeys(r["sampler"] for r in rows if r["model"] in markers))
     for name, (marker, colour) in markers.items():

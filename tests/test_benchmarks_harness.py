@@ -213,6 +213,9 @@ def test_quality_smoke_trains_and_evaluates_every_model(tmp_path, capsys):
     model = quality.build_model("reference-masked-mdlm", quality.SMOKE)
     assert model.loss_weight_fn is None  # the reference's switch took effect
     assert quality.build_model("reference-masked", quality.SMOKE).loss_weight_fn is not None
+    rotary = quality.build_model("demask-masked-rotary", quality.SMOKE).net
+    assert rotary.attn_layers.rotary is not None and rotary.abs_pos_emb is None
+    assert rec["results"]["demask-masked-rotary"]["layer_kwargs"] == {"rotary_pos_emb": True}
     absorb = quality.build_model("demask-masked-absorb", quality.SMOKE)
     assert (absorb.no_replace_prob, absorb.random_token_prob) == (0.0, 0.0)
     assert rec["results"]["demask-masked-absorb"]["wrapper_kwargs"] == {
@@ -225,10 +228,15 @@ def test_quality_smoke_trains_and_evaluates_every_model(tmp_path, capsys):
 @pytest.mark.parametrize(
     ("options", "masked_models", "samplers"),
     [
-        ([], 3, ["seed-default", "ancestral"]),  # the default samplers, every masked model
-        (["--no-reference", "--samplers", "ancestral"], 1, ["ancestral"]),
+        # the default samplers and masked models
+        ([], ["demask-masked", "reference-masked", "reference-masked-mdlm"],
+         ["seed-default", "ancestral"]),
+        (["--no-reference", "--samplers", "ancestral"], ["demask-masked"], ["ancestral"]),
+        (["--masked-models", "demask-masked-rotary", "reference-masked-mdlm-rotary",
+          "--samplers", "seed-default"],
+         ["demask-masked-rotary", "reference-masked-mdlm-rotary"], ["seed-default"]),
     ],
-)
+)  # fmt: skip
 def test_frontier_smoke_one_row_per_model_sampler_and_steps(
     tmp_path, options, masked_models, samplers
 ):
@@ -241,12 +249,12 @@ def test_frontier_smoke_one_row_per_model_sampler_and_steps(
     assert png.stat().st_size > 0
     rec = json.loads(out.read_text())
     rows = rec["results"]
-    assert len(rows) == masked_models * 2 * len(samplers) + 2  # + the AR row + validation text
+    assert len(rows) == len(masked_models) * 2 * len(samplers) + 2  # + AR row + validation text
     assert rec["config"]["samplers"] == samplers and rec["config"]["steps"] == [2, 3]
     assert rows[0]["model"] == "validation text" and rows[0]["sampler"] is None
     assert rows[1]["model"] == "demask-ar" and rows[1]["sampler"] == "ar-default"
     masked = rows[2:]
-    assert {r["model"] for r in masked} == set(frontier.MASKED_MODELS[:masked_models])
+    assert {r["model"] for r in masked} == set(masked_models)
     for r in masked:
         assert r["sampler"] in samplers and r["steps"] in (2, 3)
         assert r["sampler_kwargs"] == frontier.SAMPLERS[r["sampler"]]
