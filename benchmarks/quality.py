@@ -18,6 +18,8 @@ use_simple_mdlm_loss_weight=True and `AutoregressiveWrapper(net)`, unless stated
                                     so it trains on exactly the NELBO that is evaluated
   demask-masked-rotary,             demask-masked and reference-masked-mdlm with rotary
   reference-masked-mdlm-rotary      positions (rotary_pos_emb=True) instead of absolute ones
+  demask-masked-ce-rotary           demask's with use_simple_mdlm_loss_weight=False (mean
+                                    cross-entropy, the reference-masked-mdlm objective), rotary
   demask-ar, reference-ar           autoregressive models, num_tokens 256
 
 Evaluation is demask's evaluator for all (`demask.evaluate.likelihood_bits_per_token`) on the
@@ -74,6 +76,7 @@ MODELS: dict[str, tuple[str, bool]] = {
     "reference-masked": ("reference", True),
     "reference-masked-mdlm": ("reference", True),
     "demask-masked-rotary": ("demask", True),
+    "demask-masked-ce-rotary": ("demask", True),
     "reference-masked-mdlm-rotary": ("reference", True),
     "demask-ar": ("demask", False),
     "reference-ar": ("reference", False),
@@ -86,6 +89,8 @@ WRAPPER_KWARGS: dict[str, dict[str, Any]] = {
     # unchanged / 10% random tokens), so training optimises exactly the NELBO that is evaluated
     "demask-masked-absorb": {"no_replace_prob": 0.0, "random_token_prob": 0.0},
     "reference-masked-mdlm-rotary": {"use_simple_mdlm_loss_weight": False},
+    # demask's own switch means the same: MaskGIT's mean cross-entropy over masked positions
+    "demask-masked-ce-rotary": {"use_simple_mdlm_loss_weight": False},
 }
 
 # model name -> keyword arguments of its Encoder/Decoder beyond dim, depth, heads
@@ -94,6 +99,7 @@ LAYER_KWARGS: dict[str, dict[str, Any]] = {
     # embedding): with absolute positions the masked models at seq 256 never learned to use their
     # context within this budget (RESULTS.md, "quality")
     "demask-masked-rotary": {"rotary_pos_emb": True},
+    "demask-masked-ce-rotary": {"rotary_pos_emb": True},
     "reference-masked-mdlm-rotary": {"rotary_pos_emb": True},
 }
 
