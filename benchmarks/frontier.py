@@ -192,7 +192,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     qcfg = quality.SMOKE if args.smoke else quality.Config()
     qcfg = replace(qcfg, data=str(quality.data_folder(args.data)))
     torch.set_num_threads(args.threads)
-    masked_names = tuple(getattr(args, "masked_models", MASKED_MODELS))
+    masked_names = tuple(args.masked_models)
     models = _load_models(qcfg, args.models, args.smoke, args.reference, masked_names)
     ar = models["demask-ar"]
     _, _, get_dataset = quality._demask_modules()

@@ -282,59 +282,41 @@ def iter_decode(
             amateur_stepper = resources.enter_context(
                 ModelStepper(amateur, buf, prompt_len, start_pos, cache_kv, name="amateur_model")
             )
-        yield from _decode_loop(
-            net, buf, prompt_len, expert, amateur_stepper, start_pos, options,
-            eos_token, stop_sequences, pad_value,
-        )  # fmt: skip
+        batch, total = buf.shape
+        seq_len = total - prompt_len
+        seen = None
+        if options.repetition_penalty != 1.0:
+            seen = _prompt_seen(buf, prompt_len, start_pos, cast(int, net.num_tokens))
+        track = eos_token is not None or len(stop_sequences) > 0
+        done = torch.zeros(batch, dtype=torch.bool, device=buf.device)
 
-
-def _decode_loop(
-    net: nn.Module,
-    buf: Tensor,
-    prompt_len: int,
-    expert: ModelStepper,
-    amateur_stepper: ModelStepper | None,
-    start_pos: Tensor | None,
-    options: SamplingOptions,
-    eos_token: int | None,
-    stop_sequences: Sequence[Tensor],
-    pad_value: int,
-) -> Iterator[Tensor]:
-    batch, total = buf.shape
-    seq_len = total - prompt_len
-    seen = None
-    if options.repetition_penalty != 1.0:
-        seen = _prompt_seen(buf, prompt_len, start_pos, cast(int, net.num_tokens))
-    track = eos_token is not None or len(stop_sequences) > 0
-    done = torch.zeros(batch, dtype=torch.bool, device=buf.device)
-
-    logits = expert.prefill()  # (B, V)
-    amateur_logits = amateur_stepper.prefill() if amateur_stepper is not None else None
-    for i in range(seq_len):
-        cur = prompt_len + i
-        tokens = select_tokens(logits, options, seen, amateur_logits)  # (B,)
-        if track:
-            tokens = tokens.masked_fill(done, pad_value)
-        buf[:, cur] = tokens
-        if seen is not None:
-            seen.scatter_(1, tokens[:, None], True)
-        if track:
-            if eos_token is not None:
-                done |= tokens == eos_token
-            for stop in stop_sequences:
-                first = cur + 1 - stop.shape[0]
-                if first < 0:
-                    continue
-                hit = (buf[:, first : cur + 1] == stop).all(dim=-1)  # (B,)
-                if start_pos is not None:
-                    hit &= start_pos <= first  # the match must lie inside the real tokens
-                done |= hit
-        yield tokens
-        if (track and bool(done.all())) or i + 1 == seq_len:
-            return
-        logits = expert.step(cur + 1)
-        if amateur_stepper is not None:
-            amateur_logits = amateur_stepper.step(cur + 1)
+        logits = expert.prefill()  # (B, V)
+        amateur_logits = amateur_stepper.prefill() if amateur_stepper is not None else None
+        for i in range(seq_len):
+            cur = prompt_len + i
+            tokens = select_tokens(logits, options, seen, amateur_logits)  # (B,)
+            if track:
+                tokens = tokens.masked_fill(done, pad_value)
+            buf[:, cur] = tokens
+            if seen is not None:
+                seen.scatter_(1, tokens[:, None], True)
+            if track:
+                if eos_token is not None:
+                    done |= tokens == eos_token
+                for stop in stop_sequences:
+                    first = cur + 1 - stop.shape[0]
+                    if first < 0:
+                        continue
+                    hit = (buf[:, first : cur + 1] == stop).all(dim=-1)  # (B,)
+                    if start_pos is not None:
+                        hit &= start_pos <= first  # the match must lie inside the real tokens
+                    done |= hit
+            yield tokens
+            if (track and bool(done.all())) or i + 1 == seq_len:
+                return
+            logits = expert.step(cur + 1)
+            if amateur_stepper is not None:
+                amateur_logits = amateur_stepper.step(cur + 1)
 
 
 def check_sampling(temperature: Any, repetition_penalty: Any) -> tuple[float, float]:

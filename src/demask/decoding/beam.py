@@ -52,55 +52,38 @@ def beam_search(
     buf = torch.full((batch * k, total), pad_value, dtype=torch.long, device=device)
     buf[:, :prompt_len] = prompts.repeat_interleave(k, dim=0)  # rows b*K .. b*K + K-1
     starts = start_pos.repeat_interleave(k, dim=0) if start_pos is not None else None
+    vocab = cast(int, net.num_tokens)
     with ModelStepper(net, buf, prompt_len, starts, cache_kv) as stepper:
-        return _search(stepper, buf, batch, prompt_len, seq_len, k, eos_token, pad_value,
-                       length_penalty, cast(int, net.num_tokens))  # fmt: skip
+        scores = torch.zeros(batch, k, device=device)
+        scores[:, 1:] = -math.inf  # the K copies of the prompt: expand only the first at step 1
+        finished = torch.zeros(batch, k, dtype=torch.bool, device=device)
+        lengths = torch.zeros(batch, k, dtype=torch.long, device=device)
+        row_base = (torch.arange(batch, device=device) * k)[:, None]  # (B, 1)
 
-
-def _search(
-    stepper: ModelStepper,
-    buf: Tensor,
-    batch: int,
-    prompt_len: int,
-    seq_len: int,
-    k: int,
-    eos_token: int | None,
-    pad_value: int,
-    length_penalty: float,
-    vocab: int,
-) -> tuple[Tensor, Tensor]:
-    total, device = buf.shape[1], buf.device
-
-    scores = torch.zeros(batch, k, device=device)
-    scores[:, 1:] = -math.inf  # the K copies of the prompt: expand only the first at step 1
-    finished = torch.zeros(batch, k, dtype=torch.bool, device=device)
-    lengths = torch.zeros(batch, k, dtype=torch.long, device=device)
-    row_base = (torch.arange(batch, device=device) * k)[:, None]  # (B, 1)
-
-    logits = stepper.prefill()  # (B*K, V)
-    for i in range(seq_len):
-        cur = prompt_len + i
-        logp = logits.float().log_softmax(dim=-1).view(batch, k, vocab)  # (B, K, V)
-        cand = scores[:, :, None] + logp  # (B, K, V)
-        if eos_token is not None:
-            frozen = torch.full_like(cand, -math.inf)
-            frozen[:, :, pad_value] = scores
-            cand = torch.where(finished[:, :, None], frozen, cand)
-        scores, flat_idx = cand.view(batch, k * vocab).topk(k, dim=-1)  # (B, K)
-        parent, tokens = flat_idx // vocab, flat_idx % vocab  # (B, K)
-        rows = (parent + row_base).view(-1)  # (B*K,) old row of each new hypothesis
-        buf.copy_(buf.index_select(0, rows))
-        stepper.reorder(rows)
-        buf[:, cur] = tokens.view(-1)
-        was_finished = finished.gather(1, parent)
-        lengths = lengths.gather(1, parent) + (~was_finished).long()
-        finished = was_finished
-        if eos_token is not None:
-            finished = was_finished | (tokens == eos_token)
-            if bool(finished.all()):
-                break
-        if i + 1 < seq_len:
-            logits = stepper.step(cur + 1)
+        logits = stepper.prefill()  # (B*K, V)
+        for i in range(seq_len):
+            cur = prompt_len + i
+            logp = logits.float().log_softmax(dim=-1).view(batch, k, vocab)  # (B, K, V)
+            cand = scores[:, :, None] + logp  # (B, K, V)
+            if eos_token is not None:
+                frozen = torch.full_like(cand, -math.inf)
+                frozen[:, :, pad_value] = scores
+                cand = torch.where(finished[:, :, None], frozen, cand)
+            scores, flat_idx = cand.view(batch, k * vocab).topk(k, dim=-1)  # (B, K)
+            parent, tokens = flat_idx // vocab, flat_idx % vocab  # (B, K)
+            rows = (parent + row_base).view(-1)  # (B*K,) old row of each new hypothesis
+            buf.copy_(buf.index_select(0, rows))
+            stepper.reorder(rows)
+            buf[:, cur] = tokens.view(-1)
+            was_finished = finished.gather(1, parent)
+            lengths = lengths.gather(1, parent) + (~was_finished).long()
+            finished = was_finished
+            if eos_token is not None:
+                finished = was_finished | (tokens == eos_token)
+                if bool(finished.all()):
+                    break
+            if i + 1 < seq_len:
+                logits = stepper.step(cur + 1)
 
     if length_penalty:
         scores = scores / lengths.clamp(min=1).double().pow(length_penalty).to(scores.dtype)

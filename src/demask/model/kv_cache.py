@@ -53,11 +53,6 @@ class KVCache:
     def begin(self, n: int, key_valid: Tensor | None) -> None:
         """Prepare a step that appends `n` positions; key_valid (B, n) marks padding among them."""
         start, end = self.length, self.length + n
-        if n == 1 and key_valid is None and end <= self.capacity:  # the plain decoding step
-            self._slots = slice(start, end)
-            self._visible = end
-            self._mask = self.key_valid[:, None, None, :end] if self.has_padding else None
-            return
         if end <= self.capacity:
             self._slots = slice(start, end)
             self._visible = end
