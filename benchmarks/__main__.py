@@ -5,6 +5,7 @@ Suites (one module each; `python -m benchmarks <suite> --help` for its options):
   speed/masked-generate  NonAutoregressiveWrapper.generate tokens/s
   speed/ar-generate      AutoregressiveWrapper.generate tokens/s with the key/value cache
   quality                validation NELBO / NLL in bits per byte at an equal training budget
+  ablation               one change per row vs the reference, several seeds (masked models)
   frontier               masked generation steps vs generative perplexity vs wall time (+ PNG)
   gpu                    bf16 / compile / fused AdamW / SDPA: MFU and generation (CUDA only)
 """
@@ -23,6 +24,7 @@ SUITES: dict[str, str] = {
     "speed/masked-generate": "benchmarks.speed_masked_generate",
     "speed/ar-generate": "benchmarks.speed_ar_generate",
     "quality": "benchmarks.quality",
+    "ablation": "benchmarks.ablation",
     "frontier": "benchmarks.frontier",
     "gpu": "benchmarks.gpu",
 }

@@ -76,6 +76,8 @@ class ModelConfig:
     random_token_prob: float = 0.1  # BERT: share of masked positions shown as a random token
     can_mask_prev_unmasked: bool = False  # generation may re-mask tokens unmasked earlier
     use_simple_mdlm_loss_weight: bool = True  # MDLM weight alpha'(t) / (1 - alpha(t)) on the loss
+    cond_drop_prob: float = 0.0  # share of training rows whose condition is dropped (guidance)
+    cond_prefix_len: int = 0  # leading condition tokens (1: a class token); never masked
     # --- (AR) AutoregressiveWrapper options ---
     mask_prob: float = 0.0  # (AR) share of input tokens masked in training (arXiv:2210.13432)
     add_attn_z_loss: bool = False  # (AR) add the attention z-loss to the training loss
@@ -103,6 +105,8 @@ class ModelConfig:
         check_float("no_replace_prob", self.no_replace_prob, min=0.0, max=1.0)
         check_float("random_token_prob", self.random_token_prob, min=0.0, max=1.0)
         check_float("mask_prob", self.mask_prob, min=0.0, max=1.0, max_inclusive=False)
+        check_float("cond_drop_prob", self.cond_drop_prob, min=0.0, max=1.0)
+        check_int("cond_prefix_len", self.cond_prefix_len, min=0, max=self.seq_len - 1)
         for name in (
             "rotary",
             "tie_embedding",
@@ -308,6 +312,8 @@ def _build_masked(c: ModelConfig) -> nn.Module:
         schedule=c.schedule,
         can_mask_prev_unmasked=c.can_mask_prev_unmasked,
         use_simple_mdlm_loss_weight=c.use_simple_mdlm_loss_weight,
+        cond_drop_prob=c.cond_drop_prob,
+        cond_prefix_len=c.cond_prefix_len,
     )
 
 

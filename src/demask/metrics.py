@@ -84,24 +84,12 @@ def digits_classifier() -> Any:
     from sklearn.linear_model import LogisticRegression
     from threadpoolctl import threadpool_limits
 
-    from demask.data import digits_images
+    from demask.data import digits_images, digits_labels
 
     x = digits_images("train").reshape(-1, 64) / (DIGITS_LEVELS - 1)  # (1500, 64) in [0, 1]
-    y = _digits_labels("train")
+    y = digits_labels("train")
     with threadpool_limits(limits=1):
         return LogisticRegression(C=1.0, max_iter=2000).fit(x, y)
-
-
-def _digits_labels(split: str) -> np.ndarray:
-    """Labels in the same order as `demask.data.digits_images(split)`."""
-    from sklearn.datasets import load_digits
-
-    from demask.data.datasets import DIGITS_NUM_VAL, DIGITS_SPLIT_SEED
-
-    target = load_digits().target
-    order = np.random.default_rng(DIGITS_SPLIT_SEED).permutation(len(target))
-    n_train = len(target) - DIGITS_NUM_VAL
-    return target[order[:n_train]] if split == "train" else target[order[n_train:]]
 
 
 def _as_digit_pixels(images: Any) -> np.ndarray:
@@ -124,6 +112,16 @@ def _reference_logits() -> tuple[np.ndarray, np.ndarray]:
     clf = digits_classifier()
     real = clf.decision_function(digits_images("val").reshape(-1, 64) / (DIGITS_LEVELS - 1))
     return _gaussian(real)
+
+
+def digits_class_accuracy(images: Any, labels: Any) -> float:
+    """The share of `images` ((N, 8, 8) or (N, 64) grey levels) that the digits classifier puts
+    in the class asked for, `labels` (N,) ints: how well class-conditional samples obey."""
+    x = _as_digit_pixels(images)  # (N, 64)
+    y = np.asarray(labels).reshape(-1)
+    if len(y) != len(x):
+        raise ValueError(f"labels must hold one label per image ({len(x)}), got {len(y)}")
+    return float((digits_classifier().predict(x) == y).mean())
 
 
 def digits_quality(images: Any) -> dict[str, Any]:

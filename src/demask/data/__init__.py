@@ -7,6 +7,7 @@ from demask.data.datasets import (
     DOC_SEPARATOR,
     SequenceDataset,
     digits_images,
+    digits_labels,
     get_dataset,
     stdlib_files,
 )
@@ -29,6 +30,7 @@ __all__ = [
     "Tokenizer",
     "batch_indices",
     "digits_images",
+    "digits_labels",
     "get_batch",
     "get_dataset",
     "get_tokenizer",

@@ -5,6 +5,9 @@ Built-in specs (the `DATASETS` registry) and paths:
 * ``"digits"``: scikit-learn's bundled `load_digits()`: 1,797 8x8 images, 17 grey levels, one
   token per pixel (64 tokens, vocab 17). Split: a permutation of the 1,797 images seeded with 0
   (`numpy.random.default_rng(0)`); the first 1,500 are train, the last 297 are val.
+* ``"digits-labelled"``: the same images and split, each preceded by its class token
+  (`GreyLevelTokenizer(num_classes=10)`: 65 tokens, vocab 27), for class-conditional models
+  (`condition_len` = 1: the class token is the condition).
 * ``"python-stdlib"``: the `.py` sources of the running Python's standard library
   (`sysconfig.get_paths()["stdlib"]`), byte-level. Left out: `site-packages`, `dist-packages`,
   test folders (`test`, `tests`, `idle_test`), `__pycache__`, hidden folders, the build-specific
@@ -56,9 +59,19 @@ class SequenceDataset(Dataset):
     token stream, so that millions of overlapping windows cost no memory.
     """
 
-    def __init__(self, rows: Tensor, tokenizer: Tokenizer, *, name: str, split: str, modality: str):
+    def __init__(
+        self,
+        rows: Tensor,
+        tokenizer: Tokenizer,
+        *,
+        name: str,
+        split: str,
+        modality: str,
+        condition_len: int = 0,
+    ):
         self.rows = rows  # (M, seq_len), uint8 or long
         self.tokenizer = tokenizer
+        self.condition_len = condition_len  # leading tokens that are a condition (class token)
         self.name = name  # the spec it was built from ("digits", a path, ...)
         self.split = split
         self.modality = modality  # "image" or "text": which pictures and metrics apply
@@ -91,13 +104,26 @@ class SequenceDataset(Dataset):
 
 
 @functools.lru_cache(maxsize=1)
-def _digits_split_images() -> dict[str, np.ndarray]:
+def _digits_split() -> dict[str, tuple[np.ndarray, np.ndarray]]:
     from sklearn.datasets import load_digits  # lazy: sklearn is slow to import
 
-    images = load_digits().images.astype(np.int64)  # (1797, 8, 8) grey levels 0..16
+    digits = load_digits()
+    images = digits.images.astype(np.int64)  # (1797, 8, 8) grey levels 0..16
+    labels = digits.target.astype(np.int64)  # (1797,) 0..9
     order = np.random.default_rng(DIGITS_SPLIT_SEED).permutation(len(images))
     n_train = len(images) - DIGITS_NUM_VAL
-    return {"train": images[order[:n_train]], "val": images[order[n_train:]]}
+    parts = {"train": order[:n_train], "val": order[n_train:]}
+    return {k: (images[idx], labels[idx]) for k, idx in parts.items()}
+
+
+def _digits_split_images() -> dict[str, np.ndarray]:
+    return {k: v[0] for k, v in _digits_split().items()}
+
+
+def digits_labels(split: str = "train") -> np.ndarray:
+    """The class (0-9) of each digit of a split, aligned with `digits_images(split)`."""
+    check_choice("split", split, SPLITS)
+    return _digits_split()[split][1].copy()
 
 
 def digits_images(split: str = "train") -> np.ndarray:
@@ -116,6 +142,24 @@ def _build_digits(split: str, seq_len: int | None, max_bytes: int | None) -> Seq
         raise ValueError(f"max_bytes applies to text datasets only, got {max_bytes} for digits")
     rows = tok.encode(_digits_split_images()[split])  # (M, 64)
     return SequenceDataset(rows, tok, name="digits", split=split, modality="image")
+
+
+def _build_digits_labelled(
+    split: str, seq_len: int | None, max_bytes: int | None
+) -> SequenceDataset:
+    tok = GreyLevelTokenizer(levels=17, image_shape=(8, 8), num_classes=10)
+    if seq_len is not None and seq_len != tok.seq_len:
+        raise ValueError(
+            f"seq_len must be {tok.seq_len} (a class token and 8x8 pixels) for digits-labelled, "
+            f"got {seq_len}"
+        )
+    if max_bytes is not None:
+        raise ValueError(f"max_bytes applies to text datasets only, got {max_bytes} for digits")
+    images, labels = _digits_split()[split]
+    rows = tok.encode_labelled(images, labels)  # (M, 65)
+    return SequenceDataset(
+        rows, tok, name="digits-labelled", split=split, modality="image", condition_len=1
+    )
 
 
 # --------------------------------------------------------------------------- text
@@ -248,6 +292,7 @@ def _build_stdlib(split: str, seq_len: int | None, max_bytes: int | None) -> Seq
 # name -> builder(split, seq_len, max_bytes); anything else is treated as a path.
 DATASETS: dict[str, Callable[[str, int | None, int | None], SequenceDataset]] = {
     "digits": _build_digits,
+    "digits-labelled": _build_digits_labelled,
     "python-stdlib": _build_stdlib,
 }
 

@@ -92,12 +92,17 @@ class GreyLevelTokenizer:
 
     Pixels are read in row-major order, so an (H, W) image becomes H*W tokens. The default fits
     scikit-learn's `load_digits()`: 8x8 images with 17 grey levels (0 = background, 16 = ink).
+    With `num_classes` > 0 a labelled image is one class token (id levels + label) followed by
+    its pixels: H*W + 1 tokens, vocabulary levels + num_classes (class-conditional models).
     """
 
     name = "grey-levels"
 
-    def __init__(self, levels: int = 17, image_shape: tuple[int, int] = (8, 8)):
+    def __init__(
+        self, levels: int = 17, image_shape: tuple[int, int] = (8, 8), num_classes: int = 0
+    ):
         self.levels = check_int("levels", levels, min=2)
+        self.num_classes = check_int("num_classes", num_classes, min=0)
         if len(image_shape) != 2:
             raise ValueError(f"image_shape must be (height, width), got {image_shape!r}")
         h = check_int("image_shape[0]", image_shape[0], min=1)
@@ -106,14 +111,40 @@ class GreyLevelTokenizer:
 
     @property
     def vocab_size(self) -> int:
-        return self.levels
+        return self.levels + self.num_classes
+
+    @property
+    def prefix_len(self) -> int:
+        """Tokens before the pixels: 1 (the class token) when labelled, else 0."""
+        return 1 if self.num_classes else 0
 
     @property
     def seq_len(self) -> int:
-        return self.image_shape[0] * self.image_shape[1]
+        return self.prefix_len + self.image_shape[0] * self.image_shape[1]
+
+    def class_token(self, label: int) -> int:
+        """The token id of class `label`."""
+        if not self.num_classes:
+            raise ValueError("class tokens need a tokenizer with num_classes > 0")
+        return self.levels + check_int("label", label, min=0, max=self.num_classes - 1)
+
+    def encode_labelled(self, images: Any, labels: Any) -> Tensor:
+        """(M, H, W) images and (M,) labels -> (M, 1 + H*W) ids: class token, then pixels."""
+        if not self.num_classes:
+            raise ValueError("encode_labelled needs a tokenizer with num_classes > 0")
+        lab = torch.as_tensor(np.asarray(labels)).long().reshape(-1)  # (M,)
+        pixels = self.encode(images)  # (M, H*W)
+        if pixels.ndim != 2 or len(lab) != len(pixels):
+            raise ValueError(
+                f"labels must hold one label per image, got {len(lab)} labels for images of "
+                f"shape {tuple(pixels.shape)}"
+            )
+        check_tokens("labels", lab, num_tokens=self.num_classes, ndim=1)
+        return torch.cat([self.levels + lab[:, None], pixels], dim=1)
 
     def encode(self, images: Any) -> Tensor:
-        """(..., H, W) grey levels (any numeric dtype, integral values) -> (..., H*W) long ids."""
+        """(..., H, W) grey levels (any numeric dtype, integral values) -> (..., H*W) long ids
+        (the pixels only; `encode_labelled` adds the class token)."""
         arr = np.asarray(images.cpu() if isinstance(images, Tensor) else images)
         h, w = self.image_shape
         if arr.ndim < 2 or arr.shape[-2:] != (h, w):
@@ -129,21 +160,29 @@ class GreyLevelTokenizer:
         return check_tokens("images", ids, num_tokens=self.levels, ndim=ids.ndim)
 
     def decode(self, ids: Any) -> np.ndarray:
-        """(..., H*W) ids -> (..., H, W) int64 numpy array of grey levels."""
+        """(..., seq_len) ids -> (..., H, W) int64 numpy array of grey levels (a class token,
+        when labelled, is dropped)."""
         ids = _as_long_tensor("ids", ids)
-        ids = check_tokens("ids", ids, num_tokens=self.levels, ndim=max(ids.ndim, 1))
         if ids.ndim == 0 or ids.shape[-1] != self.seq_len:
             raise ValueError(
                 f"ids must have {self.seq_len} tokens in the last dimension for images of shape "
                 f"{self.image_shape}, got shape {tuple(ids.shape)}"
             )
+        ids = ids[..., self.prefix_len :]
+        ids = check_tokens("ids", ids, num_tokens=self.levels, ndim=max(ids.ndim, 1))
         return ids.reshape(*ids.shape[:-1], *self.image_shape).cpu().numpy()
 
     def config(self) -> dict[str, Any]:
-        return {"levels": self.levels, "image_shape": list(self.image_shape)}
+        cfg: dict[str, Any] = {"levels": self.levels, "image_shape": list(self.image_shape)}
+        if self.num_classes:
+            cfg["num_classes"] = self.num_classes
+        return cfg
 
     def __repr__(self) -> str:
-        return f"GreyLevelTokenizer(levels={self.levels}, image_shape={self.image_shape})"
+        extra = f", num_classes={self.num_classes}" if self.num_classes else ""
+        return (
+            f"GreyLevelTokenizer(levels={self.levels}, image_shape={self.image_shape}{extra})"
+        )
 
 
 # name -> class; a new tokenizer (BPE, ...) is one line here.

@@ -27,7 +27,7 @@ from demask.samplers import Proposal, Sampler, StepInfo, gumbel_noise, sample_ca
 from demask.samplers.filters import top_k_compact
 from demask.schedules import Schedule
 
-__all__ = ["demask", "num_masked_after_step"]
+__all__ = ["Guidance", "demask", "num_masked_after_step"]
 
 _COUNT_EPS = 1e-9  # floor(L * m) in float64 absorbs rounding such as sin(pi / 6) * 64 = 31.99...
 
@@ -40,6 +40,22 @@ def num_masked_after_step(schedule: Schedule, step: int, steps: int, fillable: T
 
 def _ratio(schedule: Schedule, t: float) -> float:
     return float(schedule.mask_ratio(torch.tensor(t, dtype=torch.float64)))
+
+
+@dataclass
+class Guidance:
+    """Classifier-free guidance for masked decoding (Ho & Salimans 2022, arXiv 2207.12598; for
+    masked diffusion: Schiff et al. 2024, arXiv 2412.10193, and LLaDA, arXiv 2502.09992).
+
+    Each step the network is called twice: on the state (conditional logits c) and on the state
+    with the condition's positions masked (unconditional logits u); the step samples from
+    u + scale * (c - u). scale 0 is unconditional sampling, 1 conditional, > 1 strengthens the
+    condition. Mixing logits or log-probabilities gives the same distribution (they differ by a
+    constant per position).
+    """
+
+    scale: float
+    drop: Tensor  # (B, N) bool: the condition's positions, masked for the unconditional call
 
 
 @dataclass
@@ -56,27 +72,40 @@ class _Predictions:
 class _Model:
     """The calls to the network, the critic and the self-conditioning projection."""
 
-    def __init__(self, net, self_cond, token_critic, critic_head, net_kwargs) -> None:
+    def __init__(
+        self, net, self_cond, token_critic, critic_head, net_kwargs, guidance=None
+    ) -> None:
         self.net, self.self_cond = net, self_cond
         self.token_critic, self.critic_head = token_critic, critic_head
         self.kwargs = net_kwargs or {}
-        self.prev_emb: Tensor | None = None  # (B, N, dim) of the previous pass
+        self.guidance: Guidance | None = guidance
+        self.prev_emb: list[Tensor | None] = [None, None]  # (B, N, dim) per branch (cond, uncond)
 
     @property
     def has_critic(self) -> bool:
         return self.token_critic is not None or self.critic_head is not None
 
-    def hidden(self, seq: Tensor) -> Tensor:
+    def hidden(self, seq: Tensor, branch: int = 0) -> Tensor:
         sum_embeds = None
-        if self.self_cond is not None and self.prev_emb is not None:
-            sum_embeds = self.self_cond(self.prev_emb)  # (B, N, emb_dim)
+        prev = self.prev_emb[branch]
+        if self.self_cond is not None and prev is not None:
+            sum_embeds = self.self_cond(prev)  # (B, N, emb_dim)
         emb = self.net(seq, return_embeddings=True, sum_embeds=sum_embeds, **self.kwargs)
-        self.prev_emb = emb
+        self.prev_emb[branch] = emb
         return emb  # (B, N, dim)
 
     def head(self, emb: Tensor) -> Tensor:
         to_logits = getattr(self.net, "logits_from_embeddings", None)
         return to_logits(emb) if to_logits is not None else self.net.to_logits(emb)
+
+    def logits(self, seq: Tensor, rows: Tensor, cols: Tensor, mask_id: int) -> Tensor:
+        """(M, V) float logits at positions (rows, cols) of `seq`, guided when asked."""
+        cond = self.head(self.hidden(seq)[rows, cols]).float()  # the head only where needed
+        if self.guidance is None:
+            return cond
+        uncond_seq = seq.masked_fill(self.guidance.drop, mask_id)
+        uncond = self.head(self.hidden(uncond_seq, branch=1)[rows, cols]).float()
+        return uncond + self.guidance.scale * (cond - uncond)
 
     def critic(self, seq: Tensor) -> Tensor:
         if self.token_critic is not None:
@@ -93,9 +122,8 @@ def _predict(
     filter_thres: float,
     logits_filter: Callable[[Tensor], Tensor] | None,
 ) -> _Predictions:
-    emb = model.hidden(seq)  # (B, N, dim)
     rows, cols = candidates.nonzero(as_tuple=True)  # (M,)
-    logits = model.head(emb[rows, cols]).float()  # (M, V): the head only where needed
+    logits = model.logits(seq, rows, cols, mask_id)  # (M, V)
     logits[:, mask_id] = -math.inf  # never propose the mask token
     vocab_index = None
     if logits_filter is not None:
@@ -133,6 +161,8 @@ def demask(
     generator: torch.Generator | None = None,
     callback: Callable[[int, Tensor], Any] | None = None,
     net_kwargs: dict[str, Any] | None = None,
+    guidance: Guidance | None = None,
+    frozen: Tensor | None = None,
 ) -> Tensor:
     """Fill every mask_id of `seq` (B, N) in `steps` steps; returns the filled (B, N) tokens.
 
@@ -143,12 +173,16 @@ def demask(
     `self_cond` (Linear dim -> emb_dim) feeds the previous pass's embeddings back via sum_embeds;
     `token_critic` (a network with one logit per position) or `critic_head` (Linear dim -> 1 on
     the net's own embeddings) scores each sampled token's chance of being wrong.
+    `guidance`: classifier-free guidance (see `Guidance`). `frozen` (B, N) bool: positions never
+    filled even when they hold mask_id (a dropped condition stays dropped).
     """
     seq = seq.clone()
     fillable = seq == mask_id  # (B, N)
+    if frozen is not None:
+        fillable &= ~frozen
     num_fillable = fillable.sum(-1)  # (B,)
     masked = fillable.clone()
-    model = _Model(net, self_cond, token_critic, critic_head, net_kwargs)
+    model = _Model(net, self_cond, token_critic, critic_head, net_kwargs, guidance)
     remask = can_mask_prev_unmasked and sampler.can_remask
     use_critic = sampler.uses_critic and model.has_critic
     pred: _Predictions | None = None

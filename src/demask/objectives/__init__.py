@@ -2,6 +2,7 @@
 
 from demask.objectives.masked import (
     augment_masked,
+    count_masks,
     discrete_step_weight,
     draw_masks,
     masked_loss,
@@ -12,6 +13,7 @@ from demask.objectives.masked import (
 
 __all__ = [
     "augment_masked",
+    "count_masks",
     "discrete_step_weight",
     "draw_masks",
     "masked_loss",

@@ -23,6 +23,7 @@ from demask.schedules import Schedule
 
 __all__ = [
     "augment_masked",
+    "count_masks",
     "discrete_step_weight",
     "draw_masks",
     "masked_loss",
@@ -102,20 +103,57 @@ def augment_masked(
     return out
 
 
+def count_masks(
+    fillable: Tensor,  # (B, N) bool: the positions that may be masked (the rest is a condition)
+    *,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Training masks with an exact, stratified number of masked tokens per row.
+
+    Returns (mask (B, N) bool, counts (B,) long): row b masks exactly k_b of its F_b fillable
+    tokens, a uniformly random subset, with k_b = 1 + floor(F_b * s_b) for stratified s_b
+    (`stratified_times`), so every k_b is uniform on {1..F_b} and the batch covers the range
+    evenly (k_b = 0 for a row with nothing to fill).
+
+    Why: for any schedule, integrating the MDLM weight m'(t)/m(t) against the Bernoulli mask count
+    gives exactly 1/k for a count of k (the integral of t^(k-1) (1-t)^(F-k) is a Beta function), so
+        NELBO per token = E_{k ~ U{1..F}} [ (1/k) sum_{i masked} -log p(x_i | x_unmasked) ],
+    the any-order autoregressive bound (Uria et al. 2014; Hoogeboom et al. 2022, arXiv 2110.02037).
+    Drawing k directly and averaging the row's cross-entropy over its k masked tokens is an
+    unbiased estimate of the same NELBO as the time-and-weight form, without its variance: no
+    1/t weight meets a Binomial count near t = 0 (`masked_loss(..., counts=...)`).
+    """
+    b, n = fillable.shape
+    num = fillable.sum(-1)  # (B,)
+    s = stratified_times(b, generator=generator, device=fillable.device)  # (B,) float64
+    counts = ((s * num).floor().long() + 1).minimum(num)  # (B,) in 1..F_b (0 if F_b = 0)
+    scores = torch.rand((b, n), generator=generator, device=fillable.device)
+    scores = scores.masked_fill(~fillable, 2.0)  # never-masked positions rank last
+    ranks = scores.argsort(dim=-1).argsort(dim=-1)  # (B, N) a random order of the fillable ones
+    return ranks < counts[:, None], counts
+
+
 def masked_loss(
     ce: Tensor,  # (M,) cross-entropy (nats) at the masked positions
     rows: Tensor,  # (M,) long, the batch row of each
     batch_size: int,
-    seq_len: int,
+    seq_len: int | Tensor,  # tokens per row that count (an int, or (B,) with a condition)
     weight: Tensor | None = None,  # (B,) per-row token weight, or None for the MaskGIT mean
+    counts: Tensor | None = None,  # (B,) masked tokens per row (from `count_masks`)
 ) -> Tensor:
     """The training loss, a scalar.
 
-    With `weight` (m'(t_b)/m(t_b) for MDLM): mean over rows of sum_{masked} weight * CE / seq_len,
-    an unbiased NELBO estimate in nats per token. Without: mean CE over all masked positions
-    (0 when nothing is masked, so the batch still backpropagates).
+    With `counts` (MDLM, `count_masks`): mean over rows of the row's mean CE over its masked
+    tokens, an unbiased NELBO estimate in nats per token. With `weight` (m'(t_b)/m(t_b), MDLM in
+    time form): mean over rows of sum_{masked} weight * CE / seq_len, the same estimate with more
+    variance. With neither: MaskGIT's mean CE over all masked positions (0 when nothing is
+    masked, so the batch still backpropagates).
     """
-    if weight is None:
+    if weight is None and counts is None:
         return ce.mean() if ce.numel() else ce.sum()
     per_row = torch.zeros(batch_size, device=ce.device, dtype=ce.dtype).index_add_(0, rows, ce)
-    return (per_row * weight.to(ce.dtype)).sum() / (batch_size * seq_len)
+    if counts is not None:
+        return (per_row / counts.to(ce.dtype).clamp_min(1)).mean()
+    assert weight is not None
+    lengths = torch.as_tensor(seq_len, device=ce.device, dtype=ce.dtype).clamp_min(1)
+    return (per_row * weight.to(ce.dtype) / lengths).sum() / batch_size

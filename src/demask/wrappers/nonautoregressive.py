@@ -18,10 +18,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from demask._checks import check_choice, check_float, check_int, check_tokens
-from demask.decoding.masked import demask
+from demask.decoding.masked import Guidance, demask
 from demask.model import TransformerWrapper
 from demask.objectives.masked import (
     augment_masked,
+    count_masks,
     discrete_step_weight,
     draw_masks,
     masked_loss,
@@ -66,6 +67,13 @@ class NonAutoregressiveWrapper(nn.Module):
         augmentation is off; False: MaskGIT's mean cross-entropy over masked positions.
     """
 
+    # How the MDLM loss (use_simple_mdlm_loss_weight=True) is estimated in training. "count": an
+    # exact, uniform number of masked tokens per row and the row's mean cross-entropy
+    # (`objectives.masked.count_masks`); "time": a time t from the schedule, Bernoulli(m(t)) masks
+    # and the weight m'(t)/m(t). Both are unbiased estimates of the same NELBO (the NELBO does not
+    # depend on the schedule); "count" has far less variance (benchmarks/RESULTS.md, "ablation").
+    mdlm_estimator: str = "count"
+
     def __init__(
         self,
         net: TransformerWrapper,
@@ -82,6 +90,8 @@ class NonAutoregressiveWrapper(nn.Module):
         self_token_critic: bool = False,
         critic_loss_weight: float = 1.0,
         use_simple_mdlm_loss_weight: bool = True,
+        cond_drop_prob: float = 0.0,
+        cond_prefix_len: int = 0,
     ):
         super().__init__()
         self.net = net
@@ -105,6 +115,10 @@ class NonAutoregressiveWrapper(nn.Module):
         self.can_mask_prev_unmasked = bool(can_mask_prev_unmasked)
         self.use_simple_mdlm_loss_weight = bool(use_simple_mdlm_loss_weight)
         self.critic_loss_weight = check_float("critic_loss_weight", critic_loss_weight, min=0.0)
+        self.cond_drop_prob = check_float("cond_drop_prob", cond_drop_prob, min=0.0, max=1.0)
+        self.cond_prefix_len = check_int(
+            "cond_prefix_len", cond_prefix_len, min=0, max=self.max_seq_len - 1
+        )
         if token_critic is not None and self_token_critic:
             raise ValueError("pass either token_critic or self_token_critic=True, not both")
 
@@ -135,6 +149,18 @@ class NonAutoregressiveWrapper(nn.Module):
         ce = F.cross_entropy(logits.float(), x[rows, cols], reduction="none")  # (M,) nats
         return ce, logits, rows, cols
 
+    def _condition(self, condition: Tensor | None, b: int, n: int, device: Any) -> Tensor:
+        """(B, N) bool: the given (condition) positions of a batch."""
+        if condition is None:
+            return (torch.arange(n, device=device) < self.cond_prefix_len).expand(b, n)
+        if not isinstance(condition, Tensor) or condition.dtype != torch.bool:
+            raise TypeError(f"condition must be a bool tensor, got {condition!r:.80}")
+        if condition.shape not in ((n,), (b, n)):
+            raise ValueError(
+                f"condition must have shape ({n},) or ({b}, {n}), got {tuple(condition.shape)}"
+            )
+        return condition.to(device).expand(b, n)
+
     def _check_x(self, x: Any) -> Tensor:
         return check_tokens(
             "x",
@@ -151,15 +177,26 @@ class NonAutoregressiveWrapper(nn.Module):
         only_train_generator: bool = False,
         only_train_critic: bool = False,
         generator_sample_temperature: float | None = None,
+        condition: Tensor | None = None,
         **kwargs: Any,
     ) -> Losses:
-        """x: (B, max_seq_len) clean tokens -> Losses(loss, generator_loss, critic_loss)."""
+        """x: (B, max_seq_len) clean tokens -> Losses(loss, generator_loss, critic_loss).
+
+        condition: (N,) or (B, N) bool, positions of x that are given (a class token, a prompt):
+        never masked and not in the loss; dropped to mask tokens with probability
+        cond_drop_prob per row. Default: the first cond_prefix_len positions.
+        """
         x = self._check_x(x)
         if only_train_generator and only_train_critic:
             raise ValueError("only_train_generator and only_train_critic cannot both be True")
         b, n = x.shape
-        t = stratified_times(b, device=x.device)  # (B,)
-        mask = draw_masks(self.schedule.mask_ratio(t), (b, n), device=x.device)  # (B, N)
+        cond = self._condition(condition, b, n, x.device)  # (B, N) bool
+        counts = t = None
+        if self.use_simple_mdlm_loss_weight and self.mdlm_estimator == "count":
+            mask, counts = count_masks(~cond)  # (B, N), (B,)
+        else:
+            t = stratified_times(b, device=x.device)  # (B,)
+            mask = draw_masks(self.schedule.mask_ratio(t), (b, n), device=x.device) & ~cond
         inp = augment_masked(
             x,
             mask,
@@ -168,11 +205,16 @@ class NonAutoregressiveWrapper(nn.Module):
             no_replace_prob=self.no_replace_prob,
             random_token_prob=self.random_token_prob,
         )
+        if self.cond_drop_prob > 0:
+            drop = torch.rand(b, device=x.device) < self.cond_drop_prob  # (B,)
+            inp = inp.masked_fill(cond & drop[:, None], self.mask_id)
         self_condition = self.self_cond and float(torch.rand(())) < self.self_cond_train_prob
         with torch.set_grad_enabled(torch.is_grad_enabled() and not only_train_critic):
             ce, logits, rows, cols = self._masked_ce(x, inp, mask, self_condition, **kwargs)
-            weight = mdlm_weight(self.schedule, t) if self.use_simple_mdlm_loss_weight else None
-            generator_loss = masked_loss(ce, rows, b, n, weight)
+            weight = None
+            if self.use_simple_mdlm_loss_weight and t is not None:
+                weight = mdlm_weight(self.schedule, t)
+            generator_loss = masked_loss(ce, rows, b, (~cond).sum(-1), weight, counts)
         if not self.has_critic or only_train_generator:
             return Losses(generator_loss, generator_loss, None)
 
@@ -206,9 +248,13 @@ class NonAutoregressiveWrapper(nn.Module):
         discrete_steps: int | None = None,
         generator: torch.Generator | None = None,
         reduction: str = "none",
+        condition: Tensor | None = None,
         **kwargs: Any,
     ) -> Tensor:
         """The MDLM negative ELBO of `x` (B, max_seq_len) in bits per token: (B,) or the mean.
+
+        With a condition (`cond_prefix_len`, or `condition` as in `forward`), the bound is that of
+        the other tokens given the condition, per token of those.
 
         Continuous time (default): the times t_j = (j + 0.5) / num_times, one Bernoulli(m(t_j))
         mask draw each, weight m'(t)/m(t). `discrete_steps=T`: the T-step discrete-time bound,
@@ -218,6 +264,7 @@ class NonAutoregressiveWrapper(nn.Module):
         x = self._check_x(x)
         check_choice("reduction", reduction, ("none", "mean"))
         b, n = x.shape
+        cond = self._condition(condition, b, n, x.device)  # (B, N)
         if discrete_steps is None:
             times = midpoint_times(check_int("num_times", num_times, min=1), device=x.device)
             weights = mdlm_weight(self.schedule, times) / len(times)  # average over times
@@ -231,13 +278,13 @@ class NonAutoregressiveWrapper(nn.Module):
             total = torch.zeros(b, dtype=torch.float64, device=x.device)
             for t, w in zip(times, weights):
                 ratio = self.schedule.mask_ratio(t.expand(b))
-                mask = draw_masks(ratio, (b, n), generator=generator, device=x.device)
+                mask = draw_masks(ratio, (b, n), generator=generator, device=x.device) & ~cond
                 inp = x.masked_fill(mask, self.mask_id)
                 ce, _, rows, _ = self._masked_ce(x, inp, mask, self.self_cond, **kwargs)
                 total.index_add_(0, rows, ce.double() * w)
         finally:
             self.train(was_training)
-        bits = total / (n * math.log(2))  # (B,) bits per token
+        bits = total / ((~cond).sum(-1).clamp_min(1) * math.log(2))  # (B,) bits per token
         return bits.mean() if reduction == "mean" else bits
 
     # ------------------------------------------------------------------ generation
@@ -258,6 +305,7 @@ class NonAutoregressiveWrapper(nn.Module):
         generator: torch.Generator | None = None,
         return_history: bool = False,
         callback: Callable[[int, Tensor], Any] | None = None,
+        guidance_scale: float | None = None,
         **kwargs: Any,
     ) -> Tensor | tuple[Tensor, Tensor]:
         """Iterative demasking from a fully masked start (seed 002), or filling a prompt's masks.
@@ -269,6 +317,13 @@ class NonAutoregressiveWrapper(nn.Module):
         states after each step, (steps, B, seq_len) (batch dim dropped like the output).
         `anneal_temperature=False` keeps start_temperature at every step (exact MDLM ancestral
         sampling: sampler='ancestral', filter_thres=0). **kwargs go to the network.
+
+        Conditions: with `cond_prefix_len` > 0, the prompt's first cond_prefix_len tokens are the
+        condition; where they are mask_id the condition is dropped and they stay masked
+        (unconditional sampling). Without it, every given token of the prompt is the condition.
+        `guidance_scale=w`: classifier-free guidance, sampling from u + w (c - u) with c the
+        conditional and u the unconditional logits (the condition masked); w = 0 samples
+        unconditionally, w = 1 conditionally (see `demask.decoding.masked.Guidance`).
         """
         if batch_size is not None:
             check_int("batch_size", batch_size, min=1)
@@ -278,6 +333,22 @@ class NonAutoregressiveWrapper(nn.Module):
         steps = self.steps if steps is None else check_int("steps", steps, min=1)
         strategy = get_sampler(sampler) if sampler is not None else get_sampler("confidence")
         seq, squeeze = self._start(batch_size, prompt, seq_len)
+        given = seq != self.mask_id  # (B, N)
+        frozen = None
+        if self.cond_prefix_len:
+            prefix = torch.arange(seq.shape[1], device=seq.device) < self.cond_prefix_len
+            frozen = prefix & ~given  # a dropped condition stays dropped
+            given = given & prefix
+        guidance = None
+        if guidance_scale is not None:
+            scale = check_float("guidance_scale", guidance_scale, min=0.0)
+            if not bool(given.any()):
+                raise ValueError(
+                    "guidance_scale needs a condition to guide by: a prompt with given tokens "
+                    f"(or a class token with cond_prefix_len > 0), got guidance_scale={scale} "
+                    "and no given token"
+                )
+            guidance = Guidance(scale, given)
 
         history: list[Tensor] = []
 
@@ -309,6 +380,8 @@ class NonAutoregressiveWrapper(nn.Module):
                 generator=generator,
                 callback=on_step if (return_history or callback is not None) else None,
                 net_kwargs=kwargs,
+                guidance=guidance,
+                frozen=frozen,
             )
         finally:
             self.train(was_training)

@@ -1,0 +1,243 @@
+"""ablation: one change per row against the reference, several seeds, masked models on bytes.
+
+Each row trains one masked model with the quality suite's recipe (`benchmarks.quality`: the
+Shakespeare bytes, seq 256, AdamW at lr 1e-3 with a 20-step warm-up, gradient norm clipped at 1,
+the same batches for every row at a given seed) and scores it with demask's evaluator: the
+validation NELBO in bits per byte (32 windows, 32 fixed times) and the cross-entropy of the masked
+bytes with exactly 5% of the bytes masked (13 of 256), which shows whether the model uses its
+context (the unigram entropy of these bytes is about 4.8 bits).
+
+Rows are changes to demask's masked model, and the reference library's masked model with its
+better objective (`use_simple_mdlm_loss_weight=False`, mean cross-entropy). The `--positions`
+option picks rotary or learned absolute positions (the seed configuration) for every row.
+Jobs (row x seed) run in `--jobs` processes of one thread each, seed-major, so a partial run
+already has every row at the first seeds. The table gives the mean and the spread (min-max).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import multiprocessing as mp
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from benchmarks import harness, quality
+from benchmarks.libs import build_net, load
+
+NAME = "ablation"
+
+
+@dataclass(frozen=True)
+class Row:
+    """One change: the library, wrapper and layer options, and an optional re-initialisation."""
+
+    lib: str = "demask"
+    wrapper: dict[str, Any] = field(default_factory=dict)
+    layers: dict[str, Any] = field(default_factory=dict)
+    init: str | None = None  # a key of INITS, applied after the net is built
+    estimator: str | None = None  # demask's NonAutoregressiveWrapper.mdlm_estimator
+    note: str = ""
+
+
+def _resid_scaled(net: nn.Module) -> None:
+    """GPT-2's scaled residual init: the output projections of every block at 0.02 / sqrt(2L)."""
+    depth = net.attn_layers.depth
+    for block in net.attn_layers.blocks:
+        for lin in (block.attn.to_out, block.ff.proj_out):
+            nn.init.normal_(lin.weight, std=0.02 / math.sqrt(2 * depth))
+
+
+def _emb_kaiming(net: nn.Module) -> None:
+    """Token embeddings at std sqrt(2 / dim) (the reference's kaiming-normal scale)."""
+    nn.init.normal_(net.token_emb.weight, std=math.sqrt(2 / net.emb_dim))
+
+
+def _emb_unit(net: nn.Module) -> None:
+    """Token embeddings at std 1 / sqrt(dim) (unit-norm rows)."""
+    nn.init.normal_(net.token_emb.weight, std=1 / math.sqrt(net.emb_dim))
+
+
+def _pos_sinusoid(net: nn.Module) -> None:
+    """Learned absolute positions initialised as sinusoids (Vaswani et al. 2017) at the token
+    embeddings' scale: offsets are then linear maps of the table, so attention by relative
+    position is available from the first step."""
+    table = net.abs_pos_emb.weight
+    n, d = table.shape
+    pos = torch.arange(n, dtype=torch.float64)[:, None]
+    inv = 1.0 / 10000 ** (torch.arange(0, d, 2, dtype=torch.float64) / d)
+    sin = torch.zeros(n, d, dtype=torch.float64)
+    sin[:, 0::2], sin[:, 1::2] = torch.sin(pos * inv), torch.cos(pos * inv)
+    with torch.no_grad():
+        table.copy_(sin * (net.token_emb.weight.std().double() / sin.std()))
+
+
+def _pos_sinusoid_embk(net: nn.Module) -> None:
+    _emb_kaiming(net)
+    _pos_sinusoid(net)
+
+
+INITS: dict[str, Callable[[nn.Module], None]] = {
+    "resid_scaled": _resid_scaled,
+    "emb_kaiming": _emb_kaiming,
+    "emb_unit": _emb_unit,
+    "pos_sinusoid": _pos_sinusoid,
+    "pos_sinusoid_embk": _pos_sinusoid_embk,
+}
+
+ROWS: dict[str, Row] = {
+    "reference-ce": Row("reference", {"use_simple_mdlm_loss_weight": False},
+                        note="the reference, mean CE (its better objective)"),  # fmt: skip
+    "demask-mdlm-time": Row(estimator="time", note="MDLM, time t ~ U, Bernoulli masks, 1/t weight"),
+    "demask-mdlm-count": Row(estimator="count", note="MDLM, uniform exact count, row-mean CE"),
+    "demask-ce": Row(wrapper={"use_simple_mdlm_loss_weight": False}, note="mean CE (MaskGIT)"),
+    "demask-count-noaug": Row(
+        wrapper={"no_replace_prob": 0.0, "random_token_prob": 0.0},
+        estimator="count",
+        note="count, no BERT augmentation",
+    ),
+    "demask-count-rot32": Row(
+        layers={"rotary_emb_dim": 32}, estimator="count", note="count, rotary on 32 of 64"
+    ),
+    "demask-count-resid": Row(init="resid_scaled", estimator="count", note="count, scaled resid"),
+    "demask-count-embk": Row(init="emb_kaiming", estimator="count", note="count, emb std sqrt(2/d)"),
+    "demask-count-embu": Row(init="emb_unit", estimator="count", note="count, emb std 1/sqrt(d)"),
+    # absolute positions only
+    "demask-count-possin": Row(
+        init="pos_sinusoid", estimator="count", note="count, sinusoid-initialised positions"
+    ),
+    "demask-count-possin-embk": Row(
+        init="pos_sinusoid_embk", estimator="count", note="count, sinusoid positions, emb sqrt(2/d)"
+    ),
+}
+
+
+@dataclass(frozen=True)
+class Config(quality.Config):
+    dim: int = 128
+    steps: int = 400
+    positions: str = "rotary"  # rotary | absolute
+    ce_windows: int = 32
+    ce_draws: int = 4  # mask draws per window for the 5% cross-entropy
+
+
+def build(row: Row, cfg: Config) -> nn.Module:
+    lib = load(row.lib)
+    torch.manual_seed(cfg.seed)
+    layers = dict(row.layers)
+    if cfg.positions == "rotary":
+        layers["rotary_pos_emb"] = True
+    net = build_net(lib, causal=False, num_tokens=257, max_seq_len=cfg.seq_len, dim=cfg.dim,
+                    depth=cfg.depth, heads=cfg.heads, **layers)  # fmt: skip
+    if row.init is not None:
+        torch.manual_seed(cfg.seed + 1)
+        INITS[row.init](net)
+    model = lib.NonAutoregressiveWrapper(net, mask_id=256, **row.wrapper)
+    if row.estimator is not None:
+        model.mdlm_estimator = row.estimator
+    return model
+
+
+def scored_wrapper(row: Row, model: nn.Module, cfg: Config) -> nn.Module:
+    """A demask wrapper that scores `model` (the reference's logits through an adapter)."""
+    if row.lib == "demask":
+        return model
+    nar = load("demask").NonAutoregressiveWrapper
+    return nar(quality.LogitsAsEmbeddings(model.net, 257, cfg.seq_len), mask_id=256)
+
+
+@torch.no_grad()
+def ce_at_rate(scored: Any, windows: list[Tensor], count: int, draws: int, seed: int) -> float:
+    """Mean CE (bits) of the masked bytes with exactly `count` of every window's bytes masked."""
+    from demask.objectives.masked import augment_masked  # noqa: F401  (demask on the path)
+
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.stack(windows)  # (W, N)
+    total, n = 0.0, 0
+    scored.eval()
+    for _ in range(draws):
+        ranks = torch.rand(x.shape, generator=gen).argsort(-1).argsort(-1)
+        mask = ranks < count
+        inp = x.masked_fill(mask, 256)
+        for i in range(0, len(x), 16):
+            ce, *_ = scored._masked_ce(x[i : i + 16], inp[i : i + 16], mask[i : i + 16], False)
+            total += float(ce.sum())
+            n += ce.numel()
+    return total / n / math.log(2)
+
+
+def run_job(job: tuple[str, int, dict[str, Any]]) -> dict[str, Any]:
+    name, seed, cfg_dict = job
+    torch.set_num_threads(1)
+    cfg = Config(**{**cfg_dict, "seed": seed})
+    row = ROWS[name]
+    evaluate, get_batch, get_dataset = quality._demask_modules()
+    train_ds = get_dataset(cfg.data, split="train", seq_len=cfg.seq_len)
+    val_ds = get_dataset(cfg.data, split="val", seq_len=cfg.seq_len)
+    windows = quality.eval_windows(val_ds, cfg.eval_windows)
+    model = build(row, cfg)
+    run = quality.train(model, cfg, train_ds, get_batch)
+    scored = scored_wrapper(row, model, cfg)
+    bits = evaluate.likelihood_bits_per_token(scored, windows, cfg.eval_batch, seed=0)
+    ce5 = ce_at_rate(scored, windows[: cfg.ce_windows], round(0.05 * cfg.seq_len), cfg.ce_draws, 0)
+    out = {"row": name, "seed": seed, "nelbo": bits, "ce_t005": ce5, "train_s": run["train_s"]}
+    out["final_loss_mean10"] = sum(run["losses"][-10:]) / 10
+    print(f"{name} seed {seed}: NELBO {bits:.4f}, CE@5% {ce5:.3f} ({run['train_s']:.0f} s)",
+          flush=True)  # fmt: skip
+    return out
+
+
+def summarise(results: list[dict[str, Any]], rows: list[str]) -> list[list[Any]]:
+    ref = [r["nelbo"] for r in results if r["row"] == "reference-ce"]
+    ref_mean = statistics.mean(ref) if ref else float("nan")
+    table = []
+    for name in rows:
+        got = [r for r in results if r["row"] == name]
+        if not got:
+            continue
+        nelbo = [r["nelbo"] for r in got]
+        ce = [r["ce_t005"] for r in got]
+        mean = statistics.mean(nelbo)
+        table.append([name, len(got), f"{mean:.3f}", f"{min(nelbo):.3f}-{max(nelbo):.3f}",
+                      f"{mean / ref_mean:.3f}", f"{statistics.mean(ce):.3f}", ROWS[name].note])  # fmt: skip
+    return table
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--dim", type=int, default=None)
+    p.add_argument("--positions", choices=("rotary", "absolute"), default="rotary")
+    p.add_argument("--jobs", type=int, default=2, help="processes, one thread each")
+    p.add_argument("--data", default=None, help="the Shakespeare folder")
+
+
+def main(args: argparse.Namespace) -> dict[str, Any]:
+    cfg = Config(positions=args.positions)
+    if args.smoke:
+        cfg = replace(cfg, **{k: v for k, v in asdict(quality.SMOKE).items() if k != "data"},
+                      ce_windows=4, ce_draws=1)  # fmt: skip
+    for k in ("steps", "dim"):
+        if getattr(args, k) is not None:
+            cfg = replace(cfg, **{k: getattr(args, k)})
+    cfg = replace(cfg, data=str(quality.data_folder(args.data)))
+    jobs = [(name, seed, asdict(cfg)) for seed in args.seeds for name in args.rows]
+    start = time.perf_counter()
+    if args.jobs > 1:
+        with mp.get_context("spawn").Pool(args.jobs) as pool:
+            results = list(pool.imap(run_job, jobs))
+    else:
+        results = [run_job(j) for j in jobs]
+    table = summarise(results, args.rows)
+    print(f"## {NAME}  (config {asdict(cfg)}; seeds {args.seeds}; "
+          f"{time.perf_counter() - start:.0f} s)")  # fmt: skip
+    print(harness.format_table(
+        ["row", "seeds", "NELBO mean", "min-max", "/ reference", "CE@5% bits", "change"], table))  # fmt: skip
+    return harness.record(NAME, asdict(cfg), results, seeds=args.seeds, args=vars(args))

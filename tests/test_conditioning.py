@@ -1,0 +1,142 @@
+"""Conditions and classifier-free guidance for masked models: the class-token dataset, condition
+positions in training (never masked, dropped with cond_drop_prob), the NELBO of the rest given
+the condition, and guided generation (w = 0 is unconditional sampling, exactly)."""
+
+import pytest
+import torch
+from torch import nn
+
+from demask import Encoder, NonAutoregressiveWrapper, TransformerWrapper
+from demask.data import digits_labels, get_dataset
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+V, N, MASK = 6, 8, 6  # vocabulary 6 (ids 0..5), length 8, mask id 6
+
+
+class Recorder(nn.Module):
+    """A TransformerWrapper that remembers the token inputs of its forward calls."""
+
+    def __init__(self, net: TransformerWrapper):
+        super().__init__()
+        self.inner = net
+        self.num_tokens, self.max_seq_len, self.emb_dim = (
+            net.num_tokens,
+            net.max_seq_len,
+            net.emb_dim,
+        )
+        self.attn_layers = net.attn_layers
+        self.inputs: list[torch.Tensor] = []
+
+    def forward(self, x, **kw):
+        self.inputs.append(x.clone())
+        return self.inner(x, **kw)
+
+    def logits_from_embeddings(self, emb):
+        return self.inner.logits_from_embeddings(emb)
+
+
+def wrapper(record=False, **kw):
+    torch.manual_seed(0)
+    net = TransformerWrapper(num_tokens=V + 1, max_seq_len=N,
+                             attn_layers=Encoder(dim=16, depth=1, heads=2))  # fmt: skip
+    if record:
+        net = Recorder(net)
+    kw = dict(no_replace_prob=0.0, random_token_prob=0.0) | kw
+    return NonAutoregressiveWrapper(net, mask_id=MASK, **kw)
+
+
+def batch(b=512):
+    return torch.randint(0, V, (b, N), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("estimator", ["count", "time"])
+@pytest.mark.parametrize("drop", [0.0, 0.3])
+def test_condition_is_never_masked_and_dropped_at_its_rate(drop, estimator):
+    w = wrapper(record=True, cond_prefix_len=2, cond_drop_prob=drop)
+    w.mdlm_estimator = estimator
+    x = batch()
+    torch.manual_seed(5)
+    w(x)
+    (inp,) = w.net.inputs
+    dropped = (inp[:, :2] == MASK).all(-1)  # (B,) both condition tokens masked together
+    kept = (inp[:, :2] == x[:, :2]).all(-1)
+    assert bool((dropped | kept).all())  # a condition is shown whole or dropped whole
+    assert abs(float(dropped.float().mean()) - drop) < 0.06
+    if drop == 0:
+        assert not bool(dropped.any())
+    if estimator == "count":  # every row masks 1..6 of the other tokens
+        assert bool((inp[:, 2:] == MASK).any(-1).all())
+
+
+def test_nelbo_with_a_condition_counts_only_the_other_tokens():
+    w = wrapper(cond_prefix_len=2).eval()
+    x = batch(16)
+    g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    with_prefix = w.nelbo(x, num_times=8, generator=g())
+    explicit = torch.zeros(N, dtype=torch.bool)
+    explicit[:2] = True
+    w.cond_prefix_len = 0
+    same = w.nelbo(x, num_times=8, generator=g(), condition=explicit)
+    assert torch.allclose(with_prefix, same)
+    everything = w.nelbo(x, num_times=8, generator=g())
+    assert not torch.allclose(with_prefix, everything)
+
+
+def test_guidance_zero_is_exactly_unconditional_sampling():
+    w = wrapper(cond_prefix_len=1, cond_drop_prob=0.2).eval()
+    cond = torch.full((4, N), MASK)
+    cond[:, 0] = torch.tensor([0, 1, 2, 3])
+    uncond = torch.full((4, N), MASK)
+    kw = dict(sampler="ancestral", steps=N, filter_thres=0.0, anneal_temperature=False)
+    guided = w.generate(
+        prompt=cond, guidance_scale=0.0, generator=torch.Generator().manual_seed(7), **kw
+    )
+    plain = w.generate(prompt=uncond, generator=torch.Generator().manual_seed(7), **kw)
+    assert torch.equal(guided[:, 1:], plain[:, 1:])
+    assert torch.equal(guided[:, 0], cond[:, 0])  # the given condition is kept
+    assert bool((plain[:, 0] == MASK).all())  # a dropped condition stays dropped
+    assert not bool((plain[:, 1:] == MASK).any())
+
+
+def test_guidance_changes_samples_and_validates():
+    w = wrapper(cond_prefix_len=1).eval()
+    with torch.no_grad():  # make the class token matter: a sharp head
+        w.net.to_logits.weight.mul_(30)
+    cond = torch.full((8, N), MASK)
+    cond[:, 0] = 2
+    kw = dict(sampler="ancestral", steps=N, filter_thres=0.0, anneal_temperature=False)
+    a = w.generate(
+        prompt=cond, guidance_scale=1.0, generator=torch.Generator().manual_seed(0), **kw
+    )
+    b = w.generate(
+        prompt=cond, guidance_scale=4.0, generator=torch.Generator().manual_seed(0), **kw
+    )
+    assert not torch.equal(a, b)
+    with pytest.raises(ValueError, match="guidance_scale"):
+        w.generate(batch_size=2, guidance_scale=2.0)  # no condition to guide by
+    with pytest.raises(ValueError, match="guidance_scale"):
+        w.generate(prompt=cond, guidance_scale=-1.0)
+
+
+def test_constructor_checks_condition_arguments():
+    with pytest.raises(ValueError, match="cond_drop_prob"):
+        wrapper(cond_drop_prob=1.5)
+    with pytest.raises(ValueError, match="cond_prefix_len"):
+        wrapper(cond_prefix_len=N)
+    w = wrapper()
+    with pytest.raises(ValueError, match="condition"):
+        w(batch(4), condition=torch.ones(N + 1, dtype=torch.bool))
+
+
+def test_labelled_digits_put_the_class_token_first():
+    ds = get_dataset("digits-labelled", "val")
+    plain = get_dataset("digits", "val")
+    tok = ds.tokenizer
+    assert (ds.seq_len, tok.vocab_size, ds.condition_len) == (65, 27, 1)
+    labels = torch.as_tensor(digits_labels("val"))
+    rows = torch.stack([ds[i] for i in range(len(ds))])
+    assert torch.equal(rows[:, 0], 17 + labels)
+    assert torch.equal(rows[:, 1:], torch.stack([plain[i] for i in range(len(plain))]))
+    assert (tok.decode(rows[:3]) == plain.tokenizer.decode(rows[:3, 1:])).all()
+    assert tok.class_token(7) == 24
