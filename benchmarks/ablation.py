@@ -92,8 +92,11 @@ INITS: dict[str, Callable[[nn.Module], None]] = {
 }
 
 ROWS: dict[str, Row] = {
-    "reference-ce": Row("reference", {"use_simple_mdlm_loss_weight": False},
-                        note="the reference, mean CE (its better objective)"),  # fmt: skip
+    "reference-ce": Row(
+        "reference",
+        {"use_simple_mdlm_loss_weight": False},
+        note="the reference, mean CE (its better objective)",
+    ),  # fmt: skip
     "demask-mdlm-time": Row(estimator="time", note="MDLM, time t ~ U, Bernoulli masks, 1/t weight"),
     "demask-mdlm-count": Row(estimator="count", note="MDLM, uniform exact count, row-mean CE"),
     "demask-ce": Row(wrapper={"use_simple_mdlm_loss_weight": False}, note="mean CE (MaskGIT)"),
@@ -106,7 +109,9 @@ ROWS: dict[str, Row] = {
         layers={"rotary_emb_dim": 32}, estimator="count", note="count, rotary on 32 of 64"
     ),
     "demask-count-resid": Row(init="resid_scaled", estimator="count", note="count, scaled resid"),
-    "demask-count-embk": Row(init="emb_kaiming", estimator="count", note="count, emb std sqrt(2/d)"),
+    "demask-count-embk": Row(
+        init="emb_kaiming", estimator="count", note="count, emb std sqrt(2/d)"
+    ),
     "demask-count-embu": Row(init="emb_unit", estimator="count", note="count, emb std 1/sqrt(d)"),
     # absolute positions only
     "demask-count-possin": Row(
