@@ -140,3 +140,45 @@ def test_labelled_digits_put_the_class_token_first():
     assert torch.equal(rows[:, 1:], torch.stack([plain[i] for i in range(len(plain))]))
     assert (tok.decode(rows[:3]) == plain.tokenizer.decode(rows[:3, 1:])).all()
     assert tok.class_token(7) == 24
+
+
+# ------------------------------------------------------------------------------------ CLI
+
+
+def test_cli_trains_a_conditional_model_and_samples_a_class(tmp_path, capsys):
+    import json
+
+    from demask.checkpoint import load_checkpoint
+    from demask.cli import main
+
+    run = tmp_path / "cond"
+    tiny = ["--dim", "16", "--depth", "1", "--heads", "2", "--batch-size", "8", "--quiet"]
+    argv = ["train", "--data", "digits", "--conditional", "--steps", "2", "--out", str(run)]
+    assert main([*argv, "--cond-drop-prob", "0.25", *tiny]) == 0
+    cfg = load_checkpoint(run).model_config
+    assert (cfg.cond_prefix_len, cfg.cond_drop_prob, cfg.seq_len, cfg.num_tokens) == (
+        1,
+        0.25,
+        65,
+        27,
+    )
+    out = tmp_path / "samples"
+    argv = ["sample", "--checkpoint", str(run), "--num", "4", "--steps", "8", "--out", str(out)]
+    assert main([*argv, "--class", "7", "--guidance", "2"]) == 0
+    assert (out / "samples.png").is_file() and (out / "demasking.png").is_file()
+    code = main(["eval", "--checkpoint", str(run), "--num", "4", "--steps", "8", "--class", "3",
+                 "--json", str(tmp_path / "e.json"), "--max-batches", "1"])  # fmt: skip
+    assert code == 0
+    res = json.loads((tmp_path / "e.json").read_text())
+    assert res["sampling"]["class_label"] == 3 and 0 <= res["quality"]["class_accuracy"] <= 1
+    capsys.readouterr()
+    # errors name the option: a class out of range, guidance without a class, a plain model
+    assert main([*argv, "--class", "10"]) == 2
+    assert "--class" in capsys.readouterr().err
+    assert main([*argv, "--guidance", "2"]) == 2
+    assert "--guidance" in capsys.readouterr().err
+    assert (
+        main(["train", "--data", "python-stdlib", "--conditional", "--out", str(tmp_path / "x")])
+        == 2
+    )
+    assert "--conditional" in capsys.readouterr().err

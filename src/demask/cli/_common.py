@@ -101,6 +101,17 @@ def positive_int(text: str) -> int:
     return value
 
 
+def non_negative_int(text: str) -> int:
+    """argparse type: an int >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
+
+
 def non_negative_float(text: str) -> float:
     """argparse type: a finite float >= 0."""
     try:
@@ -145,6 +156,18 @@ def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="masked models: anneal the temperature linearly to 0 over the steps (the seed's "
         "MaskGIT decoding); default: a constant temperature",
+    )
+    p.add_argument(
+        "--class",
+        dest="class_label",
+        type=non_negative_int,
+        help="class-conditional models (demask train --conditional): generate this class",
+    )
+    p.add_argument(
+        "--guidance",
+        type=non_negative_float,
+        help="with --class: classifier-free guidance scale w, sampling from u + w (c - u) "
+        "(0 = unconditional, 1 = conditional, > 1 stronger); default: plain conditional",
     )
     p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     p.add_argument("--device", help="cpu | cuda (default: cuda if available, else cpu)")

@@ -34,10 +34,16 @@ def likelihood(run: Run, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def image_quality(run: Run, samples: Any, args: argparse.Namespace) -> dict[str, Any]:
-    """Digits classifier metrics of the generated images."""
-    from demask.metrics import digits_quality
+    """Digits classifier metrics of the generated images (and, with --class, how many the
+    classifier puts in that class)."""
+    from demask.metrics import digits_class_accuracy, digits_quality
 
-    return digits_quality(samples)
+    pixels = samples[..., getattr(run.tokenizer, "prefix_len", 0) :]  # no class token
+    out = digits_quality(pixels)
+    label = getattr(args, "class_label", None)
+    if label is not None:
+        out["class_accuracy"] = digits_class_accuracy(pixels, [label] * len(pixels))
+    return out
 
 
 def text_quality(run: Run, samples: Any, args: argparse.Namespace) -> dict[str, Any]:
@@ -97,7 +103,8 @@ def evaluate_run(run: Run, args: argparse.Namespace) -> dict[str, Any]:
     samples = generate(run, args)
     sampling = {"num": int(samples.tokens.shape[0]), "seed": args.seed}
     sampling.update(SAMPLING_DEFAULTS.get(run.kind, {}))
-    for name in ("temperature", "steps", "sampler", "filter_thres", "anneal"):
+    for name in ("temperature", "steps", "sampler", "filter_thres", "anneal", "class_label",
+                 "guidance"):  # fmt: skip
         if getattr(args, name, None) not in (None, False):
             sampling[name] = getattr(args, name)
     results["sampling"] = sampling

@@ -108,6 +108,36 @@ def _masked_prompt(run: Run, prompt: list[int | None], num: int) -> Tensor:
     return torch.tensor(ids, dtype=torch.long).expand(num, n).clone()  # (num, N)
 
 
+def no_class_tokens(tokenizer: Any) -> Callable[[Tensor], Tensor] | None:
+    """A logits filter that never samples a class token at a pixel (labelled data), or None."""
+    classes = getattr(tokenizer, "num_classes", 0)
+    if not classes:
+        return None
+    first = tokenizer.levels
+
+    def only_pixels(logits: Tensor) -> Tensor:  # (M, V)
+        logits[:, first : first + classes] = -torch.inf
+        return logits
+
+    return only_pixels
+
+
+def _class_prompt(run: Run, label: int, num: int) -> Tensor:
+    """(num, N): the class token of `label`, then mask tokens to fill."""
+    classes = getattr(run.tokenizer, "num_classes", 0)
+    if not classes or not getattr(run.model, "cond_prefix_len", 0):
+        raise CLIError(
+            f"--class {label}: this model is not class-conditional (train one with "
+            "`demask train --data digits --conditional`)"
+        )
+    if label >= classes:
+        raise CLIError(f"--class: expected a class in 0..{classes - 1}, got {label}")
+    n = run.checkpoint.model_config.seq_len
+    prompt = torch.full((num, n), run.model.mask_id, dtype=torch.long)
+    prompt[:, 0] = run.tokenizer.class_token(label)
+    return prompt
+
+
 def generate_masked(run: Run, opts: argparse.Namespace, prompt: list[int | None] | None) -> Samples:
     """Iterative demasking (the wrapper's `generate`), with the step-by-step states kept.
 
@@ -124,11 +154,19 @@ def generate_masked(run: Run, opts: argparse.Namespace, prompt: list[int | None]
         "filter_thres": getattr(opts, "filter_thres", None) or 0.0,
         "anneal_temperature": bool(getattr(opts, "anneal", False)),
         "start_temperature": opts.temperature,
+        "logits_filter": no_class_tokens(run.tokenizer),
     }
     if getattr(opts, "steps", None) is not None:
         kwargs["steps"] = opts.steps
     if prompt is not None:
         kwargs["prompt"] = _masked_prompt(run, prompt, opts.num).to(dev)
+    label, guidance = getattr(opts, "class_label", None), getattr(opts, "guidance", None)
+    if label is not None:
+        kwargs["prompt"] = _class_prompt(run, label, opts.num).to(dev)
+    elif guidance is not None:
+        raise CLIError(f"--guidance {guidance}: guidance needs a condition; give --class too")
+    if guidance is not None:
+        kwargs["guidance_scale"] = guidance
     tokens, history = run.model.generate(batch_size=opts.num, **kwargs)
     return Samples(tokens.cpu(), history.cpu())
 
@@ -191,6 +229,8 @@ GENERATORS: dict[str, Callable[[Run, argparse.Namespace, list[int | None] | None
 def generate(run: Run, opts: argparse.Namespace) -> Samples:
     """Samples from `run` as `opts` (num, seed, temperature, prompt, ...) ask."""
     prompt = None
+    if run.kind != "masked" and getattr(opts, "class_label", None) is not None:
+        raise CLIError("--class: class-conditional sampling needs a masked model")
     if getattr(opts, "prompt", None) is not None:
         if run.modality != "text":
             raise CLIError(
@@ -218,8 +258,9 @@ def write_image_samples(run: Run, samples: Samples, out: Path) -> list[str]:
     written = [grid]
     if samples.history is not None:
         mask_id = run.model.mask_id
-        start = torch.full_like(samples.history[:1], mask_id)  # (1, B, N): the fully masked start
-        history = torch.cat([start, samples.history])  # (steps + 1, B, N)
+        pixels = samples.history[..., getattr(run.tokenizer, "prefix_len", 0) :]  # no class token
+        start = torch.full_like(pixels[:1], mask_id)  # (1, B, N): the fully masked start
+        history = torch.cat([start, pixels])  # (steps + 1, B, N)
         written.append(
             pictures.save_demasking_strip(
                 history,

@@ -39,6 +39,26 @@ def data_spec(spec: str) -> str:
     return spec if spec in DATASETS else str(Path(spec).expanduser().resolve())
 
 
+# dataset -> its labelled form (a class token before each example), for --conditional
+LABELLED = {"digits": "digits-labelled"}
+DEFAULT_COND_DROP_PROB = 0.1  # --conditional: rows trained without their class
+
+
+def _labelled(data: str, args: argparse.Namespace) -> str:
+    """The dataset to load: the labelled form of `data` with --conditional."""
+    if getattr(args, "cond_drop_prob", None) is not None and not args.conditional:
+        raise CLIError("--cond-drop-prob applies to --conditional models; add --conditional")
+    if not args.conditional or data in LABELLED.values():
+        return data
+    if data not in LABELLED:
+        raise CLIError(
+            f"--conditional: {data!r} has no labels; labelled data: {', '.join(sorted(LABELLED))}"
+        )
+    if args.model == "autoregressive":
+        raise CLIError("--conditional: class-conditional training needs --model masked")
+    return LABELLED[data]
+
+
 def default_out(data: str, kind: str) -> str:
     """runs/<data name>-<model kind>, e.g. runs/digits-masked."""
     return f"runs/{Path(data).name or 'data'}-{kind}"
@@ -55,7 +75,8 @@ def _resume_configs(args: argparse.Namespace, out: str) -> tuple[Any, Any]:
             "resume it without --model or pick another --out"
         )
     saved_data = train_cfg.data if train_cfg is not None else None
-    if args.data is not None and saved_data is not None and data_spec(args.data) != saved_data:
+    given = _labelled(data_spec(args.data), args) if args.data is not None else None
+    if given is not None and saved_data is not None and given != saved_data:
         raise CLIError(f"--data {args.data!r}: the run in {out!r} was trained on {saved_data!r}")
     # model options must match the saved ones (train() refuses a different model config)
     model_cfg = dataclasses.replace(model_cfg, **_given(args, MODEL_OPTIONS))
@@ -68,7 +89,7 @@ def _fresh_configs(args: argparse.Namespace, out: str) -> tuple[Any, Any]:
     from demask.config import ModelConfig, TrainConfig
     from demask.data import get_dataset
 
-    data = data_spec(args.data or "digits")
+    data = _labelled(data_spec(args.data or "digits"), args)
     # load the data first: a missing, empty, binary or too-short data path fails here, before
     # anything is written
     ds = get_dataset(data, "train", seq_len=args.seq_len, max_bytes=args.max_bytes)
@@ -76,6 +97,10 @@ def _fresh_configs(args: argparse.Namespace, out: str) -> tuple[Any, Any]:
     fields = _given(args, MODEL_OPTIONS)
     fields.update(num_tokens=ds.tokenizer.vocab_size, seq_len=ds.seq_len)
     fields.setdefault("kind", "masked")
+    if ds.condition_len:  # a labelled dataset: the class token is the condition
+        drop = getattr(args, "cond_drop_prob", None)
+        fields.update(cond_prefix_len=ds.condition_len,
+                      cond_drop_prob=DEFAULT_COND_DROP_PROB if drop is None else drop)  # fmt: skip
     model_cfg = ModelConfig(**fields)
     train_cfg = TrainConfig(data=data, out=out, **_given(args, TRAIN_OPTIONS))
     return model_cfg, train_cfg

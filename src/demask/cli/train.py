@@ -17,6 +17,7 @@ Data (--data):
 
 Examples:
   demask train --model masked --data digits --steps 2000 --out runs/digits
+  demask train --data digits --conditional --out runs/digits-cond   # then: sample --class 7
   demask train --model autoregressive --data python-stdlib --seq-len 256 --out runs/stdlib-ar
   demask train --data ./my_texts --seq-len 128 --out runs/mine
   demask train --out runs/digits --steps 4000 --resume     # continue runs/digits to step 4000
@@ -44,6 +45,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--depth", type=positive_int, help="number of transformer layers")
     g.add_argument("--heads", type=positive_int, help="attention heads")
     g.add_argument("--schedule", help="masking schedule of a masked model (linear | cosine)")
+    g.add_argument(
+        "--conditional",
+        action="store_true",
+        help="class-conditional masked model on a labelled dataset (digits): a class token "
+        "precedes each image (sample with --class C, and --guidance W)",
+    )
+    g.add_argument(
+        "--cond-drop-prob",
+        type=float,
+        help="with --conditional: share of training rows without their class, so that one "
+        "model learns both and can be guided (default: 0.1)",
+    )
 
     g = p.add_argument_group("how to train")
     g.add_argument("--steps", type=positive_int, help="total optimiser steps")

@@ -180,9 +180,7 @@ class GreyLevelTokenizer:
 
     def __repr__(self) -> str:
         extra = f", num_classes={self.num_classes}" if self.num_classes else ""
-        return (
-            f"GreyLevelTokenizer(levels={self.levels}, image_shape={self.image_shape}{extra})"
-        )
+        return f"GreyLevelTokenizer(levels={self.levels}, image_shape={self.image_shape}{extra})"
 
 
 # name -> class; a new tokenizer (BPE, ...) is one line here.
