@@ -41,9 +41,20 @@ class Row:
     lib: str = "demask"
     wrapper: dict[str, Any] = field(default_factory=dict)
     layers: dict[str, Any] = field(default_factory=dict)
-    init: str | None = None  # a key of INITS, applied after the net is built
+    init: tuple[str, ...] = ()  # keys of INITS, applied in order after the net is built
     estimator: str | None = None  # demask's NonAutoregressiveWrapper.mdlm_estimator
     note: str = ""
+
+
+def _baseline_init(net: nn.Module) -> None:
+    """demask's initialisation before this ablation (every Linear and Embedding N(0, 0.02),
+    zero biases), so that each row is one change from the same start whatever the library's
+    current default is."""
+    for m in net.modules():
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=0.02)
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
 
 
 def _resid_scaled(net: nn.Module) -> None:
@@ -65,22 +76,11 @@ def _emb_unit(net: nn.Module) -> None:
 
 
 def _pos_sinusoid(net: nn.Module) -> None:
-    """Learned absolute positions initialised as sinusoids (Vaswani et al. 2017) at the token
-    embeddings' scale: offsets are then linear maps of the table, so attention by relative
-    position is available from the first step."""
-    table = net.abs_pos_emb.weight
-    n, d = table.shape
-    pos = torch.arange(n, dtype=torch.float64)[:, None]
-    inv = 1.0 / 10000 ** (torch.arange(0, d, 2, dtype=torch.float64) / d)
-    sin = torch.zeros(n, d, dtype=torch.float64)
-    sin[:, 0::2], sin[:, 1::2] = torch.sin(pos * inv), torch.cos(pos * inv)
-    with torch.no_grad():
-        table.copy_(sin * (net.token_emb.weight.std().double() / sin.std()))
+    """Learned absolute positions initialised as sinusoids at the token embeddings' scale
+    (`demask.model.transformer.sinusoidal_init_`, demask's default since this ablation)."""
+    from demask.model.transformer import sinusoidal_init_
 
-
-def _pos_sinusoid_embk(net: nn.Module) -> None:
-    _emb_kaiming(net)
-    _pos_sinusoid(net)
+    sinusoidal_init_(net.abs_pos_emb.weight, std=float(net.token_emb.weight.std()))
 
 
 INITS: dict[str, Callable[[nn.Module], None]] = {
@@ -88,7 +88,6 @@ INITS: dict[str, Callable[[nn.Module], None]] = {
     "emb_kaiming": _emb_kaiming,
     "emb_unit": _emb_unit,
     "pos_sinusoid": _pos_sinusoid,
-    "pos_sinusoid_embk": _pos_sinusoid_embk,
 }
 
 ROWS: dict[str, Row] = {
@@ -108,17 +107,26 @@ ROWS: dict[str, Row] = {
     "demask-count-rot32": Row(
         layers={"rotary_emb_dim": 32}, estimator="count", note="count, rotary on 32 of 64"
     ),
-    "demask-count-resid": Row(init="resid_scaled", estimator="count", note="count, scaled resid"),
+    "demask-count-resid": Row(
+        init=("resid_scaled",), estimator="count", note="count, scaled resid"
+    ),
     "demask-count-embk": Row(
-        init="emb_kaiming", estimator="count", note="count, emb std sqrt(2/d)"
+        init=("emb_kaiming",), estimator="count", note="count, emb std sqrt(2/d)"
     ),
-    "demask-count-embu": Row(init="emb_unit", estimator="count", note="count, emb std 1/sqrt(d)"),
+    "demask-count-embu": Row(init=("emb_unit",), estimator="count", note="count, emb 1/sqrt(d)"),
+    "demask-count-resid-embk": Row(
+        init=("resid_scaled", "emb_kaiming"), estimator="count", note="count, resid + emb"
+    ),
+    "demask-ce-resid": Row(
+        wrapper={"use_simple_mdlm_loss_weight": False},
+        init=("resid_scaled",),
+        note="mean CE, scaled resid",
+    ),
     # absolute positions only
-    "demask-count-possin": Row(
-        init="pos_sinusoid", estimator="count", note="count, sinusoid-initialised positions"
-    ),
-    "demask-count-possin-embk": Row(
-        init="pos_sinusoid_embk", estimator="count", note="count, sinusoid positions, emb sqrt(2/d)"
+    "demask-count-resid-possin": Row(
+        init=("resid_scaled", "pos_sinusoid"),
+        estimator="count",
+        note="count, scaled resid, sinusoid-initialised positions",
     ),
 }
 
@@ -140,9 +148,11 @@ def build(row: Row, cfg: Config) -> nn.Module:
         layers["rotary_pos_emb"] = True
     net = build_net(lib, causal=False, num_tokens=257, max_seq_len=cfg.seq_len, dim=cfg.dim,
                     depth=cfg.depth, heads=cfg.heads, **layers)  # fmt: skip
-    if row.init is not None:
-        torch.manual_seed(cfg.seed + 1)
-        INITS[row.init](net)
+    torch.manual_seed(cfg.seed + 1)
+    if row.lib == "demask":
+        _baseline_init(net)
+    for name in row.init:
+        INITS[name](net)
     model = lib.NonAutoregressiveWrapper(net, mask_id=256, **row.wrapper)
     if row.estimator is not None:
         model.mdlm_estimator = row.estimator

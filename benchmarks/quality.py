@@ -217,6 +217,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS),
                    help="which models to train (one process per model runs them in parallel)")  # fmt: skip
+    p.add_argument("--seed", type=int, default=None, help="seeds init, batches and masks (0)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--save", type=Path, default=None, help="folder for the trained state dicts")
     p.add_argument("--data", type=Path, default=None,
@@ -226,7 +227,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> dict[str, Any]:
     cfg = SMOKE if args.smoke else Config()
     overrides = {
-        k: getattr(args, k) for k in ("steps", "batch", "lr") if getattr(args, k) is not None
+        k: getattr(args, k)
+        for k in ("steps", "batch", "lr", "seed")
+        if getattr(args, k, None) is not None
     }
     overrides["data"] = str(data_folder(args.data))
     cfg = Config(**{**asdict(cfg), **overrides})

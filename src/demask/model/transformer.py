@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from demask._checks import check_float, check_int, check_tokens, reject_unknown_kwargs
+from demask.model.init import init_weights
 from demask.model.kv_cache import KVCache, LayerCache
 from demask.model.layers import Attention, FeedForward, Linear, Norm, Rotary
 
@@ -246,15 +247,7 @@ class TransformerWrapper(nn.Module):
         if tie_embedding:
             self.to_logits.weight = self.token_emb.weight
         self.continuous_pred_head = Linear(dim, emb_dim) if add_continuous_pred_head else None
-        self.apply(self._init_weights)
-
-    @staticmethod
-    def _init_weights(m: nn.Module) -> None:
-        # GPT-2 style: small normal weights keep the initial logits near uniform.
-        if isinstance(m, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(m.weight, std=0.02)
-        if isinstance(m, nn.Linear) and m.bias is not None:
-            nn.init.zeros_(m.bias)
+        init_weights(self)
 
     @property
     def can_cache_kv(self) -> bool:
