@@ -43,6 +43,7 @@ class Row:
     layers: dict[str, Any] = field(default_factory=dict)
     init: tuple[str, ...] = ()  # keys of INITS, applied in order after the net is built
     estimator: str | None = None  # demask's NonAutoregressiveWrapper.mdlm_estimator
+    count_power: float | None = None  # its mdlm_count_power (importance-sampled mask counts)
     note: str = ""
 
 
@@ -122,6 +123,12 @@ ROWS: dict[str, Row] = {
         init=("resid_scaled",),
         note="mean CE, scaled resid",
     ),
+    "demask-count-resid-is": Row(
+        init=("resid_scaled",),
+        estimator="count",
+        count_power=0.5,
+        note="count ~ k^-1/2 with importance weights, scaled resid",
+    ),
     # absolute positions only
     "demask-count-resid-possin": Row(
         init=("resid_scaled", "pos_sinusoid"),
@@ -156,6 +163,8 @@ def build(row: Row, cfg: Config) -> nn.Module:
     model = lib.NonAutoregressiveWrapper(net, mask_id=256, **row.wrapper)
     if row.estimator is not None:
         model.mdlm_estimator = row.estimator
+    if row.count_power is not None:
+        model.mdlm_count_power = row.count_power
     return model
 
 

@@ -87,11 +87,13 @@ def test_brute_force_weights_sum_to_one_per_position():
     assert total == pytest.approx(1.0)
 
 
-@param("estimator", ["count", "time"])
+@param("estimator", ["count", "count-0.5", "time"])
 @param("name", sorted(SEED_SCHEDULES))
 def test_training_loss_is_unbiased_nelbo(name, estimator):
     w = tiny_wrapper(SEED_SCHEDULES[name])
-    w.mdlm_estimator = estimator
+    w.mdlm_estimator = estimator.split("-")[0]
+    if "-" in estimator:  # importance-sampled counts
+        w.mdlm_count_power = float(estimator.split("-")[1])
     exact = exact_nelbo(w.net) / L  # nats per token
     torch.manual_seed(1)
     with torch.no_grad():
@@ -115,6 +117,29 @@ def test_count_estimator_has_far_less_variance_than_the_time_form():
     assert stds["count"] < 0.75 * stds["time"], stds
 
 
+@param("power", [0.5, 1.0])
+def test_importance_sampled_counts_follow_q_and_weigh_back_to_uniform(power):
+    g = torch.Generator().manual_seed(0)
+    fillable = torch.ones(8, 12, dtype=torch.bool)
+    fillable[4:, 9:] = False  # rows 4..7: 9 fillable positions
+    hist = torch.zeros(2, 13)
+    wsum = torch.zeros(2, 13, dtype=torch.float64)
+    for _ in range(4000):
+        mask, counts, weights = count_masks(fillable, power=power, generator=g)
+        assert torch.equal(mask.sum(-1), counts) and not bool((mask & ~fillable).any())
+        for half, rows in ((0, slice(0, 4)), (1, slice(4, 8))):
+            hist[half].index_add_(0, counts[rows], torch.ones(4))
+            wsum[half].index_add_(0, counts[rows], weights[rows])
+    for half, f in ((0, 12), (1, 9)):
+        k = torch.arange(1, f + 1, dtype=torch.float64)
+        q = k**-power / (k**-power).sum()
+        assert float((hist[half, 1 : f + 1] / 16000 - q).abs().max()) < 0.02
+        # weights * frequency = 1 / F per count: the uniform distribution the bound needs
+        assert torch.allclose(
+            wsum[half, 1 : f + 1] / 16000, torch.full((f,), 1 / f).double(), atol=0.01
+        )
+
+
 def test_count_masks_draws_exact_uniform_counts_inside_the_fillable_positions():
     g = torch.Generator().manual_seed(0)
     fillable = torch.ones(4, 10, dtype=torch.bool)
@@ -122,7 +147,8 @@ def test_count_masks_draws_exact_uniform_counts_inside_the_fillable_positions():
     fillable[3] = False  # nothing to fill
     hist = torch.zeros(4, 11)
     for _ in range(3000):
-        mask, counts = count_masks(fillable, generator=g)
+        mask, counts, weights = count_masks(fillable, generator=g)
+        assert torch.equal(weights, torch.ones(4, dtype=torch.float64))  # uniform: no weights
         assert torch.equal(mask.sum(-1), counts)  # exactly `counts` masked per row
         assert not bool((mask & ~fillable).any())  # never outside the fillable positions
         hist[torch.arange(4), counts] += 1

@@ -106,14 +106,17 @@ def augment_masked(
 def count_masks(
     fillable: Tensor,  # (B, N) bool: the positions that may be masked (the rest is a condition)
     *,
+    power: float = 0.0,
     generator: torch.Generator | None = None,
-) -> tuple[Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor]:
     """Training masks with an exact, stratified number of masked tokens per row.
 
-    Returns (mask (B, N) bool, counts (B,) long): row b masks exactly k_b of its F_b fillable
-    tokens, a uniformly random subset, with k_b = 1 + floor(F_b * s_b) for stratified s_b
-    (`stratified_times`), so every k_b is uniform on {1..F_b} and the batch covers the range
-    evenly (k_b = 0 for a row with nothing to fill).
+    Returns (mask (B, N) bool, counts (B,) long, weights (B,) float64): row b masks exactly k_b
+    of its F_b fillable tokens, a uniformly random subset. k_b is drawn from q(k) proportional to
+    k^(-power) on {1..F_b} by the inverse CDF at stratified s_b (`stratified_times`), so the batch
+    covers the range evenly; weights_b = 1 / (F_b q(k_b)) makes the row-mean cross-entropy an
+    unbiased estimate under the uniform k of the bound below (importance sampling; power 0: k
+    uniform, weights 1). k_b = 0 for a row with nothing to fill.
 
     Why: for any schedule, integrating the MDLM weight m'(t)/m(t) against the Bernoulli mask count
     gives exactly 1/k for a count of k (the integral of t^(k-1) (1-t)^(F-k) is a Beta function), so
@@ -121,16 +124,25 @@ def count_masks(
     the any-order autoregressive bound (Uria et al. 2014; Hoogeboom et al. 2022, arXiv 2110.02037).
     Drawing k directly and averaging the row's cross-entropy over its k masked tokens is an
     unbiased estimate of the same NELBO as the time-and-weight form, without its variance: no
-    1/t weight meets a Binomial count near t = 0 (`masked_loss(..., counts=...)`).
+    1/t weight meets a Binomial count near t = 0 (`masked_loss(..., counts=...)`). Per token that
+    bound still weighs a row of k masked tokens by 1/k; power 0.5 minimises the gradient variance
+    of independent, equally noisy tokens (sum_k 1 / (q(k) k) is smallest for q ~ k^-1/2).
     """
     b, n = fillable.shape
+    dev = fillable.device
     num = fillable.sum(-1)  # (B,)
-    s = stratified_times(b, generator=generator, device=fillable.device)  # (B,) float64
-    counts = ((s * num).floor().long() + 1).minimum(num)  # (B,) in 1..F_b (0 if F_b = 0)
-    scores = torch.rand((b, n), generator=generator, device=fillable.device)
+    s = stratified_times(b, generator=generator, device=dev)  # (B,) float64
+    mass = torch.arange(1, n + 1, device=dev, dtype=torch.float64) ** -power  # (N,) q unnormalised
+    cdf = mass.cumsum(0)  # (N,)
+    total = cdf[(num - 1).clamp_min(0)]  # (B,) normaliser of each row's q on 1..F_b
+    counts = torch.searchsorted(cdf, s * total, right=True) + 1  # (B,) inverse CDF
+    counts = counts.minimum(num)  # in 1..F_b (0 if F_b = 0)
+    q = mass[(counts - 1).clamp_min(0)] / total  # (B,) probability of the drawn count
+    weights = 1.0 / (num.clamp_min(1) * q)
+    scores = torch.rand((b, n), generator=generator, device=dev)
     scores = scores.masked_fill(~fillable, 2.0)  # never-masked positions rank last
     ranks = scores.argsort(dim=-1).argsort(dim=-1)  # (B, N) a random order of the fillable ones
-    return ranks < counts[:, None], counts
+    return ranks < counts[:, None], counts, weights
 
 
 def masked_loss(
@@ -144,7 +156,8 @@ def masked_loss(
     """The training loss, a scalar.
 
     With `counts` (MDLM, `count_masks`): mean over rows of the row's mean CE over its masked
-    tokens, an unbiased NELBO estimate in nats per token. With `weight` (m'(t_b)/m(t_b), MDLM in
+    tokens (times `weight`, the importance weights of `count_masks`), an unbiased NELBO estimate
+    in nats per token. With `weight` (m'(t_b)/m(t_b), MDLM in
     time form): mean over rows of sum_{masked} weight * CE / seq_len, the same estimate with more
     variance. With neither: MaskGIT's mean CE over all masked positions (0 when nothing is
     masked, so the batch still backpropagates).
@@ -153,7 +166,8 @@ def masked_loss(
         return ce.mean() if ce.numel() else ce.sum()
     per_row = torch.zeros(batch_size, device=ce.device, dtype=ce.dtype).index_add_(0, rows, ce)
     if counts is not None:
-        return (per_row / counts.to(ce.dtype).clamp_min(1)).mean()
+        row_mean = per_row / counts.to(ce.dtype).clamp_min(1)
+        return (row_mean if weight is None else row_mean * weight.to(ce.dtype)).mean()
     assert weight is not None
     lengths = torch.as_tensor(seq_len, device=ce.device, dtype=ce.dtype).clamp_min(1)
     return (per_row * weight.to(ce.dtype) / lengths).sum() / batch_size

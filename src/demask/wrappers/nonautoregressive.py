@@ -73,6 +73,8 @@ class NonAutoregressiveWrapper(nn.Module):
     # and the weight m'(t)/m(t). Both are unbiased estimates of the same NELBO (the NELBO does not
     # depend on the schedule); "count" has far less variance (benchmarks/RESULTS.md, "ablation").
     mdlm_estimator: str = "count"
+    # "count": mask counts k drawn from q(k) ~ k^-power with importance weights (0: uniform k)
+    mdlm_count_power: float = 0.0
 
     def __init__(
         self,
@@ -191,9 +193,9 @@ class NonAutoregressiveWrapper(nn.Module):
             raise ValueError("only_train_generator and only_train_critic cannot both be True")
         b, n = x.shape
         cond = self._condition(condition, b, n, x.device)  # (B, N) bool
-        counts = t = None
+        counts = t = weight = None
         if self.use_simple_mdlm_loss_weight and self.mdlm_estimator == "count":
-            mask, counts = count_masks(~cond)  # (B, N), (B,)
+            mask, counts, weight = count_masks(~cond, power=self.mdlm_count_power)
         else:
             t = stratified_times(b, device=x.device)  # (B,)
             mask = draw_masks(self.schedule.mask_ratio(t), (b, n), device=x.device) & ~cond
@@ -211,7 +213,6 @@ class NonAutoregressiveWrapper(nn.Module):
         self_condition = self.self_cond and float(torch.rand(())) < self.self_cond_train_prob
         with torch.set_grad_enabled(torch.is_grad_enabled() and not only_train_critic):
             ce, logits, rows, cols = self._masked_ce(x, inp, mask, self_condition, **kwargs)
-            weight = None
             if self.use_simple_mdlm_loss_weight and t is not None:
                 weight = mdlm_weight(self.schedule, t)
             generator_loss = masked_loss(ce, rows, b, (~cond).sum(-1), weight, counts)
