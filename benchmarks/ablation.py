@@ -81,7 +81,10 @@ def _pos_sinusoid(net: nn.Module) -> None:
     (`demask.model.transformer.sinusoidal_init_`, demask's default since this ablation)."""
     from demask.model.transformer import sinusoidal_init_
 
-    sinusoidal_init_(net.abs_pos_emb.weight, std=float(net.token_emb.weight.std()))
+    table = getattr(net.abs_pos_emb, "weight", None)  # an nn.Embedding before PositionTable
+    if table is None:
+        raise ValueError("pos_sinusoid is the row of the nn.Embedding positions (before 0951f2a+)")
+    sinusoidal_init_(table, std=float(net.token_emb.weight.std()))
 
 
 INITS: dict[str, Callable[[nn.Module], None]] = {
@@ -130,6 +133,11 @@ ROWS: dict[str, Row] = {
         note="count ~ k^-1/2 with importance weights, scaled resid",
     ),
     # absolute positions only
+    "demask-count-resid-postable": Row(
+        init=("resid_scaled",),
+        estimator="count",
+        note="count, scaled resid, sinusoid positions stored at unit scale (PositionTable)",
+    ),
     "demask-count-resid-possin": Row(
         init=("resid_scaled", "pos_sinusoid"),
         estimator="count",
