@@ -76,15 +76,39 @@ def _emb_unit(net: nn.Module) -> None:
     nn.init.normal_(net.token_emb.weight, std=1 / math.sqrt(net.emb_dim))
 
 
-def _pos_sinusoid(net: nn.Module) -> None:
-    """Learned absolute positions initialised as sinusoids at the token embeddings' scale
-    (`demask.model.transformer.sinusoidal_init_`, demask's default since this ablation)."""
-    from demask.model.transformer import sinusoidal_init_
+def _sinusoids(n: int, d: int) -> Tensor:
+    """(n, d) sinusoids (Vaswani et al. 2017) at unit std."""
+    pos = torch.arange(n, dtype=torch.float64)[:, None]
+    inv_freq = 1.0 / 10000 ** (torch.arange(0, d, 2, dtype=torch.float64) / d)
+    waves = torch.zeros(n, d, dtype=torch.float64)
+    waves[:, 0::2] = torch.sin(pos * inv_freq)
+    waves[:, 1::2] = torch.cos(pos * inv_freq[: d // 2])
+    return (waves / waves.std()).float()
 
-    table = getattr(net.abs_pos_emb, "weight", None)  # an nn.Embedding before PositionTable
-    if table is None:
-        raise ValueError("pos_sinusoid is the row of the nn.Embedding positions (before 0951f2a+)")
-    sinusoidal_init_(table, std=float(net.token_emb.weight.std()))
+
+def _pos_sinusoid(net: nn.Module) -> None:
+    """Learned absolute positions initialised as sinusoids at the token embeddings' scale."""
+    table = net.abs_pos_emb.weight
+    with torch.no_grad():
+        table.copy_(_sinusoids(*table.shape) * float(net.token_emb.weight.std()))
+
+
+class _UnitTable(nn.Module):
+    """Learned positions stored at unit scale (sinusoids) and multiplied by `scale` in use, so
+    that Adam's per-step noise is small against them."""
+
+    def __init__(self, n: int, d: int, scale: float):
+        super().__init__()
+        self.table = nn.Parameter(_sinusoids(n, d))
+        self.scale = scale
+
+    def forward(self, pos: Tensor) -> Tensor:
+        return torch.nn.functional.embedding(pos, self.table) * self.scale
+
+
+def _pos_unit_table(net: nn.Module) -> None:
+    n, d = net.abs_pos_emb.weight.shape
+    net.abs_pos_emb = _UnitTable(n, d, float(net.token_emb.weight.std()))
 
 
 INITS: dict[str, Callable[[nn.Module], None]] = {
@@ -92,6 +116,7 @@ INITS: dict[str, Callable[[nn.Module], None]] = {
     "emb_kaiming": _emb_kaiming,
     "emb_unit": _emb_unit,
     "pos_sinusoid": _pos_sinusoid,
+    "pos_unit_table": _pos_unit_table,
 }
 
 ROWS: dict[str, Row] = {
@@ -134,9 +159,9 @@ ROWS: dict[str, Row] = {
     ),
     # absolute positions only
     "demask-count-resid-postable": Row(
-        init=("resid_scaled",),
+        init=("resid_scaled", "pos_unit_table"),
         estimator="count",
-        note="count, scaled resid, sinusoid positions stored at unit scale (PositionTable)",
+        note="count, scaled resid, sinusoid positions stored at unit scale",
     ),
     "demask-count-resid-possin": Row(
         init=("resid_scaled", "pos_sinusoid"),

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from demask._checks import check_float, check_int, check_tokens, reject_unknown_kwargs
-from demask.model.init import PositionTable, init_weights
+from demask.model.init import init_weights
 from demask.model.kv_cache import KVCache, LayerCache
 from demask.model.layers import Attention, FeedForward, Linear, Norm, Rotary
 
@@ -236,7 +236,7 @@ class TransformerWrapper(nn.Module):
         self.output_is_log_prob = False
         self.token_emb = nn.Embedding(num_tokens, emb_dim)
         self.abs_pos_emb = (
-            PositionTable(max_seq_len, emb_dim)
+            nn.Embedding(max_seq_len, emb_dim)
             if use_abs_pos_emb and not attn_layers.rotary_pos_emb
             else None
         )
