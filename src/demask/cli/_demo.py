@@ -22,7 +22,7 @@ DATA = "digits-labelled"  # each digit preceded by its class token: the conditio
 # unmasked tokens at positions it is scored on, which costs likelihood and sample quality here
 # (benchmarks/RESULTS.md, "ablation").
 DEMO_MODEL: dict[str, Any] = {
-    "dim": 96, "depth": 4, "heads": 4, "cond_prefix_len": 1, "cond_drop_prob": 0.1,
+    "dim": 96, "depth": 4, "heads": 4, "cond_prefix_len": 1, "cond_drop_prob": 0.25,
     "no_replace_prob": 0.0, "random_token_prob": 0.0,
 }  # fmt: skip
 DEMO_TRAIN: dict[str, Any] = {
@@ -35,13 +35,15 @@ DEMO_TRAIN: dict[str, Any] = {
     "checkpoint_every": 0,
     "log_every": 10,
 }
-# How the demo samples: MDLM ancestral sampling, one pixel per step, at a constant temperature,
-# classifier-free guided towards the class (`generate(..., guidance_scale=GUIDANCE)`).
+# How the demo samples: MDLM ancestral sampling, one pixel per step, at a constant temperature
+# of 0.8. Guidance (`generate(..., guidance_scale=w)`) is off: on a 1,000-step model w = 2 raised
+# the classifier's agreement from 0.96 to 0.99 but moved the digits away from real ones (Frechet
+# distance 2.0 -> 7.6), see docs/CLI.md.
 DEMO_SAMPLING: dict[str, Any] = {
-    "sampler": "ancestral", "steps": 64, "start_temperature": 1.0, "filter_thres": 0.0,
+    "sampler": "ancestral", "steps": 64, "start_temperature": 0.8, "filter_thres": 0.0,
     "anneal_temperature": False,
 }  # fmt: skip
-GUIDANCE = 2.0
+GUIDANCE: float | None = None
 PER_CLASS_DRAWN = 8  # digits per class in samples_by_class.png (one row per class)
 PER_CLASS_SCORED = 20  # conditional digits per class scored by the classifier
 STRIP_CLASSES = (0, 2, 5, 7)  # the digits shown being demasked in demasking.png
@@ -175,7 +177,7 @@ def run_demo(args: argparse.Namespace) -> int:
     c, u = results["conditional"], results["unconditional"]
     rows = [
         ("NELBO bits/pixel given the class (val)", results["nelbo_bits_per_pixel"]),
-        (f"by class (guidance {GUIDANCE}): classifier agrees with the class", c["class_accuracy"]),
+        ("by class: classifier agrees with the class asked for", c["class_accuracy"]),
         ("by class: classifier mean top-class prob", c["mean_top_prob"]),
         ("by class: Frechet distance to real digits", c["frechet_distance"]),
         ("unconditional: classifier mean top-class prob", u["mean_top_prob"]),
