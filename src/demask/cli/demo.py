@@ -1,4 +1,4 @@
-"""`demask demo`: train a small masked model on the digits, sample, and write pictures (< 5 min)."""
+"""`demask demo`: train a class-conditional masked model on the digits, sample, score, draw."""
 
 from __future__ import annotations
 
@@ -7,14 +7,15 @@ import argparse
 from demask.cli._common import Command, positive_int
 
 DESCRIPTION = """\
-The two-minute tour: trains a small masked (MaskGIT / MDLM) transformer on scikit-learn's bundled
-8x8 digits, generates digits by iterative demasking, scores them with a digits classifier, and
-writes into --out:
-  samples.png     a grid of generated digits
-  demasking.png   a few digits being demasked step by step
-  loss_curve.png  the training loss
-  eval.json       the numbers printed at the end
-It needs no download and runs in under 5 minutes on 2 CPU cores.
+The tour: trains a class-conditional masked (MDLM) transformer on scikit-learn's bundled 8x8
+digits (a class token before each digit), generates digits by iterative demasking, scores them
+with a classifier trained on the real digits, and writes into --out:
+  samples_by_class.png  one row per class 0-9
+  demasking.png         a few digits being demasked step by step
+  samples.png           digits sampled without a class
+  loss_curve.png        the training loss
+  eval.json             the numbers printed at the end
+It needs no download and runs in about 5-6 minutes on 2 CPU cores.
 
 Example:
   demask demo --out runs/demo
@@ -43,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
 
 COMMAND = Command(
     name="demo",
-    help="train a masked model on digits, sample, write PNGs (under 5 minutes on CPU)",
+    help="train a class-conditional masked model on digits, sample, write PNGs (about 5 minutes on CPU)",
     description=DESCRIPTION,
     add_arguments=add_arguments,
     run=run,
