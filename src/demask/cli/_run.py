@@ -48,7 +48,7 @@ def _resume_configs(args: argparse.Namespace, out: str) -> tuple[Any, Any]:
     from demask.checkpoint import checkpoint_configs
     from demask.config import TrainConfig
 
-    model_cfg, train_cfg, _ = checkpoint_configs(out)  # CheckpointError: missing / corrupt
+    model_cfg, train_cfg, step = checkpoint_configs(out)  # CheckpointError: missing / corrupt
     if args.model is not None and args.model != model_cfg.kind:
         raise CLIError(
             f"--model {args.model}: the run in {out!r} holds a {model_cfg.kind!r} model; "
@@ -59,6 +59,11 @@ def _resume_configs(args: argparse.Namespace, out: str) -> tuple[Any, Any]:
         raise CLIError(f"--data {args.data!r}: the run in {out!r} was trained on {saved_data!r}")
     # model options must match the saved ones (train() refuses a different model config)
     model_cfg = dataclasses.replace(model_cfg, **_given(args, MODEL_OPTIONS))
+    if args.steps is not None and args.steps < step:
+        raise CLIError(
+            f"--steps {args.steps}: the run in {out!r} is already at step {step}; give --steps "
+            f">= {step} to continue it (or leave --steps out)"
+        )
     base = train_cfg if train_cfg is not None else TrainConfig(out=out)
     train_cfg = dataclasses.replace(base, out=out, **_given(args, TRAIN_OPTIONS))
     return model_cfg, train_cfg
@@ -68,7 +73,7 @@ def _fresh_configs(args: argparse.Namespace, out: str) -> tuple[Any, Any]:
     from demask.config import ModelConfig, TrainConfig
     from demask.data import get_dataset
 
-    data = data_spec(args.data or "digits")
+    data = data_spec("digits" if args.data is None else args.data)
     # load the data first: a missing, empty, binary or too-short data path fails here, before
     # anything is written
     ds = get_dataset(data, "train", seq_len=args.seq_len, max_bytes=args.max_bytes)
@@ -91,6 +96,15 @@ def run_training(args: argparse.Namespace) -> int:
         return launch(args.nproc, args._argv)
     if args.resume and args.overwrite:
         raise CLIError("--resume and --overwrite contradict each other; give one")
+    for option in ("data", "out"):
+        value = getattr(args, option)
+        if value is not None and not value.strip():
+            what = "digits | python-stdlib | a path" if option == "data" else "a folder"
+            raise CLIError(f"--{option}: expected {what}, got {value!r}")
+    if args.device is not None:
+        from demask.cli._generate import resolve_device
+
+        resolve_device(args.device)  # --device tpu: one line now, not a traceback later
     from demask.train import NonFiniteLossError, train
 
     kind = args.model or "masked"
