@@ -17,7 +17,6 @@ import signal
 import stat
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -314,6 +313,22 @@ def test_a_full_disk_during_a_checkpoint_leaves_no_temp_files(run, capsys, monke
     assert code == 0, err
 
 
+def test_a_full_disk_while_writing_a_text_file_names_it_and_cleans_up(tmp_path, monkeypatch):
+    from demask.runfolder import WriteError, atomic_write_text
+
+    path = tmp_path / "config.json"
+    path.write_text("old")
+
+    def full_disk(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full_disk)
+    with pytest.raises(WriteError, match="No space left on device") as info:
+        atomic_write_text(path, "new")
+    assert str(path) in str(info.value) and "free there" in str(info.value)
+    assert path.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == [path.name]
+
+
 # ------------------------------------------------------------------------------ 14: one writer
 
 
@@ -331,17 +346,16 @@ def test_a_second_writer_is_refused_by_name(run, capsys):
 
 
 def test_a_lock_left_by_a_killed_process_does_not_block(run, capsys):
+    script = (
+        "import time\nfrom demask.runfolder import RunLock\n"
+        f"RunLock({str(run)!r}).acquire()\nprint('locked', flush=True)\ntime.sleep(60)\n"
+    )
     holder = subprocess.Popen(
-        [sys.executable, "-c", textwrap.dedent(f"""
-            import sys, time
-                        RunLock({str(run)!r}).acquire()
-            print("locked", flush=True)
-            time.sleep(60)
-        """)],
+        [sys.executable, "-c", script],
         stdout=subprocess.PIPE,
         text=True,
         env={**os.environ, "PYTHONPATH": str(REPO / "src")},
-    )  # fmt: skip
+    )
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
         code, _, err = run_cli(capsys, "train", "--resume", "--steps", "5", "--out", run)

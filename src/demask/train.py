@@ -14,6 +14,10 @@ Faults: a NaN/inf loss or gradient norm is caught before the update (all ranks a
 all-reduce per step); `nan_policy="stop"` raises NonFiniteLossError naming the step and the batch,
 `"skip"` drops that update. Checkpoints refuse non-finite weights. SIGTERM / Ctrl-C (SIGINT) end
 the run after the current step with a checkpoint; a second Ctrl-C aborts at once.
+
+The run folder (see `demask.runfolder`): locked for one writer; a fresh run never clears a folder
+holding files demask did not write or a `step_*` unless `overwrite`; and the folder is changed
+only after everything was built and the first step ran (`_Run.commit`).
 """
 
 from __future__ import annotations
@@ -48,7 +52,7 @@ from demask.runfolder import (
     read_metrics,
     write_error,
 )
-from demask.training_state import plan_run, restore_training_state, save_training_state
+from demask.training_state import restore_training_state, save_training_state, start_run
 
 Callback = Callable[[dict[str, Any]], None]
 
@@ -162,25 +166,6 @@ class _Metrics:
             cb(record)
 
 
-def _start_from(out: Path, cfg: ModelConfig, resume: bool, overwrite: bool, info: dd.DistInfo):
-    """Rank 0 locks the run folder and decides (plan_run) and tells the others, so all ranks raise
-    the same error. Returns (checkpoint folder to resume or None, the lock on rank 0 or None)."""
-    outcome: Any = None
-    lock = None
-    if info.is_main:
-        try:
-            lock = RunLock(out).acquire()
-            outcome = ("ok", plan_run(out, cfg, resume=resume, overwrite=overwrite))
-        except (ValueError, OSError) as err:
-            if lock is not None:
-                lock.release(remove_created=True)
-            outcome = ("error", err)
-    kind, value = dd.broadcast_object(outcome, info)
-    if kind != "ok":
-        raise value
-    return value, lock
-
-
 def train(
     model_cfg: ModelConfig,
     train_cfg: TrainConfig,
@@ -248,7 +233,9 @@ class _Run:
     def open(self, resume: bool, overwrite: bool) -> None:
         """Lock the run folder, plan the start and restore the checkpoint (nothing written)."""
         cfg, info, out = self.cfg, self.info, Path(self.cfg.out)
-        self.ckpt, self.lock = _start_from(out, self.mcfg, resume, overwrite, info)
+        self.ckpt, self.lock = start_run(
+            out, self.mcfg, resume=resume, overwrite=overwrite, info=info
+        )
         ckpt = self.ckpt
         start = (
             0 if ckpt is None else restore_training_state(ckpt, self.model, self.optimizer, info)

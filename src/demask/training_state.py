@@ -24,7 +24,13 @@ from demask.checkpoint import (
 )
 from demask.config import ModelConfig, TrainConfig
 from demask.distributed import DistInfo, barrier, broadcast_object
-from demask.runfolder import STATE_FILE, WEIGHTS_FILE, check_fresh_start, latest_checkpoint
+from demask.runfolder import (
+    STATE_FILE,
+    WEIGHTS_FILE,
+    RunLock,
+    check_fresh_start,
+    latest_checkpoint,
+)
 
 
 def rng_state() -> dict[str, Any]:
@@ -91,10 +97,17 @@ def restore_training_state(
 
     state: dict[str, Any] = {}
     weights: dict[str, Any] = {}
+    problem = None
     if info.is_main:
-        state = read_state(ckpt_dir)
-        weights, _ = read_weights(Path(ckpt_dir) / WEIGHTS_FILE)
-        check_weights(model, weights, Path(ckpt_dir) / WEIGHTS_FILE)
+        try:
+            state = read_state(ckpt_dir)
+            weights, _ = read_weights(Path(ckpt_dir) / WEIGHTS_FILE)
+            check_weights(model, weights, Path(ckpt_dir) / WEIGHTS_FILE)
+        except CheckpointError as err:
+            problem = err
+    problem = broadcast_object(problem, info)  # every rank raises, none waits for the others
+    if problem is not None:
+        raise problem
     load = StateDictOptions(full_state_dict=True, broadcast_from_rank0=info.distributed)
     set_model_state_dict(model, weights, options=load)
     try:
@@ -154,3 +167,25 @@ def plan_run(
         )
     check_fresh_start(run_dir, overwrite=overwrite)  # nothing demask did not write, no step_*
     return None
+
+
+def start_run(
+    out: Path, cfg: ModelConfig, *, resume: bool, overwrite: bool, info: DistInfo
+) -> tuple[Path | None, RunLock | None]:
+    """Rank 0 locks the run folder and decides (plan_run) and tells the others, so all ranks raise
+    the same error. Nothing is written but the lock (and the folder for it, removed again when
+    this raises). Returns (checkpoint folder to resume or None, the lock on rank 0 or None)."""
+    outcome: Any = None
+    lock: RunLock | None = None
+    if info.is_main:
+        try:
+            lock = RunLock(out).acquire()
+            outcome = ("ok", plan_run(out, cfg, resume=resume, overwrite=overwrite))
+        except (ValueError, OSError) as err:
+            if lock is not None:
+                lock.release(remove_created=True)
+            outcome = ("error", err)
+    kind, value = broadcast_object(outcome, info)
+    if kind != "ok":
+        raise value
+    return value, lock
