@@ -131,7 +131,7 @@ def _load_models(
             quality.train(model, qcfg, train_ds, get_batch)
         elif path is not None and path.exists():
             model = quality.build_model(name, qcfg)
-            model.load_state_dict(torch.load(path, map_location="cpu"))
+            model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         elif lib_name == "reference":
             print(f"{name}: no state dict at {path}; skipped", flush=True)
             continue

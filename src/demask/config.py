@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -141,6 +139,7 @@ class ModelConfig:
 # training
 
 NAN_POLICIES = ("stop", "skip")
+MAX_SEED = 2**63 - 1  # torch's generators take a 64-bit seed
 
 
 @dataclass
@@ -189,7 +188,7 @@ class TrainConfig:
         check_float("beta1", self.beta1, min=0.0, max=1.0, max_inclusive=False)
         check_float("beta2", self.beta2, min=0.0, max=1.0, max_inclusive=False)
         check_float("grad_clip", self.grad_clip, min=0.0)
-        check_int("seed", self.seed, min=0)
+        check_int("seed", self.seed, min=0, max=MAX_SEED)
         for name in ("bf16", "compile", "fsdp", "progress"):
             _check_bool(name, getattr(self, name))
         check_int("log_every", self.log_every, min=1)
@@ -220,37 +219,73 @@ def _from_dict(cls: Any, data: dict[str, Any]) -> Any:
 # JSON
 
 
+# Version of the JSON layout below; a reader refuses a newer one. Files written before versions
+# existed have no "format_version" and are read as version 1 (the same layout).
+CONFIG_FORMAT_VERSION = 1
+_CONFIG_ENTRIES = ("format_version", "model", "train")
+
+
 def configs_to_json(model: ModelConfig, train: TrainConfig | None = None) -> str:
-    """Both configs as one JSON document: {"model": {...}, "train": {...} | null}."""
-    payload = {"model": model.to_dict(), "train": None if train is None else train.to_dict()}
+    """Both configs as one JSON document:
+    {"format_version": 1, "model": {...}, "train": {...} | null}."""
+    payload = {
+        "format_version": CONFIG_FORMAT_VERSION,
+        "model": model.to_dict(),
+        "train": None if train is None else train.to_dict(),
+    }
     return json.dumps(payload, indent=2, sort_keys=True)
 
 
+def _section(cls: Any, name: str, data: Any) -> Any:
+    """A config section with every field present (a missing one would load as a default and
+    silently change the run, e.g. a cosine schedule coming back linear)."""
+    if not isinstance(data, dict):
+        raise ValueError(f'config JSON "{name}" must be an object, got {type(data).__name__}')
+    missing = [f.name for f in dataclasses.fields(cls) if f.name not in data]
+    if missing:
+        raise ValueError(f'config JSON "{name}" is missing {missing}; expected every field')
+    return cls.from_dict(data)
+
+
 def configs_from_json(text: str) -> tuple[ModelConfig, TrainConfig | None]:
-    """Inverse of `configs_to_json`."""
+    """Inverse of `configs_to_json`. Refuses (ValueError) a newer format version, unknown or
+    missing entries and fields: nothing falls back to a default."""
     payload = json.loads(text)
-    if not isinstance(payload, dict) or "model" not in payload:
-        raise ValueError('config JSON must be an object with a "model" entry')
-    train = payload.get("train")
-    return ModelConfig.from_dict(payload["model"]), (
-        None if train is None else TrainConfig.from_dict(train)
+    if not isinstance(payload, dict):
+        raise ValueError(
+            f"config JSON must be an object with entries {list(_CONFIG_ENTRIES)}, got "
+            f"{type(payload).__name__}"
+        )
+    version = payload.get("format_version", 1)
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise ValueError(f"config format_version must be an int >= 1, got {version!r}")
+    if version > CONFIG_FORMAT_VERSION:
+        raise ValueError(
+            f"config format_version {version} is newer than this demask reads (up to "
+            f"{CONFIG_FORMAT_VERSION}); upgrade demask to load it"
+        )
+    unknown = sorted(set(payload) - set(_CONFIG_ENTRIES))
+    missing = [k for k in ("model", "train") if k not in payload]
+    if unknown or missing:
+        found = (f"unknown entries {unknown}" if unknown else "") + (
+            f"{' and ' if unknown else ''}no {missing} entries" if missing else ""
+        )
+        raise ValueError(
+            f'config JSON has {found}; expected {list(_CONFIG_ENTRIES)} ("train": null when '
+            "there is no train config)"
+        )
+    train = payload["train"]
+    return _section(ModelConfig, "model", payload["model"]), (
+        None if train is None else _section(TrainConfig, "train", train)
     )
 
 
 def save_configs(path: str | Path, model: ModelConfig, train: TrainConfig | None = None) -> None:
-    """Write `configs_to_json` to `path` atomically (temporary file, fsync, rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(configs_to_json(model, train) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write `configs_to_json` to `path` atomically (temporary file, fsync, rename; mode 0644 under
+    the usual umask, like any other file)."""
+    from demask.runfolder import atomic_write_text
+
+    atomic_write_text(path, configs_to_json(model, train) + "\n")
 
 
 def load_configs(path: str | Path) -> tuple[ModelConfig, TrainConfig | None]:

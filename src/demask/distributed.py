@@ -56,14 +56,26 @@ def in_torchrun() -> bool:
 
 def resolve_device(device: str, local_rank: int = 0) -> torch.device:
     """'auto' -> cuda:<local_rank> if CUDA is available, else cpu; 'cuda' -> cuda:<local_rank>."""
+    expected = "expected auto | cpu | cuda | cuda:N (N >= 0)"
+    if not isinstance(device, str):
+        raise TypeError(f"device must be a str, {expected}, got {type(device).__name__}")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except RuntimeError:  # "tpu", "cuda:-1", ...
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda") or (dev.type == "cpu" and dev.index):
+        raise ValueError(f"device must be a device demask runs on, {expected}, got {device!r}")
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError(f"device must be available, got {device!r} but CUDA is not available")
         if dev.index is None:
             dev = torch.device("cuda", local_rank)
+        if dev.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA devices"
+            )
     return dev
 
 

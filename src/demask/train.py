@@ -14,6 +14,10 @@ Faults: a NaN/inf loss or gradient norm is caught before the update (all ranks a
 all-reduce per step); `nan_policy="stop"` raises NonFiniteLossError naming the step and the batch,
 `"skip"` drops that update. Checkpoints refuse non-finite weights. SIGTERM / Ctrl-C (SIGINT) end
 the run after the current step with a checkpoint; a second Ctrl-C aborts at once.
+
+The run folder (see `demask.runfolder`): locked for one writer; a fresh run never clears a folder
+holding files demask did not write or a `step_*` unless `overwrite`; and the folder is changed
+only after everything was built and the first step ran (`_Run.commit`).
 """
 
 from __future__ import annotations
@@ -37,18 +41,19 @@ from torch import Tensor, nn
 
 from demask import distributed as dd
 from demask._checks import check_int
-from demask.checkpoint import (
-    CheckpointError,
-    clear_run,
-    plan_run,
-    restore_training_state,
-    save_training_state,
-)
 from demask.config import ModelConfig, TrainConfig, build_model, save_configs
 from demask.data import batch_indices, get_batch, get_dataset
 from demask.evaluate import likelihood_bits_per_token
+from demask.runfolder import (
+    METRICS_FILE,
+    RunLock,
+    atomic_write_text,
+    clear_run,
+    read_metrics,
+    write_error,
+)
+from demask.training_state import restore_training_state, save_training_state, start_run
 
-METRICS_FILE = "metrics.jsonl"
 Callback = Callable[[dict[str, Any]], None]
 
 
@@ -130,40 +135,35 @@ def _stop_on_signals(flag: dict[str, bool]):
 
 
 class _Metrics:
-    """metrics.jsonl on rank 0: one JSON record per line; also passed to the callbacks."""
+    """metrics.jsonl on rank 0: one JSON record per line; also passed to the callbacks.
 
-    def __init__(self, path: Path | None, callbacks: Sequence[Callback], keep_upto: int | None):
-        self.path, self.callbacks = path, list(callbacks)
-        if path is None:
-            return
-        kept = []
-        if keep_upto is not None and path.is_file():  # resume: drop records after the checkpoint
-            kept = [
-                r for r in path.read_text().splitlines() if r and json.loads(r)["step"] <= keep_upto
-            ]
-        path.write_text("".join(r + "\n" for r in kept))
+    Nothing is written before `begin` (called by the first write): the log of a run that fails
+    to start is left as it was."""
+
+    def __init__(self, path: Path | None, callbacks: Sequence[Callback], keep_upto: int | None,
+                 begin: Callable[[], None]):  # fmt: skip
+        self.path, self.callbacks, self.begin = path, list(callbacks), begin
+        self.kept: list[str] = []
+        self.torn = False
+        if path is not None and keep_upto is not None and path.is_file():  # resume
+            self.kept, self.torn = read_metrics(path, keep_upto)
+
+    def start(self) -> None:
+        """Replace the log with the kept records (those of the run so far on resume)."""
+        if self.path is not None:
+            atomic_write_text(self.path, "".join(r + "\n" for r in self.kept))
 
     def write(self, record: dict[str, Any]) -> None:
+        self.begin()
         if self.path is None:
             return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as err:
+            raise write_error(self.path, err) from None
         for cb in self.callbacks:
             cb(record)
-
-
-def _start_from(out: Path, cfg: ModelConfig, resume: bool, overwrite: bool, info: dd.DistInfo):
-    """Rank 0 decides (plan_run) and tells the others, so all ranks raise the same error."""
-    outcome: Any = None
-    if info.is_main:
-        try:
-            outcome = ("ok", plan_run(out, cfg, resume=resume, overwrite=overwrite))
-        except (CheckpointError, FileExistsError) as err:
-            outcome = (type(err).__name__, str(err))
-    kind, value = dd.broadcast_object(outcome, info)
-    if kind != "ok":
-        raise {"CheckpointError": CheckpointError, "FileExistsError": FileExistsError}[kind](value)
-    return value
 
 
 def train(
@@ -191,17 +191,28 @@ def train(
         check_int("stop_after", stop_after, min=1)
     info = dd.setup(train_cfg.device)
     try:
-        return _Run(model_cfg, train_cfg, info, resume, overwrite, callbacks).loop(stop_after)
+        run = _Run(model_cfg, train_cfg, info, callbacks)
+        try:
+            run.open(resume, overwrite)
+            return run.loop(stop_after)
+        finally:
+            run.close()
     finally:
         dd.teardown(info)
 
 
 class _Run:
-    """One invocation of `train`: the model, optimiser, data and logs of this process."""
+    """One invocation of `train`: the model, optimiser, data and logs of this process.
 
-    def __init__(self, model_cfg, train_cfg, info, resume, overwrite, callbacks) -> None:
-        self.mcfg, self.cfg, self.info = model_cfg, train_cfg, info
-        cfg, out, main = train_cfg, Path(train_cfg.out), info.is_main
+    Order: everything is validated and built first (data, model, optimiser), then the run folder
+    is locked and the start planned (read only), the checkpoint restored, and only at the first
+    write (a metrics record or a checkpoint, after the first step ran) is the folder changed
+    (`commit`): a start that fails, even for lack of memory in the first step, changes nothing.
+    """
+
+    def __init__(self, model_cfg, train_cfg, info, callbacks) -> None:
+        self.mcfg, self.cfg, self.info, self.callbacks = model_cfg, train_cfg, info, callbacks
+        cfg = train_cfg
         kw = {"seq_len": model_cfg.seq_len, "max_bytes": cfg.data_max_bytes}
         self.train_ds = get_dataset(cfg.data, "train", **kw)
         self.val_ds = get_dataset(cfg.data, "val", **kw)
@@ -210,30 +221,61 @@ class _Run:
             raise ValueError(
                 f"num_tokens must be >= the data's vocabulary {vocab}, got {model_cfg.num_tokens}"
             )
-        ckpt = _start_from(out, model_cfg, resume, overwrite, info)
-        if main:
-            out.mkdir(parents=True, exist_ok=True)
-            if ckpt is None:
-                clear_run(out)
-            save_configs(out / "config.json", model_cfg, cfg)
         torch.manual_seed(cfg.seed)
         self.model = build_model(model_cfg).to(info.device)
         self.module = dd.parallelize(self.model, info, compile=cfg.compile, fsdp=cfg.fsdp,
                                      find_unused_parameters=model_cfg.self_cond)  # fmt: skip
         groups = param_groups(self.model, cfg.weight_decay)
         self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+        self.lock: RunLock | None = None
+        self.committed = False
+
+    def open(self, resume: bool, overwrite: bool) -> None:
+        """Lock the run folder, plan the start and restore the checkpoint (nothing written)."""
+        cfg, info, out = self.cfg, self.info, Path(self.cfg.out)
+        self.ckpt, self.lock = start_run(
+            out, self.mcfg, resume=resume, overwrite=overwrite, info=info
+        )
+        ckpt = self.ckpt
         start = (
             0 if ckpt is None else restore_training_state(ckpt, self.model, self.optimizer, info)
         )
-        path = out / METRICS_FILE if main else None
-        self.metrics = _Metrics(path, callbacks, keep_upto=None if ckpt is None else start)
+        if start > cfg.steps:
+            raise ValueError(
+                f"steps must be >= the step of the checkpoint resumed ({start}, in {ckpt}), got "
+                f"{cfg.steps}"
+            )
+        path = out / METRICS_FILE if info.is_main else None
+        keep = None if ckpt is None else start
+        self.metrics = _Metrics(path, self.callbacks, keep_upto=keep, begin=self.commit)
         self.result = TrainResult(step=start, status="finished")
         self.tty = sys.stderr.isatty()
         from tqdm.auto import tqdm
 
-        show = main and cfg.progress and self.tty
+        show = info.is_main and cfg.progress and self.tty
         self.bar = tqdm(total=cfg.steps, initial=start, disable=not show, unit="step",
                         dynamic_ncols=True)  # fmt: skip
+        if self.metrics.torn:
+            self.say(f"{path}: dropping its torn last line (a write cut short)", always=True)
+
+    def commit(self) -> None:
+        """The first change to the run folder: clear an old run (fresh start), write config.json
+        and the metrics log so far. Called once, before the first record or checkpoint."""
+        if self.committed:
+            return
+        self.committed = True
+        if self.info.is_main:
+            out = Path(self.cfg.out)
+            if self.ckpt is None:
+                clear_run(out)
+            save_configs(out / "config.json", self.mcfg, self.cfg)
+            self.metrics.start()
+
+    def close(self) -> None:
+        """Release the lock; a run that never wrote removes the folders its lock created."""
+        if self.lock is not None:
+            self.lock.release(remove_created=not self.committed)
+            self.lock = None
 
     def say(self, text: str, always: bool = False) -> None:
         if self.info.is_main and (self.cfg.progress or always):
@@ -243,6 +285,7 @@ class _Run:
                 print(text, file=sys.stderr, flush=True)
 
     def save(self, step: int) -> None:
+        self.commit()
         path = save_training_state(self.cfg.out, self.model, self.optimizer, step=step,
                                    model_config=self.mcfg, train_config=self.cfg, info=self.info)  # fmt: skip
         self.result.checkpoint, self.saved_step = path, step

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import re
 import sys
 from collections.abc import Sequence
 
@@ -32,6 +33,24 @@ _COMMAND_MODULES: tuple[str, ...] = ("train", "sample", "eval_cmd", "demo")
 
 # Exceptions that mean "the input was bad", not "demask has a bug". They become one line + exit 2.
 _USER_ERRORS: tuple[type[BaseException], ...] = (CLIError, ValueError, TypeError, OSError)
+# command -> the options that size its allocations (named when memory runs out)
+_MEMORY_OPTIONS = {"train": ("batch_size", "seq_len"), "sample": ("num",),
+                   "eval": ("num", "batch_size"), "demo": ("num",)}  # fmt: skip
+
+
+def out_of_memory(err: BaseException, command: str, args: argparse.Namespace) -> str | None:
+    """A one-line message when `err` is an allocation failure (torch's CPU allocator, CUDA out of
+    memory, MemoryError), naming the options that size the allocation; None otherwise."""
+    text = str(err)
+    oom = isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError"
+    if not (oom or "can't allocate memory" in text or "out of memory" in text.lower()):
+        return None
+    asked = re.search(r"tried to allocate ([\d.]+ ?[KMGT]?i?B|\d+ bytes)", text)
+    detail = f"tried to allocate {asked.group(1)}" if asked else type(err).__name__
+    given = [f"--{o.replace('_', '-')} {getattr(args, o)}" for o in _MEMORY_OPTIONS.get(command, ())
+             if getattr(args, o, None) is not None]  # fmt: skip
+    hint = f"; try a smaller {' or '.join(g.split()[0] for g in given)}" if given else ""
+    return f"out of memory ({detail}) with {', '.join(given) or 'these options'}{hint}"
 
 
 def register(command: Command) -> Command:
@@ -102,4 +121,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if os.environ.get("DEMASK_DEBUG"):
             raise
         sys.stderr.write(f"demask {command.name}: error: {one_line(str(err) or repr(err))}\n")
+        return USAGE_ERROR
+    except (RuntimeError, MemoryError) as err:  # torch's allocation failures are RuntimeErrors
+        message = out_of_memory(err, command.name, args)
+        if message is None or os.environ.get("DEMASK_DEBUG"):
+            raise
+        sys.stderr.write(f"demask {command.name}: error: {message}\n")
         return USAGE_ERROR

@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,17 +65,10 @@ def parse_prompt(text: str, encode: Callable[[str], Sequence[int]]) -> list[int 
 
 
 def write_json(path: Path, payload: dict[str, Any]) -> None:
-    """Write JSON atomically (temporary file in the same folder, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(payload, f, indent=2, sort_keys=True)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write JSON atomically (`demask.runfolder.atomic_write_text`)."""
+    from demask.runfolder import atomic_write_text
+
+    atomic_write_text(path, json.dumps(payload, indent=2, sort_keys=True) + "\n")
 
 
 def format_table(rows: Sequence[tuple[str, Any]]) -> str:
@@ -109,6 +100,22 @@ def non_negative_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
     if value < 0:
         raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
+
+
+MAX_SEED = 2**63 - 1  # demask.config.MAX_SEED (not imported: that module imports torch)
+
+
+def seed_int(text: str) -> int:
+    """argparse type: a random seed, an int in [0, 2**63 - 1]."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected an integer in [0, 2**63 - 1], got {text!r}"
+        ) from None
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"expected an integer in [0, 2**63 - 1], got {value}")
     return value
 
 
@@ -169,5 +176,5 @@ def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
         help="with --class: classifier-free guidance scale w, sampling from u + w (c - u) "
         "(0 = unconditional, 1 = conditional, > 1 stronger); default: plain conditional",
     )
-    p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    p.add_argument("--seed", type=seed_int, default=0, help="random seed (default: %(default)s)")
     p.add_argument("--device", help="cpu | cuda (default: cuda if available, else cpu)")

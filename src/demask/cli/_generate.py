@@ -49,9 +49,13 @@ class Run:
 
 
 def resolve_device(device: str | None) -> torch.device:
+    """The torch device of a --device option (None: cuda if available, else cpu)."""
     from demask.distributed import resolve_device as _resolve
 
-    return _resolve(device or "auto")
+    try:
+        return _resolve(device or "auto")
+    except ValueError as err:
+        raise CLIError(f"--device {device!r}: {err}") from None
 
 
 def load_run(
@@ -200,7 +204,13 @@ def generate_autoregressive(
         start = _first_tokens(run, opts.num, opts.seed)
     else:
         start = torch.tensor(prompt, dtype=torch.long).expand(opts.num, len(prompt)).clone()
-    length = getattr(opts, "length", None) or n - start.shape[1]
+    given_length = getattr(opts, "length", None)
+    if given_length is None and start.shape[1] >= n:
+        raise CLIError(
+            f"--prompt: {start.shape[1]} tokens leave no room to generate: the model's sequence "
+            f"length is {n}, so give at most {n - 1} prompt tokens"
+        )
+    length = given_length or n - start.shape[1]
     if length < 1 or start.shape[1] + length > n:
         raise CLIError(
             f"--length: prompt ({start.shape[1]} tokens) + {length} new tokens must fit the "
@@ -226,8 +236,20 @@ GENERATORS: dict[str, Callable[[Run, argparse.Namespace, list[int | None] | None
 }
 
 
+# sampling option (argparse dest) -> the model kind it applies to
+KIND_OPTIONS = {"sampler": "masked", "steps": "masked", "anneal": "masked",
+                "length": "autoregressive"}  # fmt: skip
+
+
 def generate(run: Run, opts: argparse.Namespace) -> Samples:
     """Samples from `run` as `opts` (num, seed, temperature, prompt, ...) ask."""
+    for dest, kind in KIND_OPTIONS.items():
+        if getattr(opts, dest, None) not in (None, False) and run.kind != kind:
+            flag = "--" + dest.replace("_", "-")
+            raise CLIError(
+                f"{flag}: applies to {kind} models only, but the checkpoint holds a {run.kind!r} "
+                f"model; drop {flag}"
+            )
     prompt = None
     if run.kind != "masked" and getattr(opts, "class_label", None) is not None:
         raise CLIError("--class: class-conditional sampling needs a masked model")
@@ -236,6 +258,13 @@ def generate(run: Run, opts: argparse.Namespace) -> Samples:
             raise CLIError(
                 f"--prompt: prompts are for text models; this run's data is {run.modality}"
             )
+        try:
+            opts.prompt.encode("utf-8")
+        except UnicodeEncodeError as err:  # undecodable bytes on the command line
+            raise CLIError(
+                f"--prompt: not valid UTF-8 (an undecodable byte at character {err.start}); "
+                "expected UTF-8 text"
+            ) from None
         prompt = parse_prompt(opts.prompt, run.tokenizer.encode)
     if run.kind not in GENERATORS:
         raise CLIError(f"--checkpoint: no generation for model kind {run.kind!r}")

@@ -68,7 +68,7 @@ def _resume_configs(args: argparse.Namespace, out: str) -> tuple[Any, Any]:
     from demask.checkpoint import checkpoint_configs
     from demask.config import TrainConfig
 
-    model_cfg, train_cfg, _ = checkpoint_configs(out)  # CheckpointError: missing / corrupt
+    model_cfg, train_cfg, step = checkpoint_configs(out)  # CheckpointError: missing / corrupt
     if args.model is not None and args.model != model_cfg.kind:
         raise CLIError(
             f"--model {args.model}: the run in {out!r} holds a {model_cfg.kind!r} model; "
@@ -80,6 +80,11 @@ def _resume_configs(args: argparse.Namespace, out: str) -> tuple[Any, Any]:
         raise CLIError(f"--data {args.data!r}: the run in {out!r} was trained on {saved_data!r}")
     # model options must match the saved ones (train() refuses a different model config)
     model_cfg = dataclasses.replace(model_cfg, **_given(args, MODEL_OPTIONS))
+    if args.steps is not None and args.steps < step:
+        raise CLIError(
+            f"--steps {args.steps}: the run in {out!r} is already at step {step}; give --steps "
+            f">= {step} to continue it (or leave --steps out)"
+        )
     base = train_cfg if train_cfg is not None else TrainConfig(out=out)
     train_cfg = dataclasses.replace(base, out=out, **_given(args, TRAIN_OPTIONS))
     return model_cfg, train_cfg
@@ -89,7 +94,7 @@ def _fresh_configs(args: argparse.Namespace, out: str) -> tuple[Any, Any]:
     from demask.config import ModelConfig, TrainConfig
     from demask.data import get_dataset
 
-    data = _labelled(data_spec(args.data or "digits"), args)
+    data = _labelled(data_spec("digits" if args.data is None else args.data), args)
     # load the data first: a missing, empty, binary or too-short data path fails here, before
     # anything is written
     ds = get_dataset(data, "train", seq_len=args.seq_len, max_bytes=args.max_bytes)
@@ -108,6 +113,15 @@ def _fresh_configs(args: argparse.Namespace, out: str) -> tuple[Any, Any]:
 
 def run_training(args: argparse.Namespace) -> int:
     """`demask train`: build the configs, train (or relaunch under torchrun), plot, report."""
+    for option in ("data", "out"):
+        value = getattr(args, option)
+        if value is not None and not value.strip():
+            what = "digits | python-stdlib | a path" if option == "data" else "a folder"
+            raise CLIError(f"--{option}: expected {what}, got {value!r}")
+    if args.device is not None:
+        from demask.cli._generate import resolve_device
+
+        resolve_device(args.device)  # --device tpu: one line now, not a traceback later
     if args.nproc > 1:
         from demask.distributed import in_torchrun, launch
 

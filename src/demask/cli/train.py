@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from demask.cli._common import Command, positive_float, positive_int
+from demask.cli._common import Command, positive_float, positive_int, seed_int
 
 DESCRIPTION = """\
 Train a model and write a run folder: checkpoint (safetensors weights + config + optimiser state),
@@ -65,7 +65,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--warmup-steps", type=int, help="linear warm-up steps before the cosine decay")
     g.add_argument("--weight-decay", type=float, help="AdamW weight decay")
     g.add_argument("--grad-clip", type=float, help="gradient-norm clipping (0 = off)")
-    g.add_argument("--seed", type=int, help="random seed (runs are reproducible)")
+    g.add_argument("--seed", type=seed_int, help="random seed (runs are reproducible)")
     g.add_argument("--device", help="cpu | cuda | cuda:N (default: cuda if available, else cpu)")
     g.add_argument("--bf16", action="store_true", help="bf16 autocast")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")

@@ -245,6 +245,11 @@ def _build_path(
             f"data {spec!r} is neither a built-in dataset {sorted(DATASETS)} "
             "nor an existing file or folder"
         )
+    if not path.is_dir() and not path.is_file():  # /dev/zero, a FIFO, a socket: never read
+        raise ValueError(
+            f"data {spec!r} is not a regular file or a folder (a device, FIFO or socket?); "
+            "expected a text file or a folder of text files"
+        )
     if path.is_dir():
         files = _list_files(path)
         if not files:
