@@ -143,6 +143,7 @@ class NonAutoregressiveWrapper(nn.Module):
             ndim=2,
             seq_len=self.max_seq_len,
             forbidden=self.mask_id,
+            nonempty=True,
         )
 
     def forward(
@@ -334,7 +335,9 @@ class NonAutoregressiveWrapper(nn.Module):
         n = prompt.shape[-1] if (isinstance(prompt, Tensor) and prompt.ndim) else self.max_seq_len
         if seq_len is not None:
             n = check_int("seq_len", seq_len, min=1, max=self.max_seq_len)
-        prompt = check_tokens("prompt", prompt, num_tokens=self.num_tokens, ndim=(1, 2), seq_len=n)
+        prompt = check_tokens(
+            "prompt", prompt, num_tokens=self.num_tokens, ndim=(1, 2), seq_len=n, nonempty=True
+        )
         if n > self.max_seq_len:
             raise ValueError(f"prompt length must be <= max_seq_len={self.max_seq_len}, got {n}")
         prompt = prompt.to(device)
