@@ -7,6 +7,8 @@ bidirectional net, a tiny temperature is greedy, and degenerate configurations a
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -17,6 +19,7 @@ from demask import (
     NonAutoregressiveWrapper,
     TransformerWrapper,
 )
+from demask.schedules import CallableSchedule, get_schedule
 
 param = pytest.mark.parametrize
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -44,6 +47,52 @@ def causal(layers=Decoder):
 
 def tokens(shape, high=V, seed=0):
     return torch.randint(0, high, shape, generator=torch.Generator().manual_seed(seed))
+
+
+# ------------------------------------------------------------------ 4: schedule callables
+def _float_only_wavy(p):
+    return (1 - p) * (1 + math.cos(6 * math.pi * p)) / 2  # right ends, in [0, 1], not monotone
+
+
+@param(
+    "schedule,match",
+    [
+        (lambda p: p, r"mask ratio 1 at p=0 .* got schedule\(0\) = 0 .* reversed"),
+        (lambda p: 0.5 + 0 * p, r"mask ratio 1 at p=0 .* schedule\(0\) = 0\.5"),
+        (lambda p: 2 * (1 - p), r"mask ratios in \[0, 1\], got schedule\(0\) = 2"),
+        (lambda p: (1 - p) * (1 - 1.5 * p), r"in \[0, 1\], got schedule\(.*\) = -"),
+        (lambda p: float("nan"), r"finite mask ratios, got schedule\(0\) = nan"),
+        (lambda p: (1 - p) / p, r"finite mask ratios, got schedule\(0\) = inf"),
+        (_float_only_wavy, r"non-increasing in p, got schedule\(.*\) = .* and schedule"),
+        (lambda p: 1 / 0, "schedule could not be evaluated at p in .*ZeroDivisionError"),
+    ],
+)
+def test_bad_seed_schedule_is_refused_at_construction(schedule, match):
+    with pytest.raises(ValueError, match=match):
+        masked(schedule=schedule)
+
+
+def test_package_convention_callable_is_checked_in_t():
+    with pytest.raises(ValueError, match=r"mask ratio 1 at t=1 .* reversed"):
+        get_schedule(lambda t: 1 - t)
+    with pytest.raises(ValueError, match=r"non-decreasing in t"):
+        CallableSchedule(lambda t: 1 - _float_only_wavy(t))
+
+
+@param(
+    "schedule",
+    ["linear", "cosine", lambda p: 1 - p**2, lambda p: math.cos(math.pi * p / 2) ** 2],
+)
+def test_good_schedules_still_build_and_give_a_positive_nelbo(schedule):
+    w = masked(schedule=schedule)
+    bits = w.nelbo(tokens((2, N)), generator=torch.Generator().manual_seed(0))
+    assert bool((bits > 1.0).all())  # an untrained model: near log2(7) = 2.8 bits, never 0
+
+
+def test_callable_rounding_near_the_ends_is_tolerated():
+    # float32 arithmetic: cos(float32(pi / 2)) = -4.4e-8 at the clean end
+    s = get_schedule(lambda t: 1 - torch.cos(t.float() * (math.pi / 2)).double())
+    assert s.mask_ratio(torch.tensor([0.0, 1.0], dtype=torch.float64)).tolist() == [0.0, 1.0]
 
 
 # ------------------------------------------------------------------ 7: integer dtypes

@@ -3,7 +3,8 @@
 A thin facade over demask.schedules, demask.objectives.masked, demask.samplers and the one
 decoding loop demask.decoding.masked, with the seed's constructor, forward and generate.
 The seed speaks of progress p (its `schedule` gives the mask ratio at progress p); inside, diffusion
-time t = 1 - p is used (t = 0 clean, t = 1 fully masked), converted here and nowhere else.
+time t = 1 - p is used (t = 0 clean, t = 1 fully masked), converted here (a callable through
+`CallableSchedule(fn, progress=True)`, which also checks it) and nowhere else.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ def _schedule_from_seed(schedule: str | Callable) -> Schedule:
         return get_schedule(check_choice("schedule", schedule, SCHEDULES))
     if not callable(schedule):
         raise ValueError(f"schedule must be 'linear', 'cosine' or a callable, got {schedule!r}")
-    return CallableSchedule(lambda t: schedule(1 - t))  # mask_ratio(t) = seed_fn(1 - t)
+    return CallableSchedule(schedule, progress=True)  # mask_ratio(t) = seed_fn(1 - t), checked
 
 
 class NonAutoregressiveWrapper(nn.Module):
