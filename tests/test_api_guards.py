@@ -19,6 +19,7 @@ from demask import (
     NonAutoregressiveWrapper,
     TransformerWrapper,
 )
+from demask.cli._common import MAX_HOLES, CLIError, parse_prompt
 from demask.schedules import CallableSchedule, get_schedule
 
 param = pytest.mark.parametrize
@@ -93,6 +94,41 @@ def test_callable_rounding_near_the_ends_is_tolerated():
     # float32 arithmetic: cos(float32(pi / 2)) = -4.4e-8 at the clean end
     s = get_schedule(lambda t: 1 - torch.cos(t.float() * (math.pi / 2)).double())
     assert s.mask_ratio(torch.tensor([0.0, 1.0], dtype=torch.float64)).tolist() == [0.0, 1.0]
+
+
+# ------------------------------------------------------------------ 6: hole markers
+def _enc(text):
+    return list(text.encode())
+
+
+@param(
+    "text",
+    [
+        "[MASK:-1]",
+        "[MASK:abc]",
+        "[MASK:99999999999999999999]",
+        "[MASK:0]",
+        "[MASK:]",
+        "[MASK: 3]",
+        "[MASK:+3]",
+        "[MASK:3.0]",
+        f"[MASK:{MAX_HOLES + 1}]",
+    ],
+)
+def test_malformed_hole_is_one_clear_error(text):
+    with pytest.raises(CLIError, match=r"--prompt: bad hole marker '\[MASK:.*expected \[MASK\]"):
+        parse_prompt("ab " + text + " cd", _enc)
+
+
+def test_unclosed_hole_is_an_error():
+    with pytest.raises(CLIError, match=r"--prompt: .*'\[MASK:' is not closed"):
+        parse_prompt("ab [MASK:3", _enc)
+
+
+def test_well_formed_holes_and_plain_text():
+    assert parse_prompt("a[MASK:2]b[MASK]", _enc) == [97, None, None, 98, None]
+    assert parse_prompt("[MASK:007]", _enc) == [None] * 7
+    assert parse_prompt("[MASKED] [MASK", _enc) == _enc("[MASKED] [MASK")  # not markers
 
 
 # ------------------------------------------------------------------ 7: integer dtypes
