@@ -20,6 +20,7 @@ from demask import (
     TransformerWrapper,
 )
 from demask.cli._common import MAX_HOLES, CLIError, parse_prompt
+from demask.samplers import sample_categorical
 from demask.schedules import CallableSchedule, get_schedule
 
 param = pytest.mark.parametrize
@@ -195,6 +196,34 @@ def test_pad_value_outside_the_vocabulary_is_named():
     x[0, 3] = -100
     with pytest.raises(ValueError, match="pad_value must be <= 6, got 12"):
         model(x)
+
+
+# ------------------------------------------------------------------ 9: tiny temperatures
+@param("temperature", [1e-320, 5e-324, 1e-300, 1e-30])
+def test_tiny_temperature_is_greedy(temperature):
+    logits = torch.randn(500, 40, generator=torch.Generator().manual_seed(0)) * 50
+    got = sample_categorical(logits, temperature, torch.Generator().manual_seed(1))
+    assert torch.equal(got, logits.argmax(-1))
+
+
+def test_tiny_temperature_breaks_exact_ties_at_random():
+    logits = torch.tensor([0.0, 3.0, 3.0, -1.0]).expand(4000, -1)
+    got = sample_categorical(logits, 1e-300, torch.Generator().manual_seed(0))
+    counts = torch.bincount(got, minlength=4).tolist()
+    assert counts[0] == counts[3] == 0 and min(counts[1:3]) > 1800
+
+
+def test_tiny_temperature_is_greedy_in_both_wrappers():
+    model = causal()
+    prompts = tokens((4, 2))
+    greedy = model.generate(prompts, 5, temperature=0.0)
+    assert torch.equal(model.generate(prompts, 5, temperature=1e-320), greedy)
+    w = masked()
+    outs = [
+        w.generate(batch_size=4, start_temperature=t, anneal_temperature=False, filter_thres=0.0)
+        for t in (0.0, 1e-320)
+    ]
+    assert torch.equal(outs[0], outs[1])
 
 
 # ------------------------------------------------------------------ 10: degenerate configurations
