@@ -198,6 +198,12 @@ def test_pad_value_outside_the_vocabulary_is_named():
         model(x)
 
 
+# ------------------------------------------------------------------ 8: causal nets only
+def test_autoregressive_wrapper_refuses_a_bidirectional_net():
+    with pytest.raises(ValueError, match=r"net must be causal .* got attn_layers=Encoder"):
+        causal(layers=Encoder)
+
+
 # ------------------------------------------------------------------ 9: tiny temperatures
 @param("temperature", [1e-320, 5e-324, 1e-300, 1e-30])
 def test_tiny_temperature_is_greedy(temperature):
@@ -227,6 +233,22 @@ def test_tiny_temperature_is_greedy_in_both_wrappers():
 
 
 # ------------------------------------------------------------------ 10: degenerate configurations
+def test_masked_vocabulary_of_only_the_mask_id_is_refused():
+    net = TransformerWrapper(num_tokens=1, max_seq_len=N, attn_layers=Encoder(dim=8, depth=1))
+    with pytest.raises(ValueError, match=r"net.num_tokens must be >= 2 .*mask_id=0.* got 1"):
+        NonAutoregressiveWrapper(net, mask_id=0)
+
+
+@param("layers", [Encoder, Decoder])
+@param("ff_mult,glu", [(0.01, False), (0.01, True), (0.06, False)])
+def test_zero_width_feed_forward_is_refused(layers, ff_mult, glu):
+    with pytest.raises(
+        ValueError, match=rf"ff_mult \* dim .* got ff_mult={ff_mult} \* dim=16 -> 0"
+    ):
+        layers(dim=16, depth=1, heads=2, ff_mult=ff_mult, ff_glu=glu)
+    layers(dim=16, depth=1, heads=2, ff_mult=1 / 16)  # width 1 is allowed
+
+
 def test_empty_batch_is_refused_not_nan():
     empty = torch.zeros(0, N, dtype=torch.long)
     match = r"x is empty \(shape \(0, 6\)\)"

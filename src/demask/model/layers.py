@@ -266,6 +266,11 @@ class FeedForward(nn.Module):
     def __init__(self, dim: int, mult: float, glu: bool, swish: bool, dropout: float):
         super().__init__()
         inner = int(dim * mult)
+        if inner < 1:
+            raise ValueError(
+                f"ff_mult * dim must give a feed-forward hidden width >= 1, got ff_mult={mult} * "
+                f"dim={dim} -> {inner}"
+            )
         self.glu = glu
         self.act = F.silu if swish else F.gelu
         self.proj_in = Linear(dim, inner * (2 if glu else 1))
