@@ -1,0 +1,359 @@
+"""Property-based fuzzing of the public API with hypothesis (issue 12): random small valid
+configurations of both wrappers train one step and generate, and random invalid arguments are
+refused by name.
+
+Properties of every valid configuration (vocabulary, length, width, heads, depth, positions,
+schedule, sampler, steps, temperature, filter, prompt with holes):
+- one training step gives a finite loss, finite gradients and finite weights;
+- generation returns ids in [0, num_tokens), no mask id is left, the given prompt tokens are
+  unchanged, and a fixed torch.Generator repeats the output exactly.
+Every invalid argument raises ValueError or TypeError whose message names the argument.
+
+The examples are random on every run (fuzzing keeps exploring) and bounded to stay fast; set
+DEMASK_FUZZ_EXAMPLES=500 for a longer search. A failure prints the shrunk example and its
+@reproduce_failure blob.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from demask import (
+    AutoregressiveWrapper,
+    Decoder,
+    Encoder,
+    NonAutoregressiveWrapper,
+    TransformerWrapper,
+)
+from demask.decoding.autoregressive import FILTER_FUNCTIONS
+from demask.samplers import SAMPLERS
+from demask.schedules import SCHEDULES
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+EXAMPLES = int(os.environ.get("DEMASK_FUZZ_EXAMPLES", "15"))
+FUZZ = settings(
+    max_examples=EXAMPLES,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+
+# the seed's schedule: a registry name or a callable of progress p (1 at p = 0, 0 at p = 1)
+SEED_SCHEDULES: list[Any] = sorted(SCHEDULES) + [
+    lambda p: 1 - p**2,
+    lambda p: math.cos(math.pi * p / 2) ** 3,  # float-only: element by element
+    lambda p: (1 - p) ** 0.5,
+]
+# token ids may come in any integer dtype (converted to long); the output is always long
+ID_DTYPES = st.sampled_from([torch.long, torch.int32, torch.int16, torch.int8, torch.uint8])
+TEMPERATURES = st.one_of(
+    st.sampled_from([0.0, 1e-320, 1e-30, 1.0]), st.floats(0.0, 3.0, allow_nan=False)
+)
+
+
+# ------------------------------------------------------------------ configurations
+@st.composite
+def id_tensors(draw: st.DrawFn, num_tokens: int, shape: tuple[int, int]) -> torch.Tensor:
+    """A tensor of ids in [0, num_tokens) of the given shape, in a random integer dtype."""
+    size = shape[0] * shape[1]
+    ids = draw(st.lists(st.integers(0, num_tokens - 1), min_size=size, max_size=size))
+    return torch.tensor(ids).view(shape).to(draw(ID_DTYPES))
+
+
+@st.composite
+def layers_kwargs(draw: st.DrawFn) -> dict[str, Any]:
+    """Encoder/Decoder keyword arguments of a tiny model."""
+    heads = draw(st.integers(1, 3))
+    return dict(
+        dim=draw(st.sampled_from([8, 12, 16])),
+        depth=draw(st.integers(1, 2)),
+        heads=heads,
+        attn_dim_head=draw(st.sampled_from([4, 8])),
+        attn_kv_heads=draw(st.sampled_from([d for d in (1, heads) if heads % d == 0])),
+        rotary_pos_emb=draw(st.booleans()),
+        ff_mult=draw(st.sampled_from([0.5, 1, 2])),
+        ff_glu=draw(st.booleans()),
+        use_rmsnorm=draw(st.booleans()),
+    )
+
+
+@st.composite
+def masked_setups(draw: st.DrawFn) -> dict[str, Any]:
+    num_tokens = draw(st.integers(2, 12))
+    length = draw(st.integers(1, 10))
+    batch = draw(st.integers(1, 3))
+    mask_id = draw(st.integers(0, num_tokens - 1))
+    real = [t for t in range(num_tokens) if t != mask_id]
+    x = draw(st.lists(st.sampled_from(real), min_size=batch * length, max_size=batch * length))
+    holes = draw(st.lists(st.booleans(), min_size=batch * length, max_size=batch * length))
+    wrapper = dict(
+        mask_id=mask_id,
+        steps=draw(st.integers(1, 6)),
+        schedule=draw(st.sampled_from(SEED_SCHEDULES)),
+        self_cond=draw(st.booleans()),
+        no_replace_prob=draw(st.sampled_from([0.0, 0.15])),
+        random_token_prob=draw(st.sampled_from([0.0, 0.1])),
+        can_mask_prev_unmasked=draw(st.booleans()),
+        self_token_critic=draw(st.booleans()),
+    )
+    generate = dict(
+        sampler=draw(st.sampled_from(sorted(SAMPLERS))),
+        start_temperature=draw(TEMPERATURES),
+        filter_thres=draw(st.one_of(st.just(0.0), st.floats(0.0, 0.95, allow_nan=False))),
+        anneal_temperature=draw(st.booleans()),
+        noise_level_scale=draw(st.floats(0.0, 2.0, allow_nan=False)),
+    )
+    return dict(
+        net=dict(num_tokens=num_tokens, max_seq_len=length, layers=draw(layers_kwargs())),
+        wrapper=wrapper,
+        generate=generate,
+        x=torch.tensor(x).view(batch, length).to(draw(ID_DTYPES)),
+        holes=torch.tensor(holes).view(batch, length),
+        seed=draw(st.integers(0, 2**31 - 1)),
+    )
+
+
+@st.composite
+def causal_setups(draw: st.DrawFn) -> dict[str, Any]:
+    num_tokens = draw(st.integers(2, 12))
+    max_seq_len = draw(st.integers(2, 10))
+    batch = draw(st.integers(1, 3))
+    layers = draw(layers_kwargs())
+    prompt_len = draw(st.integers(1, max_seq_len))
+    seq_len = draw(st.integers(1, 6))
+    inside = prompt_len + seq_len <= max_seq_len
+    name = draw(st.sampled_from([None, *sorted(FILTER_FUNCTIONS)]))
+    filter_kwargs = {
+        None: None,
+        "top_k": draw(st.sampled_from([None, {"k": 1}, {"thres": 0.5}])),
+        "top_p": {"p": draw(st.floats(0.01, 1.0))},
+        "min_p": {"p": draw(st.floats(0.0, 1.0))},
+        "top_a": {"a": draw(st.floats(0.0, 1.0))},
+    }[name]
+    generate = dict(
+        temperature=draw(TEMPERATURES),
+        filter_logits_fn=name,
+        filter_kwargs=filter_kwargs,
+        # absolute positions cannot slide a cached window past max_seq_len (documented)
+        cache_kv=draw(st.booleans()) and (inside or layers["rotary_pos_emb"]),
+        eos_token=draw(st.one_of(st.none(), st.integers(0, num_tokens - 1))),
+        repetition_penalty=draw(st.sampled_from([1.0, 1.3])),
+    )
+    train_len = draw(st.integers(2, max_seq_len + 1))
+    return dict(
+        net=dict(num_tokens=num_tokens, max_seq_len=max_seq_len, layers=layers),
+        generate=generate,
+        x=draw(id_tensors(num_tokens, (batch, train_len))),
+        prompts=draw(id_tensors(num_tokens, (batch, prompt_len))),
+        seq_len=seq_len,
+        seed=draw(st.integers(0, 2**31 - 1)),
+    )
+
+
+def build_net(cfg: dict[str, Any], layers_cls: type) -> TransformerWrapper:
+    torch.manual_seed(0)
+    return TransformerWrapper(
+        num_tokens=cfg["num_tokens"],
+        max_seq_len=cfg["max_seq_len"],
+        attn_layers=layers_cls(**cfg["layers"]),
+    )
+
+
+def train_one_step(model: torch.nn.Module, loss: torch.Tensor) -> None:
+    assert loss.ndim == 0 and torch.isfinite(loss), loss
+    loss.backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(bool(torch.isfinite(g).all()) for g in grads)
+    torch.optim.SGD(model.parameters(), lr=0.1).step()
+    assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
+# ------------------------------------------------------------------ valid configurations
+@FUZZ
+@given(setup=masked_setups())
+def test_masked_wrapper_trains_and_generates(setup):
+    w = NonAutoregressiveWrapper(build_net(setup["net"], Encoder), **setup["wrapper"])
+    torch.manual_seed(setup["seed"])
+    train_one_step(w, w(setup["x"]).loss)
+
+    mask_id, num_tokens = w.mask_id, w.num_tokens
+    prompt = setup["x"].masked_fill(setup["holes"], mask_id)  # (B, N) with holes
+
+    def run() -> torch.Tensor:
+        gen = torch.Generator().manual_seed(setup["seed"])
+        return w.generate(prompt=prompt, generator=gen, **setup["generate"])
+
+    out = run()
+    assert out.shape == prompt.shape and out.dtype == torch.long
+    assert bool(((out >= 0) & (out < num_tokens)).all())
+    assert not bool((out == mask_id).any())
+    given_tokens = ~setup["holes"]
+    assert torch.equal(out[given_tokens], prompt[given_tokens].long())
+    assert torch.equal(run(), out)
+    bits = w.nelbo(setup["x"], num_times=2, generator=torch.Generator().manual_seed(0))
+    assert bits.shape == (prompt.shape[0],) and bool(torch.isfinite(bits).all())
+    assert bool((bits >= 0).all())  # (0 is a valid estimate when no draw masked anything)
+
+
+@FUZZ
+@given(setup=causal_setups())
+def test_autoregressive_wrapper_trains_and_generates(setup):
+    model = AutoregressiveWrapper(build_net(setup["net"], Decoder))
+    torch.manual_seed(setup["seed"])
+    train_one_step(model, model(setup["x"]))
+
+    prompts, seq_len, opts = setup["prompts"], setup["seq_len"], setup["generate"]
+
+    def run() -> torch.Tensor:
+        gen = torch.Generator().manual_seed(setup["seed"])
+        return model.generate(prompts, seq_len, generator=gen, **opts)
+
+    out = run()
+    p = prompts.shape[1]
+    assert out.shape == (prompts.shape[0], p + seq_len) and out.dtype == torch.long
+    assert bool(((out >= 0) & (out < model.num_tokens)).all())
+    assert torch.equal(out[:, :p], prompts.long())
+    assert torch.equal(run(), out)
+    if opts["eos_token"] is not None:  # after a row's EOS only pad_value follows
+        for row in out[:, p:]:
+            hits = (row == opts["eos_token"]).nonzero()
+            if len(hits):
+                assert bool((row[int(hits[0]) + 1 :] == model.pad_value).all())
+
+
+# ------------------------------------------------------------------ invalid arguments
+def _not_an_int(none: bool = True) -> st.SearchStrategy[Any]:
+    """Not an int; None too unless None means the default (`generate(steps=None)`)."""
+    bad = st.one_of(st.floats(allow_nan=True), st.text(max_size=3), st.booleans())
+    return st.one_of(bad, st.none()) if none else bad
+
+
+def _bad_probability() -> st.SearchStrategy[Any]:
+    return st.one_of(
+        st.floats(max_value=-1e-9),
+        st.floats(min_value=1.0 + 1e-9),
+        st.just(math.nan),
+        st.text(max_size=3),
+    )
+
+
+def _bad_temperature() -> st.SearchStrategy[Any]:
+    return st.one_of(
+        st.floats(max_value=-1e-300), st.sampled_from([math.nan, math.inf]), st.text(max_size=3)
+    )
+
+
+def _schedule_error() -> st.SearchStrategy[Any]:
+    """Schedules that are wrong in one way each (name unknown, wrong type, bad callable)."""
+    return st.one_of(
+        st.text(max_size=8).filter(lambda s: s not in SCHEDULES),
+        st.integers(),
+        st.floats(-2.0, 2.0).map(lambda c: lambda p: c),  # constant
+        st.floats(0.01, 1.0).map(lambda a: lambda p: a * p),  # reversed (or too small)
+        st.floats(1.01, 5.0).map(lambda a: lambda p: a * (1 - p)),  # above 1
+        st.sampled_from([lambda p: math.nan, lambda p: (1 - p) / p, lambda p: 1 / 0]),
+    )
+
+
+# (the argument, a strategy of invalid values, what to call with it)
+def _masked_ctor(name: str, value: Any) -> Any:
+    net = build_net(
+        dict(num_tokens=5, max_seq_len=4, layers=dict(dim=8, depth=1, heads=1)), Encoder
+    )
+    kwargs: dict[str, Any] = {"mask_id": 4, name: value}
+    return NonAutoregressiveWrapper(net, **kwargs)
+
+
+def _masked_generate(name: str, value: Any) -> Any:
+    w = _masked_ctor("steps", 2)
+    return w.generate(**{"batch_size": 1, name: value})
+
+
+def _causal_generate(name: str, value: Any) -> Any:
+    net = build_net(
+        dict(num_tokens=5, max_seq_len=6, layers=dict(dim=8, depth=1, heads=1)), Decoder
+    )
+    model = AutoregressiveWrapper(net)
+    args: dict[str, Any] = {"prompts": torch.zeros(1, 2, dtype=torch.long), "seq_len": 2}
+    if name in ("prompts", "seq_len"):
+        args[name] = value
+        return model.generate(args.pop("prompts"), **args)
+    return model.generate(args.pop("prompts"), **args, **{name: value})
+
+
+def _layers(name: str, value: Any) -> Any:
+    kwargs: dict[str, Any] = dict(dim=8, depth=1, heads=2)
+    kwargs[name] = value
+    return Decoder(**kwargs)
+
+
+def _wrapper_net(name: str, value: Any) -> Any:
+    kwargs: dict[str, Any] = dict(num_tokens=5, max_seq_len=4)
+    kwargs[name] = value
+    return TransformerWrapper(attn_layers=Encoder(dim=8, depth=1, heads=1), **kwargs)
+
+
+INVALID = [
+    (_masked_ctor, "mask_id", st.one_of(st.integers(max_value=-1), st.integers(min_value=5))),
+    (_masked_ctor, "steps", st.one_of(st.integers(max_value=0), _not_an_int())),
+    (_masked_ctor, "no_replace_prob", _bad_probability()),
+    (_masked_ctor, "self_cond_train_prob", _bad_probability()),
+    (_masked_ctor, "critic_loss_weight", _bad_temperature()),
+    (_masked_ctor, "schedule", _schedule_error()),
+    (_masked_generate, "start_temperature", _bad_temperature()),
+    (_masked_generate, "filter_thres", st.one_of(_bad_probability(), st.just(1.0))),
+    (_masked_generate, "steps", st.one_of(st.integers(max_value=0), _not_an_int(none=False))),
+    (_masked_generate, "batch_size", st.one_of(st.integers(max_value=0), st.floats())),
+    (_masked_generate, "seq_len", st.one_of(st.integers(max_value=0), st.integers(min_value=5))),
+    (_masked_generate, "sampler", st.text(max_size=8).filter(lambda s: s not in SAMPLERS)),
+    (_masked_generate, "noise_level_scale", _bad_temperature()),
+    (_causal_generate, "temperature", _bad_temperature()),
+    (_causal_generate, "seq_len", st.one_of(st.integers(max_value=0), _not_an_int())),
+    (_causal_generate, "eos_token", st.one_of(st.integers(max_value=-1), st.integers(min_value=5))),
+    (
+        _causal_generate,
+        "repetition_penalty",
+        st.one_of(st.floats(max_value=0.0), st.just(math.nan)),
+    ),
+    (
+        _causal_generate,
+        "filter_logits_fn",
+        st.text(max_size=8).filter(lambda s: s not in FILTER_FUNCTIONS),
+    ),
+    (
+        _causal_generate,
+        "prompts",
+        st.one_of(
+            st.integers(5, 99).map(lambda v: torch.full((1, 2), v)),
+            st.just(torch.zeros(1, 2)),  # float ids
+            st.just(torch.zeros(1, 0, dtype=torch.long)),
+            st.just([]),
+        ),
+    ),
+    (_layers, "dim", st.one_of(st.integers(max_value=0), _not_an_int())),
+    (_layers, "depth", st.one_of(st.integers(max_value=0), _not_an_int())),
+    (_layers, "heads", st.one_of(st.integers(max_value=0), _not_an_int())),
+    (_layers, "ff_mult", st.one_of(st.floats(max_value=1 / 8 - 1e-9), st.just(math.nan))),
+    (_layers, "attn_dim_head", st.integers(max_value=0)),
+    (_layers, "attn_dropout", _bad_probability()),
+    (_wrapper_net, "num_tokens", st.one_of(st.integers(max_value=0), _not_an_int())),
+    (_wrapper_net, "max_seq_len", st.one_of(st.integers(max_value=0), _not_an_int())),
+    (_wrapper_net, "emb_dropout", _bad_probability()),
+]
+
+
+@settings(FUZZ, max_examples=max(EXAMPLES, 3 * len(INVALID)))
+@given(data=st.data())
+def test_invalid_argument_is_refused_by_name(data):
+    call, name, values = data.draw(st.sampled_from(INVALID), label="case")
+    value = data.draw(values, label=name)
+    with pytest.raises((ValueError, TypeError)) as err:
+        call(name, value)
+    assert name in str(err.value), (name, value, err.value)
