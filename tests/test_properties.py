@@ -101,8 +101,8 @@ def masked_setups(draw: st.DrawFn) -> dict[str, Any]:
         no_replace_prob=draw(st.sampled_from([0.0, 0.15])),
         random_token_prob=draw(st.sampled_from([0.0, 0.1])),
         can_mask_prev_unmasked=draw(st.booleans()),
-        self_token_critic=draw(st.booleans()),
     )
+    critic = draw(st.sampled_from(["none", "self", "net"]))  # token critic: none, head, network
     generate = dict(
         sampler=draw(st.sampled_from(sorted(SAMPLERS))),
         start_temperature=draw(TEMPERATURES),
@@ -114,8 +114,11 @@ def masked_setups(draw: st.DrawFn) -> dict[str, Any]:
         net=dict(num_tokens=num_tokens, max_seq_len=length, layers=draw(layers_kwargs())),
         wrapper=wrapper,
         generate=generate,
+        critic=critic,
         x=torch.tensor(x).view(batch, length).to(draw(ID_DTYPES)),
         holes=torch.tensor(holes).view(batch, length),
+        # generate from the prompt with holes, or from scratch with batch_size and seq_len
+        unprompted_len=draw(st.one_of(st.none(), st.integers(1, length))),
         seed=draw(st.integers(0, 2**31 - 1)),
     )
 
@@ -147,12 +150,19 @@ def causal_setups(draw: st.DrawFn) -> dict[str, Any]:
         repetition_penalty=draw(st.sampled_from([1.0, 1.3])),
     )
     train_len = draw(st.integers(2, max_seq_len + 1))
+    form = draw(st.sampled_from(["tensor", "padded", "list"]))
+    lengths = [prompt_len] * batch
+    if form != "tensor":
+        lengths = draw(st.lists(st.integers(1, prompt_len), min_size=batch, max_size=batch))
     return dict(
         net=dict(num_tokens=num_tokens, max_seq_len=max_seq_len, layers=layers),
         generate=generate,
         x=draw(id_tensors(num_tokens, (batch, train_len))),
         prompts=draw(id_tensors(num_tokens, (batch, prompt_len))),
+        form=form,
+        lengths=lengths,
         seq_len=seq_len,
+        beams=draw(st.sampled_from([0, 0, 1, 3])),  # 0: no beam search in this example
         seed=draw(st.integers(0, 2**31 - 1)),
     )
 
@@ -179,27 +189,76 @@ def train_one_step(model: torch.nn.Module, loss: torch.Tensor) -> None:
 @FUZZ
 @given(setup=masked_setups())
 def test_masked_wrapper_trains_and_generates(setup):
-    w = NonAutoregressiveWrapper(build_net(setup["net"], Encoder), **setup["wrapper"])
+    net_cfg = setup["net"]
+    critic = None
+    if setup["critic"] == "net":
+        tiny = dict(dim=8, depth=1, heads=1)
+        critic = TransformerWrapper(
+            num_tokens=net_cfg["num_tokens"],
+            max_seq_len=net_cfg["max_seq_len"],
+            logits_dim=1,
+            attn_layers=Encoder(**tiny),
+        )
+    w = NonAutoregressiveWrapper(
+        build_net(net_cfg, Encoder),
+        token_critic=critic,
+        self_token_critic=setup["critic"] == "self",
+        **setup["wrapper"],
+    )
     torch.manual_seed(setup["seed"])
     train_one_step(w, w(setup["x"]).loss)
 
     mask_id, num_tokens = w.mask_id, w.num_tokens
     prompt = setup["x"].masked_fill(setup["holes"], mask_id)  # (B, N) with holes
+    batch, length = prompt.shape
+    if setup["unprompted_len"] is not None:
+        length = setup["unprompted_len"]
+        where: dict[str, Any] = dict(batch_size=batch, seq_len=length)
+    else:
+        where = dict(prompt=prompt)
 
     def run() -> torch.Tensor:
         gen = torch.Generator().manual_seed(setup["seed"])
-        return w.generate(prompt=prompt, generator=gen, **setup["generate"])
+        return w.generate(generator=gen, **where, **setup["generate"])
 
     out = run()
-    assert out.shape == prompt.shape and out.dtype == torch.long
+    assert out.shape == (batch, length) and out.dtype == torch.long
     assert bool(((out >= 0) & (out < num_tokens)).all())
     assert not bool((out == mask_id).any())
-    given_tokens = ~setup["holes"]
-    assert torch.equal(out[given_tokens], prompt[given_tokens].long())
+    if "prompt" in where:
+        given_tokens = ~setup["holes"]
+        assert torch.equal(out[given_tokens], prompt[given_tokens].long())
     assert torch.equal(run(), out)
     bits = w.nelbo(setup["x"], num_times=2, generator=torch.Generator().manual_seed(0))
-    assert bits.shape == (prompt.shape[0],) and bool(torch.isfinite(bits).all())
+    assert bits.shape == (batch,) and bool(torch.isfinite(bits).all())
     assert bool((bits >= 0).all())  # (0 is a valid estimate when no draw masked anything)
+
+
+def _prompt_forms(prompts: torch.Tensor, lengths: list[int], form: str) -> tuple[Any, Any]:
+    """The prompts as generate takes them: (prompts argument, prompt_lens argument)."""
+    if form == "list":
+        return [row[:n] for row, n in zip(prompts, lengths)], None
+    if form == "padded":
+        return prompts, lengths
+    return prompts, None
+
+
+def _check_prompts_kept(
+    out: Any, prompts: torch.Tensor, lengths: list[int], form: str, seq_len: int, pad_value: int
+) -> list[torch.Tensor]:
+    """Every row begins with its own prompt (left-padded with pad_value when padded); returns
+    each row's new tokens."""
+    width = prompts.shape[1]
+    if form == "list":
+        assert isinstance(out, list) and len(out) == len(lengths)
+        for row, prompt, n in zip(out, prompts, lengths):
+            assert row.shape == (n + seq_len,) and torch.equal(row[:n], prompt[:n].long())
+        return [row[-seq_len:] for row in out]
+    assert out.shape == (prompts.shape[0], width + seq_len) and out.dtype == torch.long
+    for row, prompt, n in zip(out, prompts, lengths):
+        assert torch.equal(row[width - n : width], prompt[:n].long())
+        assert bool((row[: width - n] == pad_value).all())
+    return list(out[:, width:])
 
 
 @FUZZ
@@ -209,23 +268,34 @@ def test_autoregressive_wrapper_trains_and_generates(setup):
     torch.manual_seed(setup["seed"])
     train_one_step(model, model(setup["x"]))
 
-    prompts, seq_len, opts = setup["prompts"], setup["seq_len"], setup["generate"]
+    prompts, lengths, form = setup["prompts"], setup["lengths"], setup["form"]
+    seq_len, opts = setup["seq_len"], setup["generate"]
+    given_prompts, prompt_lens = _prompt_forms(prompts, lengths, form)
 
-    def run() -> torch.Tensor:
+    def run() -> Any:
         gen = torch.Generator().manual_seed(setup["seed"])
-        return model.generate(prompts, seq_len, generator=gen, **opts)
+        return model.generate(
+            given_prompts, seq_len, prompt_lens=prompt_lens, generator=gen, **opts
+        )
 
     out = run()
-    p = prompts.shape[1]
-    assert out.shape == (prompts.shape[0], p + seq_len) and out.dtype == torch.long
-    assert bool(((out >= 0) & (out < model.num_tokens)).all())
-    assert torch.equal(out[:, :p], prompts.long())
-    assert torch.equal(run(), out)
+    new = _check_prompts_kept(out, prompts, lengths, form, seq_len, model.pad_value)
+    assert all(bool(((row >= 0) & (row < model.num_tokens)).all()) for row in new)
+    again = run()
+    assert all(torch.equal(a, b) for a, b in zip(again, out))
     if opts["eos_token"] is not None:  # after a row's EOS only pad_value follows
-        for row in out[:, p:]:
+        for row in new:
             hits = (row == opts["eos_token"]).nonzero()
             if len(hits):
                 assert bool((row[int(hits[0]) + 1 :] == model.pad_value).all())
+
+    if setup["beams"]:
+        beam = dict(beams=setup["beams"], prompt_lens=prompt_lens, cache_kv=opts["cache_kv"])
+        best, scores = model.beam_search(given_prompts, seq_len, return_scores=True, **beam)
+        _check_prompts_kept(best, prompts, lengths, form, seq_len, model.pad_value)
+        assert bool(torch.isfinite(scores).all()) and bool((scores <= 0).all())
+        again = model.beam_search(given_prompts, seq_len, **beam)
+        assert all(torch.equal(a, b) for a, b in zip(again, best))
 
 
 # ------------------------------------------------------------------ invalid arguments
