@@ -407,6 +407,13 @@ INVALID = [
             st.just([]),
         ),
     ),
+    (
+        _causal_generate,
+        "prompt_lens",
+        st.sampled_from(
+            [[0], [3], [1, 1], torch.tensor([1.0]), torch.tensor([True]), torch.tensor([[2]])]
+        ),
+    ),
     (_layers, "dim", st.one_of(st.integers(max_value=0), _not_an_int())),
     (_layers, "depth", st.one_of(st.integers(max_value=0), _not_an_int())),
     (_layers, "heads", st.one_of(st.integers(max_value=0), _not_an_int())),

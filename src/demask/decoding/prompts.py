@@ -100,7 +100,8 @@ def prepare_prompts(
 
     if not isinstance(prompt_lens, Tensor):
         prompt_lens = torch.as_tensor(prompt_lens)
-    if prompt_lens.shape != (prompts.shape[0],) or prompt_lens.dtype.is_floating_point:
+    integer = not (prompt_lens.dtype.is_floating_point or prompt_lens.dtype.is_complex)
+    if prompt_lens.shape != (prompts.shape[0],) or not integer or prompt_lens.dtype == torch.bool:
         raise ValueError(
             f"prompt_lens must be {prompts.shape[0]} integer lengths (one per prompt row), got "
             f"{prompt_lens.dtype} of shape {tuple(prompt_lens.shape)}"

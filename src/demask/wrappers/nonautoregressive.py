@@ -89,11 +89,7 @@ class NonAutoregressiveWrapper(nn.Module):
         self.num_tokens: int = net.num_tokens
         self.max_seq_len: int = net.max_seq_len
         self.mask_id = check_int("mask_id", mask_id, min=0, max=self.num_tokens - 1)
-        if self.num_tokens < 2:
-            raise ValueError(
-                f"net.num_tokens must be >= 2 (mask_id={mask_id} plus at least one token to "
-                f"generate), got {self.num_tokens}"
-            )
+        check_int("net.num_tokens", self.num_tokens, min=2)  # mask_id and a token to generate
         self.steps = check_int("steps", steps, min=1)
         self.self_cond_train_prob = check_float(
             "self_cond_train_prob", self_cond_train_prob, min=0.0, max=1.0
