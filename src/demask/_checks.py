@@ -67,16 +67,25 @@ def check_tokens(
     seq_len: int | None = None,
     forbidden: int | None = None,
     forbidden_name: str = "mask_id",
+    ignore_index: int | None = None,
+    nonempty: bool = False,
 ) -> Tensor:
-    """`x` must be an integer tensor of token ids in [0, num_tokens).
+    """`x` must be a tensor of token ids in [0, num_tokens); returns it as torch.long.
 
-    ndim: the allowed number of dimensions; seq_len: the required size of the last dimension;
-    forbidden: a token id that must not occur (for example the mask id in training data).
+    The dtype rule of the package: any integer dtype is accepted and converted to torch.long
+    (a copy unless it already is long); bool, floating and complex tensors are refused. Use the
+    returned tensor. ndim: the allowed number of dimensions; seq_len: the required size of the
+    last dimension; forbidden: a token id that must not occur (for example the mask id in
+    training data); ignore_index: a value exempt from the range check (a loss's ignored target);
+    nonempty: refuse a tensor without elements (an empty batch has no loss).
     """
     if not isinstance(x, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of token ids, got {type(x).__name__}")
     if x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool:
-        raise TypeError(f"{name} must hold integer token ids (torch.long), got dtype {x.dtype}")
+        raise TypeError(
+            f"{name} must hold integer token ids (any integer dtype), got dtype {x.dtype}"
+        )
+    x = x.long()
     dims = (ndim,) if isinstance(ndim, int) else ndim
     if x.ndim not in dims:
         want = " or ".join(str(d) for d in dims)
@@ -85,13 +94,18 @@ def check_tokens(
         raise ValueError(
             f"{name} must have length {seq_len} in its last dimension, got shape {tuple(x.shape)}"
         )
-    if x.numel() > 0:
-        lo, hi = int(x.min()), int(x.max())
+    if nonempty and x.numel() == 0:
+        raise ValueError(
+            f"{name} is empty (shape {tuple(x.shape)}): expected at least one sequence of tokens"
+        )
+    ids = x if ignore_index is None else x[x != ignore_index]
+    if ids.numel() > 0:
+        lo, hi = int(ids.min()), int(ids.max())
         if lo < 0 or hi >= num_tokens:
             raise ValueError(
                 f"{name} holds token ids in [{lo}, {hi}], expected ids in [0, {num_tokens - 1}]"
             )
-        if forbidden is not None and bool((x == forbidden).any()):
+        if forbidden is not None and bool((ids == forbidden).any()):
             raise ValueError(f"{name} contains {forbidden_name}={forbidden}, which is reserved")
     return x
 

@@ -14,8 +14,13 @@ from pathlib import Path
 from typing import Any
 
 HOLE_MARKER = "[MASK]"
-# `[MASK]` is one hole token; `[MASK:N]` is N hole tokens (for example `[MASK:12]`).
-_HOLE_RE = re.compile(r"\[MASK(?::(\d+))?\]")
+# The one rule for holes: `[MASK]` is one hole token, `[MASK:N]` is N hole tokens with N a decimal
+# whole number in [1, MAX_HOLES] (for example `[MASK:12]`). Anything else after `[MASK:` up to the
+# next `]`, or a `[MASK:` never closed, is an error; `[MASK` followed by other text (`[MASKED]`)
+# is plain text.
+MAX_HOLES = 1 << 20  # far above any model's sequence length; the length check then names it
+_HOLE_RE = re.compile(r"\[MASK(?::([^\]]*))?\]")
+_UNCLOSED = "[MASK:"
 
 
 @dataclass(frozen=True)
@@ -55,13 +60,26 @@ def parse_prompt(text: str, encode: Callable[[str], Sequence[int]]) -> list[int 
     pos = 0
     for match in _HOLE_RE.finditer(text):
         add_text(text[pos : match.start()])
-        count = int(match.group(1)) if match.group(1) is not None else 1
-        if count < 1:
-            raise CLIError(f"--prompt: hole {match.group(0)!r} must mark at least 1 token")
-        out.extend([None] * count)
+        out.extend([None] * _hole_count(match.group(0), match.group(1)))
         pos = match.end()
+    if _UNCLOSED in text[pos:]:
+        raise CLIError(
+            f"--prompt: hole marker {_UNCLOSED!r} is not closed by ']': expected [MASK] or [MASK:N]"
+        )
     add_text(text[pos:])
     return out
+
+
+def _hole_count(marker: str, count: str | None) -> int:
+    """The number of holes of one `[MASK]` / `[MASK:N]` marker (see _HOLE_RE)."""
+    if count is None:
+        return 1
+    if count.isascii() and count.isdigit() and len(count) <= 8 and 1 <= int(count) <= MAX_HOLES:
+        return int(count)
+    raise CLIError(
+        f"--prompt: bad hole marker {marker!r}: expected [MASK] or [MASK:N] with N a whole number "
+        f"from 1 to {MAX_HOLES}"
+    )
 
 
 def write_json(path: Path, payload: dict[str, Any]) -> None:

@@ -68,7 +68,7 @@ def prepare_prompts(
             raise ValueError("prompts is an empty list: give at least one prompt")
         rows = []
         for i, p in enumerate(prompts):
-            check_tokens(f"prompts[{i}]", p, num_tokens=num_tokens, ndim=1)
+            p = check_tokens(f"prompts[{i}]", p, num_tokens=num_tokens, ndim=1)
             if p.shape[0] == 0:
                 raise ValueError(f"prompts[{i}] is empty: every prompt needs at least one token")
             rows.append(p)
@@ -94,13 +94,14 @@ def prepare_prompts(
         )
     width = prompts.shape[1]
     if prompt_lens is None:
-        check_tokens("prompts", prompts, num_tokens=num_tokens)
+        prompts = check_tokens("prompts", prompts, num_tokens=num_tokens)  # long
         lengths = torch.full((prompts.shape[0],), width, dtype=torch.long, device=prompts.device)
-        return _finish(prompts.long(), lengths, kind)
+        return _finish(prompts, lengths, kind)
 
     if not isinstance(prompt_lens, Tensor):
         prompt_lens = torch.as_tensor(prompt_lens)
-    if prompt_lens.shape != (prompts.shape[0],) or prompt_lens.dtype.is_floating_point:
+    integer = not (prompt_lens.dtype.is_floating_point or prompt_lens.dtype.is_complex)
+    if prompt_lens.shape != (prompts.shape[0],) or not integer or prompt_lens.dtype == torch.bool:
         raise ValueError(
             f"prompt_lens must be {prompts.shape[0]} integer lengths (one per prompt row), got "
             f"{prompt_lens.dtype} of shape {tuple(prompt_lens.shape)}"
@@ -111,9 +112,10 @@ def prepare_prompts(
             f"prompt_lens must lie in [1, {width}] (the prompts width), got [{lo}, {hi}]"
         )
     lengths = prompt_lens.to(device=prompts.device, dtype=torch.long)
+    real = torch.arange(width, device=prompts.device)[None, :] < lengths[:, None]  # (B, P)
+    # the padding after each prompt may hold anything; the dtype rule holds for the whole tensor
+    check_tokens("prompts", prompts.masked_fill(~real, 0), num_tokens=num_tokens)
     tokens = _left_align(prompts.long(), lengths, pad_value)
-    real = torch.arange(width, device=prompts.device)[None, :] >= (width - lengths)[:, None]
-    check_tokens("prompts", tokens.masked_fill(~real, 0), num_tokens=num_tokens)
     return _finish(tokens, lengths, kind)
 
 

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from demask._checks import check_int
 from demask.model.kv_cache import LayerCache
 
 
@@ -266,6 +267,7 @@ class FeedForward(nn.Module):
     def __init__(self, dim: int, mult: float, glu: bool, swish: bool, dropout: float):
         super().__init__()
         inner = int(dim * mult)
+        check_int(f"the feed-forward width int(ff_mult * dim) = int({mult} * {dim})", inner, min=1)
         self.glu = glu
         self.act = F.silu if swish else F.gelu
         self.proj_in = Linear(dim, inner * (2 if glu else 1))

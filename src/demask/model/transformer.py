@@ -309,7 +309,7 @@ class TransformerWrapper(nn.Module):
         # host-syncing range check there (nn.Embedding still refuses out-of-range ids).
         continuing = cache is not None and cache.length > 0
         if not continuing and not torch.compiler.is_compiling():
-            check_tokens("x", x, num_tokens=self.num_tokens)
+            x = check_tokens("x", x, num_tokens=self.num_tokens)  # any integer dtype -> long
         b, n = x.shape
         if mask is not None and (mask.shape != x.shape or mask.dtype != torch.bool):
             raise ValueError(

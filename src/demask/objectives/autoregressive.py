@@ -99,10 +99,12 @@ def autoregressive_loss(
             f"mask must be a bool tensor of shape {tuple(x.shape)}, got {mask.dtype} {tuple(mask.shape)}"
         )
 
+    x = check_tokens("x", x, num_tokens=num_tokens, ignore_index=ignore_index, nonempty=True)
     ignored = x == ignore_index  # (B, N)
     ignore_is_token = 0 <= ignore_index < num_tokens
+    if not ignore_is_token and bool(ignored.any()):  # ignored inputs are fed as pad_value
+        check_int("pad_value", pad_value, min=0, max=num_tokens - 1)
     tokens = x if ignore_is_token else x.masked_fill(ignored, pad_value)
-    check_tokens("x", tokens, num_tokens=num_tokens)
     inp, target = tokens[:, :-1], x[:, 1:]  # (B, N-1) each
     if mask is not None:
         target = target.masked_fill(~mask[:, 1:], ignore_index)

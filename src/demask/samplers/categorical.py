@@ -37,9 +37,18 @@ def sample_categorical(
 
     logits: (..., V), entries at -inf are never drawn. temperature 0 returns the argmax.
     Returns (...,) long.
+
+    The logits are shifted by their row maximum first (the draw does not change): then
+    (logits - max) / T is <= 0 and cannot overflow to +inf for a tiny T (1e-320 used to turn every
+    positive logit into inf, and argmax then picked the first of them). As T -> 0 the non-maximal
+    entries go to -inf and exact ties at the maximum stay a uniform draw, the limit of
+    softmax(logits / T): a tiny temperature is greedy.
     """
     temperature = check_float("temperature", temperature, min=0.0)
     if temperature == 0.0:
         return logits.argmax(dim=-1)
     noise = gumbel_noise(logits.shape, generator=generator, device=logits.device)  # (..., V)
-    return (logits.double() / temperature + noise).argmax(dim=-1)
+    x = logits.double()
+    top = x.amax(dim=-1, keepdim=True)  # (..., 1)
+    top = top.masked_fill(~torch.isfinite(top), 0.0)  # rows all -inf, or holding +inf: no shift
+    return ((x - top) / temperature + noise).argmax(dim=-1)

@@ -33,7 +33,8 @@ def get_schedule(schedule: str | Schedule | Callable) -> Schedule:
     """A schedule from a registry name, a schedule object, or a callable t -> mask ratio.
 
     Callables here speak the package convention (t = 1 fully masked); the seed's progress-callable
-    is converted by `NonAutoregressiveWrapper` (mask_ratio(t) = fn(1 - t)).
+    is converted by `NonAutoregressiveWrapper` (`CallableSchedule(fn, progress=True)`, whose
+    mask_ratio(t) = fn(1 - t)). Either way the callable is checked when it is built.
     """
     if isinstance(schedule, str):
         return SCHEDULES[check_choice("schedule", schedule, SCHEDULES)]()

@@ -78,6 +78,12 @@ class AutoregressiveWrapper(nn.Module):
             raise TypeError(
                 f"net must be a TransformerWrapper (a module with num_tokens), got {type(net).__name__}"
             )
+        layers = getattr(net, "attn_layers", None)
+        if layers is not None and getattr(layers, "causal", None) is not True:
+            raise ValueError(
+                f"net must be causal (attn_layers=Decoder(...)), got attn_layers="
+                f"{type(layers).__name__}: a bidirectional net sees the tokens it must predict"
+            )
         self.net = net
         self.ignore_index = check_int("ignore_index", ignore_index)
         self.pad_value = check_int("pad_value", pad_value)

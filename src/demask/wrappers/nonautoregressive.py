@@ -3,7 +3,8 @@
 A thin facade over demask.schedules, demask.objectives.masked, demask.samplers and the one
 decoding loop demask.decoding.masked, with the seed's constructor, forward and generate.
 The seed speaks of progress p (its `schedule` gives the mask ratio at progress p); inside, diffusion
-time t = 1 - p is used (t = 0 clean, t = 1 fully masked), converted here and nowhere else.
+time t = 1 - p is used (t = 0 clean, t = 1 fully masked), converted here (a callable through
+`CallableSchedule(fn, progress=True)`, which also checks it) and nowhere else.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ def _schedule_from_seed(schedule: str | Callable) -> Schedule:
         return get_schedule(check_choice("schedule", schedule, SCHEDULES))
     if not callable(schedule):
         raise ValueError(f"schedule must be 'linear', 'cosine' or a callable, got {schedule!r}")
-    return CallableSchedule(lambda t: schedule(1 - t))  # mask_ratio(t) = seed_fn(1 - t)
+    return CallableSchedule(schedule, progress=True)  # mask_ratio(t) = seed_fn(1 - t), checked
 
 
 class NonAutoregressiveWrapper(nn.Module):
@@ -102,6 +103,7 @@ class NonAutoregressiveWrapper(nn.Module):
         self.num_tokens: int = net.num_tokens
         self.max_seq_len: int = net.max_seq_len
         self.mask_id = check_int("mask_id", mask_id, min=0, max=self.num_tokens - 1)
+        check_int("net.num_tokens", self.num_tokens, min=2)  # mask_id and a token to generate
         self.steps = check_int("steps", steps, min=1)
         self.self_cond_train_prob = check_float(
             "self_cond_train_prob", self_cond_train_prob, min=0.0, max=1.0
@@ -173,6 +175,7 @@ class NonAutoregressiveWrapper(nn.Module):
             ndim=2,
             seq_len=self.max_seq_len,
             forbidden=self.mask_id,
+            nonempty=True,
         )
 
     def forward(
@@ -410,7 +413,9 @@ class NonAutoregressiveWrapper(nn.Module):
         n = prompt.shape[-1] if (isinstance(prompt, Tensor) and prompt.ndim) else self.max_seq_len
         if seq_len is not None:
             n = check_int("seq_len", seq_len, min=1, max=self.max_seq_len)
-        prompt = check_tokens("prompt", prompt, num_tokens=self.num_tokens, ndim=(1, 2), seq_len=n)
+        prompt = check_tokens(
+            "prompt", prompt, num_tokens=self.num_tokens, ndim=(1, 2), seq_len=n, nonempty=True
+        )
         if n > self.max_seq_len:
             raise ValueError(f"prompt length must be <= max_seq_len={self.max_seq_len}, got {n}")
         prompt = prompt.to(device)
