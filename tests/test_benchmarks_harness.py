@@ -268,3 +268,30 @@ def test_frontier_smoke_one_row_per_model_sampler_and_steps(
     for r in masked:  # the reference has no ancestral sampler: demask's loop runs its logits
         lib = "demask" if r["model"].startswith("demask") else "reference"
         assert r["decoder"] == (lib if r["sampler"] == "seed-default" else "demask")
+
+
+@needs_quality_data
+def test_ablation_smoke_one_record_per_row_and_seed(tmp_path, capsys):
+    from benchmarks import ablation
+    from benchmarks.__main__ import main
+
+    out = tmp_path / "ablation.json"
+    rows = ["demask-count-resid-is", "demask-ce-resid"]
+    argv = ["ablation", "--smoke", "--jobs", "1", "--seeds", "0", "1", "--out", str(out)]
+    assert main([*argv, "--rows", *rows]) == 0
+    rec = json.loads(out.read_text())
+    assert [(r["row"], r["seed"]) for r in rec["results"]] == [
+        (row, seed) for seed in (0, 1) for row in rows
+    ]
+    for r in rec["results"]:
+        assert 0 < r["nelbo"] < 20 and 0 < r["ce_t005"] < 20
+    assert "| demask-ce-resid" in capsys.readouterr().out
+    # each row's change takes effect on the model it builds
+    cfg = ablation.Config(seq_len=32, dim=32, depth=2, heads=2)
+    model = ablation.build(ablation.ROWS["demask-count-resid-is"], cfg)
+    assert (model.mdlm_estimator, model.mdlm_count_power) == ("count", 0.5)
+    out_std = float(model.net.attn_layers.blocks[0].attn.to_out.weight.std())
+    assert abs(out_std - 0.02 / 2) < 0.003  # 0.02 / sqrt(2 * depth)
+    assert (
+        ablation.build(ablation.ROWS["demask-ce-resid"], cfg).use_simple_mdlm_loss_weight is False
+    )
