@@ -16,12 +16,12 @@ DEMASK_FUZZ_EXAMPLES=500 for a longer search. A failure prints the shrunk exampl
 from __future__ import annotations
 
 import math
-import os
 from typing import Any
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from _fuzz import FUZZ
+from hypothesis import given
 from hypothesis import strategies as st
 
 from demask import (
@@ -37,12 +37,6 @@ from demask.schedules import SCHEDULES
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-EXAMPLES = int(os.environ.get("DEMASK_FUZZ_EXAMPLES", "15"))
-FUZZ = settings(
-    max_examples=EXAMPLES,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
 
 # the seed's schedule: a registry name or a callable of progress p (1 at p = 0, 0 at p = 1)
 SEED_SCHEDULES: list[Any] = sorted(SCHEDULES) + [

@@ -7,12 +7,12 @@ Random on every run; DEMASK_FUZZ_EXAMPLES=N searches longer (see tests/test_prop
 from __future__ import annotations
 
 import math
-import os
 from typing import Any
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from _fuzz import EXAMPLES, FUZZ
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from demask import (
@@ -27,13 +27,6 @@ from demask.samplers import SAMPLERS
 from demask.schedules import SCHEDULES
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-EXAMPLES = int(os.environ.get("DEMASK_FUZZ_EXAMPLES", "15"))
-FUZZ = settings(
-    max_examples=EXAMPLES,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
 
 
 def build_net(cfg: dict[str, Any], layers_cls: type) -> TransformerWrapper:
