@@ -69,14 +69,14 @@ class NonAutoregressiveWrapper(nn.Module):
     """
 
     # How the MDLM loss (use_simple_mdlm_loss_weight=True) is estimated in training. "count": an
-    # exact, uniform number of masked tokens per row and the row's mean cross-entropy
-    # (`objectives.masked.count_masks`); "time": a time t from the schedule, Bernoulli(m(t)) masks
+    # exact number of masked tokens per row (drawn as `mdlm_count_power` says) and the row's mean
+    # cross-entropy, importance-weighted (`objectives.masked.count_masks`); "time": a time t from the schedule, Bernoulli(m(t)) masks
     # and the weight m'(t)/m(t). Both are unbiased estimates of the same NELBO (the NELBO does not
     # depend on the schedule); "count" has far less variance (benchmarks/RESULTS.md, "ablation").
     mdlm_estimator: str = "count"
     # "count": mask counts k drawn from q(k) ~ k^-power with importance weights 1 / (L q(k)) (0:
     # uniform k). 0.5 minimises the gradient variance when tokens are equally noisy, and trained
-    # 2.6% better than uniform k in the ablation (3 seeds).
+    # 2.7% better than uniform k in the ablation (3 seeds).
     mdlm_count_power: float = 0.5
 
     def __init__(
@@ -342,7 +342,7 @@ class NonAutoregressiveWrapper(nn.Module):
         given = seq != self.mask_id  # (B, N)
         frozen = None
         if self.cond_prefix_len:
-            prefix = torch.arange(seq.shape[1], device=seq.device) < self.cond_prefix_len
+            prefix = self._condition(None, seq.shape[0], seq.shape[1], seq.device)  # (B, N)
             frozen = prefix & ~given  # a dropped condition stays dropped
             given = given & prefix
         guidance = None
