@@ -100,7 +100,8 @@ def test_guidance_zero_is_exactly_unconditional_sampling():
 
 
 def test_guidance_mixes_the_two_predictions_and_validates():
-    from demask.decoding.masked import Guidance, _Model
+    from demask.denoiser import Denoiser, Guidance
+    from demask.samplers import MaskedState
 
     w = wrapper(cond_prefix_len=1).eval()
     seq = torch.full((3, N), MASK)
@@ -112,8 +113,8 @@ def test_guidance_mixes_the_two_predictions_and_validates():
         c = w.net(seq)[rows, cols].float()
         u = w.net(seq.masked_fill(drop, MASK))[rows, cols].float()
         for scale in (0.0, 1.0, 3.0):
-            model = _Model(w.net, None, None, None, None, Guidance(scale, drop))
-            got = model.logits(seq, rows, cols, MASK)
+            model = Denoiser(w.net, guidance=Guidance(scale, drop))
+            got = model.logits(MaskedState(seq, seq == MASK, MASK), seq == MASK).values
             torch.testing.assert_close(got, u + scale * (c - u))
     assert not torch.allclose(c, u)  # the class token does change the prediction
     cond = torch.full((8, N), MASK)

@@ -10,11 +10,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from demask import Encoder, Losses, NonAutoregressiveWrapper, TransformerWrapper
-from demask.samplers import SAMPLERS
+from demask.samplers import RULES
 
 param = pytest.mark.parametrize
 V, N, MASK = 9, 12, 9  # 9 real tokens, mask id 9, length 12
-EXACT = sorted(n for n, c in SAMPLERS.items() if c.exact_counts)
+EXACT = sorted(n for n, c in RULES.items() if c.exact_counts)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -122,7 +122,7 @@ def test_fixed_generator_repeats():
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
-@param("sampler", sorted(SAMPLERS))
+@param("sampler", sorted(RULES))
 def test_one_hot_logits_give_that_exact_sequence(sampler):
     target = torch.tensor([3, 1, 4, 1, 5, 8, 2, 6, 5, 3, 5, 8])
     w = NonAutoregressiveWrapper(OneHotNet(target), mask_id=MASK, steps=5)
@@ -144,7 +144,7 @@ def _prompt():
     return p
 
 
-@param("sampler", sorted(SAMPLERS))
+@param("sampler", sorted(RULES))
 def test_prompt_tokens_never_change(sampler):
     w = wrapper(can_mask_prev_unmasked=True)
     p = _prompt()
@@ -155,7 +155,7 @@ def test_prompt_tokens_never_change(sampler):
     assert out.shape == (4, N) and not (out == MASK).any()
     assert (out[:, given] == p[given]).all()
     assert (history[:, :, given] == p[given]).all()
-    if SAMPLERS[sampler].exact_counts:  # the schedule applies to the 6 fillable positions
+    if RULES[sampler].exact_counts:  # the schedule applies to the 6 fillable positions
         assert (history[:, 0] == MASK).sum(-1).tolist() == seed_counts(6, 18, lambda q: 1 - q)
 
 

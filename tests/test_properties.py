@@ -32,7 +32,7 @@ from demask import (
     TransformerWrapper,
 )
 from demask.decoding.autoregressive import FILTER_FUNCTIONS
-from demask.samplers import SAMPLERS
+from demask.samplers import RULES
 from demask.schedules import SCHEDULES
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -97,7 +97,7 @@ def masked_setups(draw: st.DrawFn) -> dict[str, Any]:
     )
     critic = draw(st.sampled_from(["none", "self", "net"]))  # token critic: none, head, network
     generate = dict(
-        sampler=draw(st.sampled_from(sorted(SAMPLERS))),
+        sampler=draw(st.sampled_from(sorted(RULES))),
         start_temperature=draw(TEMPERATURES),
         filter_thres=draw(st.one_of(st.just(0.0), st.floats(0.0, 0.95, allow_nan=False))),
         anneal_temperature=draw(st.booleans()),

@@ -23,7 +23,7 @@ from demask import (
     TransformerWrapper,
 )
 from demask.decoding.autoregressive import FILTER_FUNCTIONS
-from demask.samplers import SAMPLERS
+from demask.samplers import RULES
 from demask.schedules import SCHEDULES
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -122,7 +122,7 @@ INVALID = [
     (_masked_generate, "steps", st.one_of(st.integers(max_value=0), _not_an_int(none=False))),
     (_masked_generate, "batch_size", st.one_of(st.integers(max_value=0), st.floats())),
     (_masked_generate, "seq_len", st.one_of(st.integers(max_value=0), st.integers(min_value=5))),
-    (_masked_generate, "sampler", st.text(max_size=8).filter(lambda s: s not in SAMPLERS)),
+    (_masked_generate, "sampler", st.text(max_size=8).filter(lambda s: s not in RULES)),
     (_masked_generate, "noise_level_scale", _bad_temperature()),
     (_causal_generate, "temperature", _bad_temperature()),
     (_causal_generate, "seq_len", st.one_of(st.integers(max_value=0), _not_an_int())),

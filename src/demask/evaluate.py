@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from demask._checks import check_int
+from demask.modes import eval_mode
 
 LikelihoodFn = Callable[..., tuple[Tensor, int]]  # fn(wrapper, x, seed, **options)
 LIKELIHOODS: dict[type, LikelihoodFn] = {}
@@ -125,18 +126,14 @@ def likelihood_sums(
     num_batches = math.ceil(n / batch_size)
     if max_batches is not None:
         num_batches = min(num_batches, max_batches)
-    was_training = wrapper.training
-    wrapper.eval()
     bits = torch.zeros((), dtype=torch.float64, device=device)
     count = 0
-    try:
+    with eval_mode(wrapper):
         for j in range(rank, num_batches, world_size):
             x = _stack(dataset, j * batch_size, min(n, (j + 1) * batch_size)).to(device)
             b, c = fn(wrapper, x, seed * 1_000_003 + j, **options)
             bits += b
             count += c
-    finally:
-        wrapper.train(was_training)
     sums = torch.stack([bits, torch.tensor(float(count), dtype=torch.float64, device=device)])
     if world_size > 1 and dist.is_initialized():
         dist.all_reduce(sums, op=dist.ReduceOp.SUM)

@@ -64,21 +64,7 @@ def prepare_prompts(
     if isinstance(prompts, (list, tuple)):
         if prompt_lens is not None:
             raise ValueError("prompt_lens is for a padded (B, P) prompts tensor, not a list")
-        if len(prompts) == 0:
-            raise ValueError("prompts is an empty list: give at least one prompt")
-        rows = []
-        for i, p in enumerate(prompts):
-            p = check_tokens(f"prompts[{i}]", p, num_tokens=num_tokens, ndim=1)
-            if p.shape[0] == 0:
-                raise ValueError(f"prompts[{i}] is empty: every prompt needs at least one token")
-            rows.append(p)
-        lengths = torch.tensor([r.shape[0] for r in rows], device=rows[0].device)
-        width = int(lengths.max())
-        tokens = torch.full((len(rows), width), pad_value, dtype=torch.long, device=rows[0].device)
-        for i, r in enumerate(rows):
-            tokens[i, width - r.shape[0] :] = r
-        return _finish(tokens, lengths, "list")
-
+        return _from_list(prompts, num_tokens, pad_value)
     if not isinstance(prompts, Tensor):
         raise TypeError(
             f"prompts must be a tensor of token ids or a list of 1-D tensors, got {type(prompts).__name__}"
@@ -92,12 +78,37 @@ def prepare_prompts(
         raise ValueError(
             f"prompts is empty (shape {tuple(prompts.shape)}): every prompt needs at least one token"
         )
-    width = prompts.shape[1]
     if prompt_lens is None:
         prompts = check_tokens("prompts", prompts, num_tokens=num_tokens)  # long
+        width = prompts.shape[1]
         lengths = torch.full((prompts.shape[0],), width, dtype=torch.long, device=prompts.device)
         return _finish(prompts, lengths, kind)
+    return _finish(*_from_padded(prompts, prompt_lens, num_tokens, pad_value), kind)
 
+
+def _from_list(prompts: Sequence[Any], num_tokens: int, pad_value: int) -> PreparedPrompts:
+    """A list of 1-D prompts of any lengths -> left-padded rows."""
+    if len(prompts) == 0:
+        raise ValueError("prompts is an empty list: give at least one prompt")
+    rows = []
+    for i, p in enumerate(prompts):
+        p = check_tokens(f"prompts[{i}]", p, num_tokens=num_tokens, ndim=1)
+        if p.shape[0] == 0:
+            raise ValueError(f"prompts[{i}] is empty: every prompt needs at least one token")
+        rows.append(p)
+    lengths = torch.tensor([r.shape[0] for r in rows], device=rows[0].device)
+    width = int(lengths.max())
+    tokens = torch.full((len(rows), width), pad_value, dtype=torch.long, device=rows[0].device)
+    for i, r in enumerate(rows):
+        tokens[i, width - r.shape[0] :] = r
+    return _finish(tokens, lengths, "list")
+
+
+def _from_padded(
+    prompts: Tensor, prompt_lens: Any, num_tokens: int, pad_value: int
+) -> tuple[Tensor, Tensor]:
+    """Right-padded (B, P) prompts with their lengths -> (left-aligned tokens, lengths)."""
+    width = prompts.shape[1]
     if not isinstance(prompt_lens, Tensor):
         prompt_lens = torch.as_tensor(prompt_lens)
     integer = not (prompt_lens.dtype.is_floating_point or prompt_lens.dtype.is_complex)
@@ -115,8 +126,7 @@ def prepare_prompts(
     real = torch.arange(width, device=prompts.device)[None, :] < lengths[:, None]  # (B, P)
     # the padding after each prompt may hold anything; the dtype rule holds for the whole tensor
     check_tokens("prompts", prompts.masked_fill(~real, 0), num_tokens=num_tokens)
-    tokens = _left_align(prompts.long(), lengths, pad_value)
-    return _finish(tokens, lengths, kind)
+    return _left_align(prompts.long(), lengths, pad_value), lengths
 
 
 def _finish(tokens: Tensor, lengths: Tensor, kind: str) -> PreparedPrompts:

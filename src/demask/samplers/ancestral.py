@@ -14,10 +14,11 @@ from torch import Tensor
 from demask.samplers.base import Proposal, StepInfo
 
 
-class AncestralSampler:
+class AncestralRule:
     exact_counts = False
     uses_critic = False
     can_remask = False
+    always_remask = False
 
     def select(self, proposal: Proposal, info: StepInfo) -> Tensor:
         if info.ratio_before <= 0.0:

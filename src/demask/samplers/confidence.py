@@ -13,10 +13,11 @@ from torch import Tensor
 from demask.samplers.base import Proposal, StepInfo, mask_least_confident
 
 
-class ConfidenceSampler:
+class ConfidenceRule:
     exact_counts = True
     uses_critic = True
     can_remask = True
+    always_remask = False
 
     def select(self, proposal: Proposal, info: StepInfo) -> Tensor:
         if proposal.critic is not None:

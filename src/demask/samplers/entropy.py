@@ -6,20 +6,19 @@ prediction is most spread out stay masked longest.
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
-from demask.samplers.base import Proposal, StepInfo, mask_least_confident
+from demask.samplers.base import Proposal, StepInfo, mask_least_confident, prediction_entropy
 
 
-class EntropySampler:
+class EntropyRule:
     exact_counts = True
     uses_critic = False
     can_remask = False
+    always_remask = False
 
     def select(self, proposal: Proposal, info: StepInfo) -> Tensor:
-        probs = proposal.probs  # (M, K)
-        entropy = -(probs * torch.log(probs.clamp_min(1e-30))).sum(-1)  # (M,)
+        entropy = prediction_entropy(proposal.probs)  # (M,)
         return mask_least_confident(
             -entropy, proposal.rows, info.num_masked_after, proposal.was_masked
         )

@@ -12,10 +12,11 @@ from torch import Tensor
 from demask.samplers.base import Proposal, StepInfo, mask_least_confident
 
 
-class RandomSampler:
+class RandomRule:
     exact_counts = True
     uses_critic = False
     can_remask = False
+    always_remask = False
 
     def select(self, proposal: Proposal, info: StepInfo) -> Tensor:
         scores = torch.rand(

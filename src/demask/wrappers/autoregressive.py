@@ -12,7 +12,6 @@ It composes the objective (demask.objectives.autoregressive) and the decoding lo
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
 from typing import Any, cast
 
 import torch
@@ -32,23 +31,10 @@ from demask.decoding.prompts import (
     check_token_id,
     prepare_prompts,
 )
+from demask.modes import eval_mode
 from demask.objectives.autoregressive import autoregressive_loss
 
 __all__ = ["AutoregressiveWrapper"]
-
-
-@contextmanager
-def _eval_mode(*modules: nn.Module | None) -> Iterator[None]:
-    """Eval mode inside; every submodule's own training flag restored after."""
-    states = [(m, m.training) for mod in modules if mod is not None for m in mod.modules()]
-    for mod in modules:
-        if mod is not None:
-            mod.eval()
-    try:
-        yield
-    finally:
-        for m, flag in states:
-            m.training = flag
 
 
 class AutoregressiveWrapper(nn.Module):
@@ -226,7 +212,7 @@ class AutoregressiveWrapper(nn.Module):
           generator=None            a torch.Generator for reproducible sampling
           callback=None             called with each step's tokens (B,) as they are produced
         """
-        with _eval_mode(self, kwargs.get("amateur_model")):
+        with eval_mode(self, kwargs.get("amateur_model")):
             it, buf, prepared = self._decode_iter(prompts, seq_len, **kwargs)
             for tokens in it:
                 if callback is not None:
@@ -243,7 +229,7 @@ class AutoregressiveWrapper(nn.Module):
         while the iterator runs and its training state is restored when it ends or is closed.
         Rows that have stopped yield pad_value.
         """
-        with _eval_mode(self, kwargs.get("amateur_model")):
+        with eval_mode(self, kwargs.get("amateur_model")):
             it, _, prepared = self._decode_iter(prompts, seq_len, **kwargs)
             for tokens in it:
                 yield tokens[0] if prepared.kind == "vector" else tokens
@@ -273,7 +259,7 @@ class AutoregressiveWrapper(nn.Module):
         prepared, seq_len, eos = self._setup(prompts, seq_len, prompt_lens, eos_token)
         beams = check_int("beams", beams, min=1)
         length_penalty = check_float("length_penalty", length_penalty, min=0.0)
-        with _eval_mode(self):
+        with eval_mode(self):
             seqs, scores = beam_search(
                 self.net,
                 prepared.tokens,

@@ -19,8 +19,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from demask._checks import check_choice, check_float, check_int, check_tokens
-from demask.decoding.masked import Guidance, demask
+from demask.decoding.masked import Decoded, Guidance, demask
+from demask.denoiser import Denoiser, critic_logits, self_cond_embeds
 from demask.model import TransformerWrapper
+from demask.modes import eval_mode
 from demask.objectives.masked import (
     augment_masked,
     count_masks,
@@ -31,7 +33,7 @@ from demask.objectives.masked import (
     midpoint_times,
     stratified_times,
 )
-from demask.samplers import Sampler, get_sampler, sample_categorical
+from demask.samplers import MaskedSampler, MaskedState, RevealRule, get_rule, sample_categorical
 from demask.schedules import SCHEDULES, CallableSchedule, Schedule, get_schedule
 
 __all__ = ["Losses", "NonAutoregressiveWrapper"]
@@ -141,11 +143,11 @@ class NonAutoregressiveWrapper(nn.Module):
     # ------------------------------------------------------------------ training
     def _embed(self, inp: Tensor, self_condition: bool, **kwargs: Any) -> Tensor:
         """(B, N, dim) embeddings, with a no-grad first pass when self-conditioning."""
-        sum_embeds = None
+        first = None
         if self_condition and self.to_self_cond is not None:
             with torch.no_grad():
-                first = self.net(inp, return_embeddings=True, **kwargs)
-            sum_embeds = self.to_self_cond(first.detach())
+                first = self.net(inp, return_embeddings=True, **kwargs).detach()
+        sum_embeds = self_cond_embeds(self.to_self_cond, first)
         return self.net(inp, return_embeddings=True, sum_embeds=sum_embeds, **kwargs)
 
     def _masked_ce(self, x: Tensor, inp: Tensor, mask: Tensor, self_condition: bool, **kwargs):
@@ -233,13 +235,10 @@ class NonAutoregressiveWrapper(nn.Module):
         generated = x.clone()
         generated[rows, cols] = sample_categorical(sample_logits, temperature)
         target = (generated != x).float()  # (B, N)
-        if self.token_critic is not None:
-            critic_logits = self.token_critic(generated, **kwargs).squeeze(-1)  # (B, N)
-        else:
-            assert self.to_critic_logits is not None  # has_critic
-            emb = self.net(generated, return_embeddings=True, **kwargs)
-            critic_logits = self.to_critic_logits(emb).squeeze(-1)  # (B, N)
-        critic_loss = F.binary_cross_entropy_with_logits(critic_logits.float(), target)
+        scores = critic_logits(
+            generated, self.net, self.token_critic, self.to_critic_logits, **kwargs
+        )  # (B, N)
+        critic_loss = F.binary_cross_entropy_with_logits(scores.float(), target)
         if only_train_critic:
             return Losses(critic_loss, generator_loss, critic_loss)
         loss = generator_loss + self.critic_loss_weight * critic_loss
@@ -278,18 +277,14 @@ class NonAutoregressiveWrapper(nn.Module):
             steps = check_int("discrete_steps", discrete_steps, min=1)
             times = torch.arange(1, steps + 1, device=x.device, dtype=torch.float64) / steps
             weights = discrete_step_weight(self.schedule, times, steps)  # summed over steps
-        was_training = self.training
-        self.eval()
-        try:
-            total = torch.zeros(b, dtype=torch.float64, device=x.device)
+        total = torch.zeros(b, dtype=torch.float64, device=x.device)
+        with eval_mode(self):
             for t, w in zip(times, weights):
                 ratio = self.schedule.mask_ratio(t.expand(b))
                 mask = draw_masks(ratio, (b, n), generator=generator, device=x.device) & ~cond
                 inp = x.masked_fill(mask, self.mask_id)
                 ce, _, rows, _ = self._masked_ce(x, inp, mask, self.self_cond, **kwargs)
                 total.index_add_(0, rows, ce.double() * w)
-        finally:
-            self.train(was_training)
         bits = total / ((~cond).sum(-1).clamp_min(1) * math.log(2))  # (B,) bits per token
         return bits.mean() if reduction == "mean" else bits
 
@@ -305,31 +300,38 @@ class NonAutoregressiveWrapper(nn.Module):
         prompt: Tensor | None = None,
         seq_len: int | None = None,
         steps: int | None = None,
-        sampler: str | Sampler = "confidence",
+        sampler: str | RevealRule | MaskedSampler = "confidence",
         anneal_temperature: bool = True,
         logits_filter: Callable[[Tensor], Tensor] | None = None,
         generator: torch.Generator | None = None,
         return_history: bool = False,
         callback: Callable[[int, Tensor], Any] | None = None,
         guidance_scale: float | None = None,
+        return_stats: bool = False,
         **kwargs: Any,
-    ) -> Tensor | tuple[Tensor, Tensor]:
+    ) -> Tensor | tuple[Tensor, ...]:
         """Iterative demasking from a fully masked start (seed 002), or filling a prompt's masks.
 
         Returns (batch_size, seq_len) tokens, or (seq_len,) when batch_size is None (and the
         prompt, if any, is 1-D). `prompt` (seq_len,) or (B, seq_len): mask_id marks the positions
-        to fill (prefix, suffix, holes); its other tokens are kept as given. `sampler` picks the
-        remasking strategy (see demask.samplers.SAMPLERS). `return_history=True` also returns the
-        states after each step, (steps, B, seq_len) (batch dim dropped like the output).
-        `anneal_temperature=False` keeps start_temperature at every step (exact MDLM ancestral
-        sampling: sampler='ancestral', filter_thres=0). **kwargs go to the network.
+        to fill (prefix, suffix, holes); its other tokens are kept as given. `sampler`: a reveal
+        rule's name (demask.samplers.RULES: "confidence", the seed's, ..., "threshold",
+        "entropy_bound", "remdm", "halton"), a rule object with its settings
+        (`ThresholdRule(tau=0.8)`), or a whole `MaskedSampler` (then used as given: the sampling
+        arguments here do not apply). The seed's arguments map onto `MaskedSampler`:
+        start_temperature -> temperature (annealed to 0 unless `anneal_temperature=False`),
+        filter_thres -> its top-k, noise_level_scale -> the critic's noise.
+        `return_history=True` also returns the states after each step, (steps, B, seq_len) (batch
+        dim dropped like the output); `return_stats=True` also returns the `Decoded` record (its
+        `evaluations`, `forwards`, `evaluations_per_token`). Exact MDLM ancestral sampling:
+        sampler='ancestral', filter_thres=0, anneal_temperature=False. **kwargs go to the network.
 
         Conditions: with `cond_prefix_len` > 0, the prompt's first cond_prefix_len tokens are the
         condition; where they are mask_id the condition is dropped and they stay masked
         (unconditional sampling). Without it, every given token of the prompt is the condition.
         `guidance_scale=w`: classifier-free guidance, sampling from u + w (c - u) with c the
         conditional and u the unconditional logits (the condition masked); w = 0 samples
-        unconditionally, w = 1 conditionally (see `demask.decoding.masked.Guidance`).
+        unconditionally, w = 1 conditionally (see `demask.denoiser.Guidance`).
         """
         if batch_size is not None:
             check_int("batch_size", batch_size, min=1)
@@ -337,66 +339,67 @@ class NonAutoregressiveWrapper(nn.Module):
         check_float("filter_thres", filter_thres, min=0.0, max=1.0, max_inclusive=False)
         check_float("noise_level_scale", noise_level_scale, min=0.0)
         steps = self.steps if steps is None else check_int("steps", steps, min=1)
-        strategy = get_sampler(sampler) if sampler is not None else get_sampler("confidence")
-        seq, squeeze = self._start(batch_size, prompt, seq_len)
-        given = seq != self.mask_id  # (B, N)
-        frozen = None
-        if self.cond_prefix_len:
-            prefix = self._condition(None, seq.shape[0], seq.shape[1], seq.device)  # (B, N)
-            frozen = prefix & ~given  # a dropped condition stays dropped
-            given = given & prefix
-        guidance = None
-        if guidance_scale is not None:
-            scale = check_float("guidance_scale", guidance_scale, min=0.0)
-            if not bool(given.any()):
-                raise ValueError(
-                    "guidance_scale needs a condition to guide by: a prompt with given tokens "
-                    f"(or a class token with cond_prefix_len > 0), got guidance_scale={scale} "
-                    "and no given token"
-                )
-            guidance = Guidance(scale, given)
-
-        history: list[Tensor] = []
-
-        def on_step(step: int, state: Tensor) -> None:
-            if return_history:
-                history.append(state)
-            if callback is not None:
-                callback(step, state[0] if squeeze else state)
-
-        was_training = self.training
-        self.eval()
-        try:
-            out = demask(
-                self.net,
-                seq,
-                mask_id=self.mask_id,
-                schedule=self.schedule,
-                steps=steps,
-                sampler=strategy,
-                start_temperature=start_temperature,
+        if not isinstance(sampler, MaskedSampler):
+            sampler = MaskedSampler(
+                get_rule("confidence" if sampler is None else sampler),
+                temperature=start_temperature,
+                anneal=anneal_temperature,
                 filter_thres=filter_thres,
                 logits_filter=logits_filter,
-                anneal_temperature=anneal_temperature,
-                noise_level_scale=noise_level_scale,
-                can_mask_prev_unmasked=self.can_mask_prev_unmasked,
-                self_cond=self.to_self_cond,
-                token_critic=self.token_critic,
-                critic_head=self.to_critic_logits,
-                generator=generator,
-                callback=on_step if (return_history or callback is not None) else None,
-                net_kwargs=kwargs,
-                guidance=guidance,
-                frozen=frozen,
+                noise_scale=noise_level_scale,
+                remask=self.can_mask_prev_unmasked,
             )
-        finally:
-            self.train(was_training)
-        if squeeze:
-            out = out[0]
-        if not return_history:
-            return out
-        states = torch.stack(history)  # (steps, B, N)
-        return out, (states[:, 0] if squeeze else states)
+        seq, squeeze = self._start(batch_size, prompt, seq_len)
+        state, guidance = self._initial_state(seq, guidance_scale)
+        model = Denoiser(self.net, self.to_self_cond, self.token_critic, self.to_critic_logits,
+                         kwargs, guidance)  # fmt: skip
+        history: list[Tensor] = []
+
+        def on_step(step: int, tokens: Tensor) -> None:
+            if return_history:
+                history.append(tokens)
+            if callback is not None:
+                callback(step, tokens[0] if squeeze else tokens)
+
+        watch = on_step if (return_history or callback is not None) else None
+        with eval_mode(self):
+            result = demask(model, state, self.schedule, steps, sampler, generator, watch)
+        return self._output(result, squeeze, history if return_history else None, return_stats)
+
+    def _initial_state(
+        self, seq: Tensor, guidance_scale: float | None
+    ) -> tuple[MaskedState, Guidance | None]:
+        """The decoding state of a start canvas (B, N), and the guidance it asks for."""
+        given = seq != self.mask_id  # (B, N)
+        fillable = ~given
+        if self.cond_prefix_len:
+            prefix = self._condition(None, seq.shape[0], seq.shape[1], seq.device)  # (B, N)
+            fillable &= ~prefix  # a dropped condition stays dropped
+            given = given & prefix
+        state = MaskedState(seq, fillable, self.mask_id)
+        if guidance_scale is None:
+            return state, None
+        scale = check_float("guidance_scale", guidance_scale, min=0.0)
+        if not bool(given.any()):
+            raise ValueError(
+                "guidance_scale needs a condition to guide by: a prompt with given tokens "
+                f"(or a class token with cond_prefix_len > 0), got guidance_scale={scale} "
+                "and no given token"
+            )
+        return state, Guidance(scale, given)
+
+    @staticmethod
+    def _output(
+        result: Decoded, squeeze: bool, history: list[Tensor] | None, stats: bool
+    ) -> Tensor | tuple[Tensor, ...]:
+        out = result.tokens[0] if squeeze else result.tokens
+        extras: list[Any] = []
+        if history is not None:
+            states = torch.stack(history)  # (steps, B, N)
+            extras.append(states[:, 0] if squeeze else states)
+        if stats:
+            extras.append(result)
+        return (out, *extras) if extras else out
 
     def _start(
         self, batch_size: int | None, prompt: Tensor | None, seq_len: int | None

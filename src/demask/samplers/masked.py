@@ -1,0 +1,138 @@
+"""`MaskedSampler`: one step of masked decoding, from the network's logits to the next state.
+
+The diffusers scheduler pattern: the sampler owns its settings (temperature and its annealing,
+top-k, the critic's noise scale, which positions are candidates, the `RevealRule` that says how
+many and which to reveal) and has one `step(logits, state, times, generator)`. It never calls the
+network; the one loop (`demask.decoding.masked.demask`) does, at `sampler.candidates(state)`.
+
+Per step (MaskGIT, Chang et al. 2022, https://arxiv.org/abs/2202.04200; Mask-Predict,
+Ghazvininejad et al. 2019, https://arxiv.org/abs/1904.09324):
+  1. at the candidates: mask_id excluded, `logits_filter`, top-k (`filter_thres`), one softmax;
+  2. one float64 Gumbel-max draw per candidate at temperature
+     `temperature * (steps - step) / steps` (or `temperature` with `anneal=False`);
+  3. with a critic and a rule that uses it: the critic scores the filled canvas, plus
+     `noise_scale * (steps - step) / steps` Gumbel noise (Lezama et al. 2022, arXiv 2209.04439);
+  4. the rule picks which candidates are masked after the step.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from demask._checks import check_float
+from demask.samplers.base import Logits, MaskedState, Proposal, RevealRule, StepInfo, StepTimes
+from demask.samplers.categorical import gumbel_noise, sample_categorical
+from demask.samplers.filters import top_k_compact
+
+__all__ = ["Critic", "MaskedSampler"]
+
+Critic = Callable[[Tensor], Tensor]  # (B, N) tokens -> (B, N) scores, higher = more likely wrong
+
+
+@dataclass
+class MaskedSampler:
+    """A masked-decoding sampler; the seed's `generate` arguments map onto its fields.
+
+    rule: how many candidates and which are revealed (demask.samplers.RULES).
+    temperature: the seed's start_temperature; annealed linearly to 0 when `anneal`.
+    filter_thres: the seed's top-k filter (keeps ceil((1 - thres) V) logits; 0 keeps all).
+    logits_filter: any (M, V) -> (M, V) filter applied before the top-k.
+    noise_scale: the seed's noise_level_scale, Gumbel noise on the critic's scores.
+    remask: revealed tokens are candidates too (the seed's can_mask_prev_unmasked, for rules that
+      can re-mask; rules with `always_remask` re-mask whatever this says).
+    """
+
+    rule: RevealRule
+    temperature: float = 1.0
+    anneal: bool = True
+    filter_thres: float = 0.7
+    logits_filter: Callable[[Tensor], Tensor] | None = None
+    noise_scale: float = 1.0
+    remask: bool = False
+
+    def __post_init__(self) -> None:
+        check_float("temperature", self.temperature, min=0.0)
+        check_float("filter_thres", self.filter_thres, min=0.0, max=1.0, max_inclusive=False)
+        check_float("noise_scale", self.noise_scale, min=0.0)
+
+    @property
+    def remasks(self) -> bool:
+        return self.rule.always_remask or (self.remask and self.rule.can_remask)
+
+    def candidates(self, state: MaskedState) -> Tensor:
+        """(B, N) bool: the positions whose logits `step` needs."""
+        return state.fillable if self.remasks else state.masked
+
+    def step(
+        self,
+        logits: Logits,
+        state: MaskedState,
+        times: StepTimes,
+        generator: torch.Generator | None = None,
+        critic: Critic | None = None,
+    ) -> MaskedState:
+        """The next state; `logits` are the network's at `candidates(state)`."""
+        proposal = self.propose(logits, state, times, generator)
+        if critic is not None and self.rule.uses_critic:
+            filled = state.tokens.clone()
+            filled[proposal.rows, proposal.cols] = proposal.tokens
+            scores = critic(filled)[proposal.rows, proposal.cols].double()  # (M,)
+            noise = gumbel_noise(scores.shape, generator=generator, device=scores.device)
+            proposal.critic = scores + self.noise_scale * times.anneal * noise
+        fillable = state.fillable.sum(-1)  # (B,)
+        info = StepInfo(
+            batch_size=state.tokens.shape[0],
+            num_masked_after=times.num_masked_after(fillable),
+            ratio_before=times.ratio_before,
+            ratio_after=times.ratio_after,
+            generator=generator,
+            seq_len=state.tokens.shape[1],
+        )
+        stay_masked = self.rule.select(proposal, info)  # (M,)
+        tokens = state.tokens.clone()
+        tokens[proposal.rows, proposal.cols] = proposal.tokens.masked_fill(
+            stay_masked, state.mask_id
+        )
+        return state.with_tokens(tokens)
+
+    def propose(
+        self,
+        logits: Logits,
+        state: MaskedState,
+        times: StepTimes,
+        generator: torch.Generator | None = None,
+    ) -> Proposal:
+        """Draw a token for every masked candidate; revealed candidates keep theirs."""
+        rows, cols = logits.rows, logits.cols
+        values = logits.values.float().clone()  # (M, V)
+        values[:, state.mask_id] = -math.inf  # never propose the mask token
+        if self.logits_filter is not None:
+            values = self.logits_filter(values)
+        vocab_index = None
+        if self.filter_thres > 0:
+            values, vocab_index = top_k_compact(values, thres=self.filter_thres)  # (M, K)
+        probs = values.softmax(dim=-1)
+        temperature = self.temperature * times.anneal if self.anneal else self.temperature
+        local = sample_categorical(values, temperature, generator)  # (M,) index into K
+        drawn = local if vocab_index is None else vocab_index.gather(-1, local[:, None])
+        drawn = drawn.view(-1)  # (M,) vocabulary ids
+        token_probs = probs.gather(-1, local[:, None]).view(-1)  # (M,)
+        was_masked = state.tokens[rows, cols] == state.mask_id  # (M,)
+        tokens = drawn
+        if not bool(was_masked.all()):  # revealed candidates: score the token they hold
+            tokens = torch.where(was_masked, drawn, state.tokens[rows, cols])
+            held = _prob_of(probs, vocab_index, tokens)
+            token_probs = torch.where(was_masked, token_probs, held)
+        return Proposal(rows, cols, was_masked, tokens, probs, token_probs)
+
+
+def _prob_of(probs: Tensor, vocab_index: Tensor | None, tokens: Tensor) -> Tensor:
+    """(M,) probability of vocabulary ids `tokens` under the filtered predictions."""
+    if vocab_index is None:
+        return probs.gather(-1, tokens[:, None]).squeeze(-1)
+    return (probs * (vocab_index == tokens[:, None])).sum(-1)
