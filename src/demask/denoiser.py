@@ -83,6 +83,7 @@ class Denoiser:
         self.guidance = guidance
         self.prev_emb: list[Tensor | None] = [None, None]  # (B, N, dim) per branch (cond, uncond)
         self.forwards = 0
+        self.logit_bias: Tensor | None = None  # (V,) added to every logit (an EOS penalty)
 
     @property
     def has_critic(self) -> bool:
@@ -106,12 +107,14 @@ class Denoiser:
         """The (M, V) float logits at the candidates (B, N) bool of state, guided when asked."""
         rows, cols = candidates.nonzero(as_tuple=True)  # (M,)
         seq = state.tokens
-        cond = self.head(self.hidden(seq)[rows, cols]).float()  # the head only where needed
-        if self.guidance is None:
-            return Logits(rows, cols, cond)
-        uncond_seq = seq.masked_fill(self.guidance.drop, state.mask_id)
-        uncond = self.head(self.hidden(uncond_seq, branch=1)[rows, cols]).float()
-        return Logits(rows, cols, uncond + self.guidance.scale * (cond - uncond))
+        values = self.head(self.hidden(seq)[rows, cols]).float()  # the head only where needed
+        if self.guidance is not None:
+            uncond_seq = seq.masked_fill(self.guidance.drop, state.mask_id)
+            uncond = self.head(self.hidden(uncond_seq, branch=1)[rows, cols]).float()
+            values = uncond + self.guidance.scale * (values - uncond)
+        if self.logit_bias is not None:
+            values = values + self.logit_bias
+        return Logits(rows, cols, values)
 
     def critic(self, seq: Tensor) -> Tensor:
         """(B, N) critic scores of a filled canvas, higher = more likely wrong."""

@@ -19,8 +19,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from demask._checks import check_choice, check_float, check_int, check_tokens
-from demask.decoding.masked import Decoded, Guidance, demask
-from demask.denoiser import Denoiser, critic_logits, self_cond_embeds
+from demask.decoding.blocks import demask_blocks
+from demask.decoding.masked import demask
+from demask.denoiser import critic_logits, self_cond_embeds
 from demask.model import TransformerWrapper
 from demask.modes import eval_mode
 from demask.objectives.masked import (
@@ -33,8 +34,15 @@ from demask.objectives.masked import (
     midpoint_times,
     stratified_times,
 )
-from demask.samplers import MaskedSampler, MaskedState, RevealRule, get_rule, sample_categorical
+from demask.samplers import MaskedSampler, RevealRule, get_rule, sample_categorical
 from demask.schedules import SCHEDULES, CallableSchedule, Schedule, get_schedule
+from demask.wrappers.masked_generation import (
+    block_options,
+    denoiser,
+    initial_state,
+    output,
+    start_canvas,
+)
 
 __all__ = ["Losses", "NonAutoregressiveWrapper"]
 
@@ -308,6 +316,10 @@ class NonAutoregressiveWrapper(nn.Module):
         callback: Callable[[int, Tensor], Any] | None = None,
         guidance_scale: float | None = None,
         return_stats: bool = False,
+        block_size: int | None = None,
+        cache: str | None = None,
+        eos_id: int | None = None,
+        eos_penalty: float = 0.0,
         **kwargs: Any,
     ) -> Tensor | tuple[Tensor, ...]:
         """Iterative demasking from a fully masked start (seed 002), or filling a prompt's masks.
@@ -332,6 +344,14 @@ class NonAutoregressiveWrapper(nn.Module):
         `guidance_scale=w`: classifier-free guidance, sampling from u + w (c - u) with c the
         conditional and u the unconditional logits (the condition masked); w = 0 samples
         unconditionally, w = 1 conditionally (see `demask.denoiser.Guidance`).
+
+        Semi-autoregressive: `block_size=K` fills the canvas left to right in blocks of K
+        positions, `steps` shared by the blocks (demask.decoding.blocks); `cache="prefix"` or
+        `"dual"` reuses each block's first call's keys and values (approximate for a
+        bidirectional net of depth > 1; demask.decoding.block_cache). `eos_id`: with blocks, a
+        row stops after the first block holding it (the rest of the row becomes eos_id);
+        `eos_penalty` (>= 0) is subtracted from its logit, so that a fixed canvas does not fill
+        up with it.
         """
         if batch_size is not None:
             check_int("batch_size", batch_size, min=1)
@@ -349,10 +369,19 @@ class NonAutoregressiveWrapper(nn.Module):
                 noise_scale=noise_level_scale,
                 remask=self.can_mask_prev_unmasked,
             )
-        seq, squeeze = self._start(batch_size, prompt, seq_len)
-        state, guidance = self._initial_state(seq, guidance_scale)
-        model = Denoiser(self.net, self.to_self_cond, self.token_critic, self.to_critic_logits,
-                         kwargs, guidance)  # fmt: skip
+        seq, squeeze = start_canvas(
+            batch_size, prompt, seq_len, mask_id=self.mask_id, num_tokens=self.num_tokens,
+            max_seq_len=self.max_seq_len, device=next(self.net.parameters()).device,
+        )  # fmt: skip
+        prefix = None
+        if self.cond_prefix_len:
+            prefix = self._condition(None, seq.shape[0], seq.shape[1], seq.device)  # (B, N)
+        state, guidance = initial_state(seq, self.mask_id, prefix, guidance_scale)
+        if eos_id is not None:
+            check_int("eos_id", eos_id, min=0, max=self.num_tokens - 1)
+        blocks = block_options(block_size, cache, eos_id, eos_penalty, self.mask_id)
+        parts = (self.net, self.to_self_cond, self.token_critic, self.to_critic_logits, kwargs)
+        model = denoiser(parts, guidance, cache, (eos_id, eos_penalty), self.num_tokens)
         history: list[Tensor] = []
 
         def on_step(step: int, tokens: Tensor) -> None:
@@ -363,70 +392,9 @@ class NonAutoregressiveWrapper(nn.Module):
 
         watch = on_step if (return_history or callback is not None) else None
         with eval_mode(self):
-            result = demask(model, state, self.schedule, steps, sampler, generator, watch)
-        return self._output(result, squeeze, history if return_history else None, return_stats)
-
-    def _initial_state(
-        self, seq: Tensor, guidance_scale: float | None
-    ) -> tuple[MaskedState, Guidance | None]:
-        """The decoding state of a start canvas (B, N), and the guidance it asks for."""
-        given = seq != self.mask_id  # (B, N)
-        fillable = ~given
-        if self.cond_prefix_len:
-            prefix = self._condition(None, seq.shape[0], seq.shape[1], seq.device)  # (B, N)
-            fillable &= ~prefix  # a dropped condition stays dropped
-            given = given & prefix
-        state = MaskedState(seq, fillable, self.mask_id)
-        if guidance_scale is None:
-            return state, None
-        scale = check_float("guidance_scale", guidance_scale, min=0.0)
-        if not bool(given.any()):
-            raise ValueError(
-                "guidance_scale needs a condition to guide by: a prompt with given tokens "
-                f"(or a class token with cond_prefix_len > 0), got guidance_scale={scale} "
-                "and no given token"
-            )
-        return state, Guidance(scale, given)
-
-    @staticmethod
-    def _output(
-        result: Decoded, squeeze: bool, history: list[Tensor] | None, stats: bool
-    ) -> Tensor | tuple[Tensor, ...]:
-        out = result.tokens[0] if squeeze else result.tokens
-        extras: list[Any] = []
-        if history is not None:
-            states = torch.stack(history)  # (steps, B, N)
-            extras.append(states[:, 0] if squeeze else states)
-        if stats:
-            extras.append(result)
-        return (out, *extras) if extras else out
-
-    def _start(
-        self, batch_size: int | None, prompt: Tensor | None, seq_len: int | None
-    ) -> tuple[Tensor, bool]:
-        """The initial (B, N) state and whether to drop the batch dimension at the end."""
-        device = next(self.net.parameters()).device
-        if prompt is None:
-            n = self.max_seq_len if seq_len is None else seq_len
-            check_int("seq_len", n, min=1, max=self.max_seq_len)
-            b = 1 if batch_size is None else batch_size
-            return torch.full(
-                (b, n), self.mask_id, dtype=torch.long, device=device
-            ), batch_size is None
-        n = prompt.shape[-1] if (isinstance(prompt, Tensor) and prompt.ndim) else self.max_seq_len
-        if seq_len is not None:
-            n = check_int("seq_len", seq_len, min=1, max=self.max_seq_len)
-        prompt = check_tokens(
-            "prompt", prompt, num_tokens=self.num_tokens, ndim=(1, 2), seq_len=n, nonempty=True
-        )
-        if n > self.max_seq_len:
-            raise ValueError(f"prompt length must be <= max_seq_len={self.max_seq_len}, got {n}")
-        prompt = prompt.to(device)
-        if prompt.ndim == 1:
-            b = 1 if batch_size is None else batch_size
-            return prompt[None].expand(b, n).clone(), batch_size is None
-        if batch_size is not None and batch_size != prompt.shape[0]:
-            raise ValueError(
-                f"batch_size={batch_size} does not match prompt of shape {tuple(prompt.shape)}"
-            )
-        return prompt.clone(), False
+            if blocks is None:
+                result = demask(model, state, self.schedule, steps, sampler, generator, watch)
+            else:
+                args = (model, state, self.schedule, steps, sampler, blocks, generator, watch)
+                result = demask_blocks(*args)
+        return output(result, squeeze, history if return_history else None, return_stats)
