@@ -18,6 +18,16 @@ Samplers (the keyword arguments given to `generate` are recorded in every JSON r
                 (`quality.LogitsAsEmbeddings`; the row's "decoder" says "demask").
   low_confidence, random, margin, entropy, confidence
                 demask's other remasking strategies with the seed's temperature and filter.
+  seed-cosine   demask's generate with the seed's defaults and the wrapper's schedule='cosine'
+  reference-cosine
+                the reference library's own generate (seed defaults, schedule='cosine') on the
+                same net: its wrapper accepts demask's TransformerWrapper
+  ancestral-t0.8, remdm, threshold-*, factor-*, entropy_bound-*
+                demask's samplers on the full distribution at a fixed temperature (1 unless
+                "-t0.8"); the adaptive ones (threshold, factor, entropy_bound) take `steps` as a
+                cap on the network calls and usually stop earlier
+  block*        semi-autoregressive block decoding (block_size positions per block, steps shared
+                by the blocks), uncached or with Fast-dLLM's "prefix" / "dual" key/value cache
 
 Reported per setting:
 
@@ -26,6 +36,8 @@ Reported per setting:
                 the demask autoregressive model, averaged over the samples' bytes)
   unigram H     entropy (bits) of each sample's byte histogram, averaged over samples; low values
                 flag the repetitive text that a low gen PPL can hide
+  calls/token   network evaluations per generated token of a row (steps / 256 for a fixed-count
+                sampler; fewer for adaptive ones; 1 for the AR model)
 
 The same two figures for validation windows of real text are the reference line. A PNG plots gen
 PPL against wall time and unigram entropy against steps, one line per (model, sampler).
@@ -52,19 +64,49 @@ NAME = "frontier"
 # the seed's generate() defaults, spelled out so that the JSON says what ran
 SEED_DEFAULT: dict[str, Any] = {"start_temperature": 1.0, "filter_thres": 0.7}
 # sampler name -> keyword arguments of NonAutoregressiveWrapper.generate. "seed-default" runs each
-# library's own generate; every other entry is a demask sampler (demask's decoding loop).
+# library's own generate; every other entry is a demask sampler (demask's decoding loop), except
+# "reference-cosine": the reference library's own generate loop on the model's net. Three keys
+# are not generate's: "rule" (the reveal rule's settings: get_rule(sampler, **rule)), "schedule"
+# (the wrapper's, the seed's 'cosine') and "loop" ("reference": the reference's wrapper runs).
+ANCESTRAL: dict[str, Any] = {
+    "sampler": "ancestral",
+    "start_temperature": 1.0,
+    "filter_thres": 0.0,
+    "anneal_temperature": False,
+}
+
+
+def _proper(sampler: str, temperature: float = 1.0, **extra: Any) -> dict[str, Any]:
+    """A sampler on the full distribution at a fixed temperature (no top-k, no annealing)."""
+    return {**ANCESTRAL, "sampler": sampler, "start_temperature": temperature, **extra}
+
+
 SAMPLERS: dict[str, dict[str, Any]] = {
     "seed-default": SEED_DEFAULT,
-    "ancestral": {
-        "sampler": "ancestral",
-        "start_temperature": 1.0,
-        "filter_thres": 0.0,
-        "anneal_temperature": False,
-    },
+    "seed-cosine": {**SEED_DEFAULT, "schedule": "cosine"},
+    "reference-cosine": {**SEED_DEFAULT, "schedule": "cosine", "loop": "reference"},
+    "ancestral": ANCESTRAL,
     **{
         name: {"sampler": name, **SEED_DEFAULT}
         for name in ("confidence", "low_confidence", "random", "margin", "entropy")
     },
+    # demask's own samplers on the full distribution; the adaptive ones take `steps` as a cap
+    "ancestral-t0.8": _proper("ancestral", 0.8),
+    "remdm": _proper("remdm", rule={"eta": 0.02}),
+    "threshold-0.9": _proper("threshold", rule={"tau": 0.9}),
+    "threshold-0.7-t0.8": _proper("threshold", 0.8, rule={"tau": 0.7}),
+    "factor-1": _proper("factor", rule={"factor": 1.0}),
+    "entropy_bound-1": _proper("entropy_bound", rule={"gamma": 1.0}),
+    "entropy_bound-1-t0.8": _proper("entropy_bound", 0.8, rule={"gamma": 1.0}),
+    # semi-autoregressive blocks (block_size positions each), uncached and with Fast-dLLM's caches
+    "block32-ancestral": _proper("ancestral", block_size=32),
+    "block32-ancestral-t0.8-dual": _proper("ancestral", 0.8, block_size=32, cache="dual"),
+    "block32-threshold-0.9-dual": _proper(
+        "threshold", block_size=32, cache="dual", rule={"tau": 0.9}
+    ),  # fmt: skip
+    "block8-entropy_bound-1-t0.8-prefix": _proper(
+        "entropy_bound", 0.8, block_size=8, cache="prefix", rule={"gamma": 1.0}
+    ),  # fmt: skip
 }
 MASKED_MODELS = ("demask-masked", "reference-masked", "reference-masked-mdlm")  # the default
 ALL_MASKED = tuple(name for name, (_, masked) in quality.MODELS.items() if masked)
@@ -167,16 +209,29 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 
 def masked_generator(name: str, net: Any, sampler: str) -> tuple[Any, str]:
-    """(generate(steps, batch_size) -> (B, N) tokens, the library whose decoding loop runs)."""
+    """(generate(steps, batch_size) -> ((B, N) tokens, network calls per generated token), the
+    library whose decoding loop runs)."""
     lib_name = quality.MODELS[name][0]
-    kwargs = SAMPLERS[sampler]
-    if sampler != "seed-default" and lib_name != "demask":  # a demask sampler on foreign logits
+    kwargs = dict(SAMPLERS[sampler])
+    loop, schedule = kwargs.pop("loop", None), kwargs.pop("schedule", "linear")
+    if loop is not None:
+        lib_name = loop  # another library's loop on this net (the reference's takes demask's)
+    elif sampler != "seed-default" and lib_name != "demask":  # a demask sampler, foreign logits
         lib_name, net = "demask", quality.LogitsAsEmbeddings(net, 257, net.max_seq_len)
     wrapper_cls = load(lib_name).NonAutoregressiveWrapper
+    if "rule" in kwargs:
+        from demask.samplers import get_rule
 
-    def generate(steps: int, batch_size: int) -> Tensor:
-        wrapper = wrapper_cls(net, mask_id=256, steps=steps)
-        return wrapper.generate(batch_size=batch_size, **kwargs)
+        kwargs["sampler"] = get_rule(kwargs["sampler"], **kwargs.pop("rule"))
+    ours = lib_name == "demask"
+
+    def generate(steps: int, batch_size: int) -> tuple[Tensor, float]:
+        wrapper = wrapper_cls(net, mask_id=256, steps=steps, schedule=schedule)
+        if not ours:
+            out = wrapper.generate(batch_size=batch_size, **kwargs)
+            return out, steps / out.shape[1]  # one full call per step
+        out, stats = wrapper.generate(batch_size=batch_size, return_stats=True, **kwargs)
+        return out, stats.evaluations_per_token
 
     return generate, lib_name
 
@@ -208,7 +263,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     out = ar.generate(prompt, qcfg.seq_len - 1)  # (S, 256)
     rows.append({"model": "demask-ar", "sampler": "ar-default", "sampler_kwargs": {},
                  "decoder": "demask", "steps": qcfg.seq_len - 1,
-                 "wall_s": time.perf_counter() - start, **_score(ar.net, out)})  # fmt: skip
+                 "wall_s": time.perf_counter() - start, "calls_per_token": 1.0,
+                 **_score(ar.net, out)})  # fmt: skip
 
     for name in masked_names:
         if name not in models:
@@ -219,17 +275,19 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             for steps in cfg.steps:
                 torch.manual_seed(cfg.seed)
                 start = time.perf_counter()
-                out = generate(steps, cfg.samples)  # (S, 256)
+                out, calls = generate(steps, cfg.samples)  # (S, 256)
                 wall = time.perf_counter() - start
                 rows.append({"model": name, "sampler": sampler,
                              "sampler_kwargs": dict(SAMPLERS[sampler]), "decoder": decoder,
-                             "steps": steps, "wall_s": wall, **_score(ar.net, out)})  # fmt: skip
-                print(f"{name} {sampler} steps={steps}: {wall:.1f} s, "
-                      f"gen PPL {rows[-1]['gen_ppl']:.2f}", flush=True)  # fmt: skip
+                             "steps": steps, "wall_s": wall, "calls_per_token": calls,
+                             **_score(ar.net, out)})  # fmt: skip
+                print(f"{name} {sampler} steps={steps}: {wall:.1f} s, {calls:.3f} calls/token, "
+                      f"gen PPL {rows[-1]['gen_ppl']:.2f}, "
+                      f"H {rows[-1]['unigram_entropy_bits']:.2f}", flush=True)  # fmt: skip
 
-    headers = ["model", "sampler", "steps", "wall s", "gen PPL", "unigram H (bits)"]
-    table = [[r["model"], r["sampler"], r["steps"], r["wall_s"], r["gen_ppl"],
-              r["unigram_entropy_bits"]] for r in rows]  # fmt: skip
+    headers = ["model", "sampler", "steps", "wall s", "calls/token", "gen PPL", "unigram H (bits)"]
+    table = [[r["model"], r["sampler"], r["steps"], r["wall_s"], r.get("calls_per_token"),
+              r["gen_ppl"], r["unigram_entropy_bits"]] for r in rows]  # fmt: skip
     print(f"## {NAME}  ({cfg.samples} samples of {qcfg.seq_len} bytes per call)")
     print(harness.format_table(headers, table))
     png = args.png or (args.out or harness.REPO / "runs/bench/frontier.json").with_suffix(".png")
@@ -240,13 +298,14 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
-    """Gen PPL vs wall time (left) and unigram entropy vs steps (right)."""
+    """Gen PPL vs wall time (left), gen PPL vs network calls per token (middle), unigram entropy
+    vs steps (right)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.6))
+    fig, (ax1, ax3, ax2) = plt.subplots(1, 3, figsize=(18, 5.2))
     data = rows[0]
     # model -> (marker, colour); the line style tells the sampler apart
     shapes = ["o", "s", "^", "D", "v", "P"]
@@ -269,19 +328,26 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
                 ax1.annotate(str(r["steps"]), (r["wall_s"], r["gen_ppl"]), fontsize=7,
                              xytext=(3, 3), textcoords="offset points")  # fmt: skip
             ax2.plot([r["steps"] for r in pts], [r["unigram_entropy_bits"] for r in pts], **style)
+            calls = [r.get("calls_per_token") for r in pts]
+            if all(c is not None for c in calls):
+                ax3.plot(calls, [r["gen_ppl"] for r in pts], **style)
     for r in rows:
         if r["model"] == "demask-ar":
             ax1.plot([r["wall_s"]], [r["gen_ppl"]], "r*", markersize=12,
                      label="demask-ar (cached, its defaults)")  # fmt: skip
             ax2.axhline(r["unigram_entropy_bits"], color="r", ls=":", label="demask-ar")
+            ax3.plot([1.0], [r["gen_ppl"]], "r*", markersize=12, label="demask-ar")
     ax1.axhline(data["gen_ppl"], color="k", ls=":", label="validation text")
     ax2.axhline(data["unigram_entropy_bits"], color="k", ls=":", label="validation text")
+    ax3.axhline(data["gen_ppl"], color="k", ls=":", label="validation text")
+    ax3.set(xscale="log", yscale="log", xlabel="network calls per generated token",
+            ylabel="generative perplexity (demask-ar)", title="quality vs network calls")  # fmt: skip
     ax1.set(xscale="log", yscale="log", xlabel="wall time of one generate call (s)",
             ylabel="generative perplexity (demask-ar)", title="quality vs time (labels: steps)")  # fmt: skip
     ax2.set(xscale="log", xlabel="masked generation steps", ylabel="unigram entropy (bits)",
             title="diversity vs steps")  # fmt: skip
-    ax1.legend(fontsize=7, handlelength=4)
-    ax2.legend(fontsize=7, handlelength=4)
+    ax1.legend(fontsize=5, handlelength=4)
+    ax2.legend(fontsize=6, handlelength=4)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)

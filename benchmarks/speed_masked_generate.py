@@ -2,7 +2,11 @@
 
 Config: Encoder dim 256, depth 4, heads 4, num_tokens 257 (mask id 256), seq 256, steps 18, the
 seed's default sampling arguments (start_temperature 1, filter_thres 0.7). The models are untrained
-(random weights, same seed): speed does not depend on the weights.
+(random weights, same seed): speed does not depend on the weights (for fixed-count samplers; the
+adaptive ones' speed does, so they are measured on trained nets by `frontier`).
+
+Workloads: "generate" (the wrapper's default schedule, linear) and "generate-cosine" (the seed's
+example constructs the wrapper with schedule="cosine").
 
 Tokens per call = batch * seq_len (tokens produced); FLOPs per call = steps full forwards of the
 (B, N) batch, steps * B * N * (2 P + 4 L N I), nominal (benchmarks/flops.py).
@@ -42,13 +46,13 @@ class Config:
 SMOKE = Config(dim=32, depth=1, heads=2, num_tokens=17, seq_len=16, batch=2, steps=4)
 
 
-def generate(lib_name: str, cfg: Config) -> Workload:
+def generate(lib_name: str, cfg: Config, schedule: str = "linear") -> Workload:
     lib = load(lib_name)
     torch.manual_seed(cfg.seed)
     net = build_net(lib, causal=False, num_tokens=cfg.num_tokens, max_seq_len=cfg.seq_len,
                     dim=cfg.dim, depth=cfg.depth, heads=cfg.heads)  # fmt: skip
     model = require(lib, "NonAutoregressiveWrapper")(
-        net, mask_id=cfg.num_tokens - 1, steps=cfg.steps
+        net, mask_id=cfg.num_tokens - 1, steps=cfg.steps, schedule=schedule
     )
     model.eval()
 
@@ -59,7 +63,11 @@ def generate(lib_name: str, cfg: Config) -> Workload:
     return Workload(run, cfg.batch * cfg.seq_len, f)
 
 
-WORKLOADS = {"generate": generate}
+def generate_cosine(lib_name: str, cfg: Config) -> Workload:
+    return generate(lib_name, cfg, schedule="cosine")
+
+
+WORKLOADS = {"generate": generate, "generate-cosine": generate_cosine}
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
