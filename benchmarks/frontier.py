@@ -106,7 +106,17 @@ SAMPLERS: dict[str, dict[str, Any]] = {
     ),  # fmt: skip
     "block8-entropy_bound-1-t0.8-prefix": _proper(
         "entropy_bound", 0.8, block_size=8, cache="prefix", rule={"gamma": 1.0}
-    ),  # fmt: skip
+    ),
+    # the seed's sampling (confidence, annealed temperature, top-k, cosine) in cached blocks
+    **{
+        f"block{k}-seed-cosine-dual": {
+            **SEED_DEFAULT,
+            "schedule": "cosine",
+            "block_size": k,
+            "cache": "dual",
+        }
+        for k in (32, 64)
+    },
 }
 MASKED_MODELS = ("demask-masked", "reference-masked", "reference-masked-mdlm")  # the default
 ALL_MASKED = tuple(name for name, (_, masked) in quality.MODELS.items() if masked)
@@ -307,7 +317,8 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
 
     fig, (ax1, ax3, ax2) = plt.subplots(1, 3, figsize=(18, 5.2))
     data = rows[0]
-    # model -> (marker, colour); the line style tells the sampler apart
+    # model -> (marker, colour); the line style (and, with one model, the colour) tells the
+    # sampler apart
     shapes = ["o", "s", "^", "D", "v", "P"]
     masked = list(dict.fromkeys(r["model"] for r in rows if r["model"] in ALL_MASKED))
     markers = {name: (shapes[i % len(shapes)], f"C{i}") for i, name in enumerate(masked)}
@@ -321,6 +332,8 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
             label = f"{name} / {sampler}"
             if pts[0]["decoder"] != quality.MODELS[name][0]:
                 label += f" ({pts[0]['decoder']}'s loop)"
+            if len(markers) == 1:
+                colour = f"C{i % 10}"
             style = {"marker": marker, "color": colour, "ls": styles[i % len(styles)],
                      "label": label}  # fmt: skip
             ax1.plot([r["wall_s"] for r in pts], [r["gen_ppl"] for r in pts], **style)
