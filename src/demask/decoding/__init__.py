@@ -8,14 +8,19 @@ from demask.decoding.autoregressive import (
     select_tokens,
 )
 from demask.decoding.beam import beam_search
-from demask.decoding.masked import demask, num_masked_after_step
+from demask.decoding.blocks import Blocks, demask_blocks
+from demask.decoding.masked import Decoded, Guidance, demask, num_masked_after_step
 
 __all__ = [
     "FILTER_FUNCTIONS",
+    "Blocks",
+    "Decoded",
+    "Guidance",
     "ModelStepper",
     "SamplingOptions",
     "beam_search",
     "demask",
+    "demask_blocks",
     "iter_decode",
     "num_masked_after_step",
     "select_tokens",
