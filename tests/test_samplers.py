@@ -340,3 +340,20 @@ def test_step_times_anneal_and_counts():
     assert t.anneal == 6 / 8
     assert t.num_masked_after(torch.tensor([8, 3, 0])).tolist() == [6, 2, 0]
     assert math.isclose(step_times(get_schedule("linear"), 2, 8).ratio_after, 0.75)
+
+
+def test_threshold_step_reveals_exactly_the_positions_above_tau_from_logits():
+    """Through MaskedSampler.step: greedy draws, so each position's confidence is its top
+    probability, set by the synthetic logits."""
+    top = torch.tensor([0.95, 0.5, 0.91, 0.2, 0.99, 0.89])  # wanted top probabilities
+    rest = torch.log((1 - top) / (V - 1))  # the other V - 1 real tokens share the rest
+    logits = rest[:, None].expand(-1, V + 1).clone()
+    logits[:, 2] = torch.log(top)
+    start = torch.full((1, 6), MASK)
+    state = MaskedState(start, start == MASK, MASK)
+    rows, cols = state.masked.nonzero(as_tuple=True)
+    sampler = MaskedSampler(ThresholdRule(0.9), temperature=0.0, filter_thres=0.0)
+    times = step_times(get_schedule("linear"), 1, 100)  # the schedule asks for one reveal only
+    new = sampler.step(Logits(rows, cols, logits), state, times)
+    assert (new.tokens[0] != MASK).tolist() == (top >= 0.9).tolist()
+    assert (new.tokens[0][top >= 0.9] == 2).all()
