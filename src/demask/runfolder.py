@@ -298,34 +298,6 @@ def clear_run(run_dir: str | Path) -> None:
             entry.unlink(missing_ok=True)
 
 
-def read_metrics(path: Path, upto: int) -> tuple[list[str], bool]:
-    """The lines of a metrics log (metrics.jsonl) whose records are of steps <= `upto` (to resume
-    after that step), and whether a torn last line (a write cut short by a kill or a full disk)
-    was dropped. A line that is not a JSON record anywhere else is refused (ValueError naming the
-    file and the line)."""
-    lines = [line for line in path.read_bytes().split(b"\n") if line.strip()]
-    kept, torn = [], False
-    for i, line in enumerate(lines):
-        try:
-            record = json.loads(line)
-            step = record["step"] if isinstance(record, dict) else None
-            if not isinstance(step, int):
-                raise ValueError("no int 'step'")
-        except (ValueError, KeyError):
-            if i == len(lines) - 1:
-                torn = True
-                break
-            shown = line[:60].decode("utf-8", "replace")
-            raise ValueError(
-                f"metrics log {str(path)!r}: line {i + 1} of {len(lines)} is not a JSON record "
-                f"with a 'step' ({shown!r}); expected one record per line: fix or delete that "
-                "line to resume"
-            ) from None
-        if step <= upto:
-            kept.append(line.decode("utf-8"))
-    return kept, torn
-
-
 # ----------------------------------------------------------------------------------------------
 # one writer per run folder
 
