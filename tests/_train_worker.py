@@ -3,6 +3,8 @@
 As a script (`python tests/_train_worker.py SPEC.json`, alone or under torchrun) it runs the
 training runs listed in SPEC.json one after the other in the same process group and writes, on
 rank 0, each run's result (losses, status, step, skipped, val) to the JSON file the run names.
+A run with "slow_checkpoint": [STEP, SECONDS] sleeps SECONDS after writing the weights of every
+checkpoint of step >= STEP, so a test can kill the process in the middle of a checkpoint.
 """
 
 from __future__ import annotations
@@ -84,6 +86,23 @@ def run_workers(runs: list[dict[str, Any]], tmp: Path, nproc: int, timeout: floa
         raise AssertionError(f"workers failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
 
 
+def slow_checkpoints(from_step: int, seconds: float) -> None:
+    """Make every checkpoint of step >= from_step pause `seconds` after its weights are written
+    (in this process: demask.checkpoint's weights writer is replaced by a slow one)."""
+    import time
+
+    import demask.checkpoint as checkpoint
+
+    write = checkpoint.save_file
+
+    def slow(tensors: Any, filename: str, metadata: dict[str, str] | None = None) -> None:
+        write(tensors, filename, metadata=metadata)
+        if int((metadata or {}).get("demask_step", -1)) >= from_step:
+            time.sleep(seconds)
+
+    checkpoint.save_file = slow
+
+
 def main(spec_path: str) -> None:
     import torch.distributed as dist
 
@@ -94,6 +113,8 @@ def main(spec_path: str) -> None:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         dist.init_process_group("gloo")  # one group for all runs; train() reuses it
     for run in runs:
+        if run.get("slow_checkpoint"):
+            slow_checkpoints(*run["slow_checkpoint"])
         res = train(
             ModelConfig(**run["model"]),
             TrainConfig(**run["train"]),
