@@ -21,6 +21,8 @@ from demask.config import (
     configs_to_json,
     register_model_kind,
 )
+from demask.data import get_batch
+from demask.distributed import DistInfo
 from demask.evaluate import (
     LIKELIHOODS,
     autoregressive_bits,
@@ -28,7 +30,16 @@ from demask.evaluate import (
     likelihood_sums,
     register_likelihood,
 )
-from demask.train import NonFiniteLossError, lr_at, param_groups, train
+from demask.train import (
+    NonFiniteLossError,
+    RunStatus,
+    StepStatus,
+    lr_at,
+    param_groups,
+    train,
+    train_step,
+)
+from demask.training_state import build_state
 
 param = pytest.mark.parametrize
 
@@ -200,6 +211,54 @@ def test_refuses_to_overwrite_and_checks_resume(tmp_path):
         train(m, t2, resume=True)
     res = train(m, t, overwrite=True)
     assert res.step == 2
+
+
+# ------------------------------------------------------------------ the state and the step
+
+
+def _state_and_data(m, t):
+    from demask.data import get_dataset
+
+    ds = get_dataset(t.data, "train", seq_len=m.seq_len, max_bytes=t.data_max_bytes)
+    return build_state(m, t, DistInfo()), ds
+
+
+@param("kind", ["autoregressive", "masked"])
+def test_train_step_by_hand_repeats_train_and_leaves_the_rng_alone(tmp_path, kind):
+    m, t = run(tmp_path, model=tiny_model(kind), steps=3)
+    ref = train(m, t)
+    state, ds = _state_and_data(m, t)
+    torch.manual_seed(123)
+    rng = torch.get_rng_state()
+    for s in (1, 2, 3):
+        out = train_step(state, get_batch(ds, s, t.batch_size, t.seed))
+        assert out.status is StepStatus.UPDATED and state.step == s
+        assert out.loss == ref.losses[s] and out.lr == lr_at(s, t) and out.grad_norm > 0
+    assert torch.equal(torch.get_rng_state(), rng)  # the step's reseed is its own
+    saved = load_checkpoint(t.out).model.state_dict()
+    assert all(torch.equal(v, saved[k]) for k, v in state.model.state_dict().items())
+
+
+def test_a_stop_request_leaves_the_state_as_it_was(tmp_path):
+    m, t = run(tmp_path, steps=3)
+    state, ds = _state_and_data(m, t)
+    before = {k: v.clone() for k, v in state.model.state_dict().items()}
+    out = train_step(state, get_batch(ds, 1, t.batch_size, t.seed), stop=True)
+    assert out.status is StepStatus.STOPPED and state.step == 0
+    assert all(torch.equal(v, before[k]) for k, v in state.model.state_dict().items())
+    assert not state.optimizer.state and all(p.grad is None for p in state.model.parameters())
+
+
+def test_train_leaves_the_callers_rng_alone_and_reports_enum_statuses(tmp_path):
+    m, t = run(tmp_path, steps=2)
+    torch.manual_seed(7)
+    rng = torch.get_rng_state()
+    res = train(m, t)
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert res.status is RunStatus.FINISHED
+    assert str(res.status) == f"{res.status}" == json.loads(json.dumps(res.status)) == "finished"
+    stopped = train(m, TrainConfig(**{**t.to_dict(), "out": str(tmp_path / "s")}), stop_after=1)
+    assert stopped.status is RunStatus.STOPPED and stopped.step == 1
 
 
 # ------------------------------------------------------------------------------- NaN policy
