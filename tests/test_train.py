@@ -35,11 +35,10 @@ from demask.train import (
     RunStatus,
     StepStatus,
     lr_at,
-    param_groups,
     train,
     train_step,
 )
-from demask.training_state import build_state
+from demask.training_state import build_state, param_groups
 
 param = pytest.mark.parametrize
 

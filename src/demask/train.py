@@ -51,25 +51,11 @@ from demask.runlog import Callback, RunLog
 from demask.training_state import (
     TrainState,
     build_state,
-    param_groups,
     restore_training_state,
     save_training_state,
     seeded,
     start_run,
 )
-
-__all__ = [
-    "NonFiniteLossError",
-    "RunStatus",
-    "StepMetrics",
-    "StepStatus",
-    "TrainResult",
-    "lr_at",
-    "model_step_seed",
-    "param_groups",
-    "train",
-    "train_step",
-]
 
 
 class NonFiniteLossError(RuntimeError):
