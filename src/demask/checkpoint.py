@@ -240,8 +240,11 @@ def check_weights(model: nn.Module, weights: dict[str, Tensor], where: str | Pat
     expected = model.state_dict()
     missing = sorted(set(expected) - set(weights))
     unexpected = sorted(set(weights) - set(expected))
-    reshaped = {k: (tuple(weights[k].shape), tuple(v.shape)) for k, v in expected.items()
-                if k in weights and weights[k].shape != v.shape}  # fmt: skip
+    reshaped = {
+        k: (tuple(weights[k].shape), tuple(v.shape))
+        for k, v in expected.items()
+        if k in weights and weights[k].shape != v.shape
+    }
     problems = []
     if missing:
         problems.append(f"missing tensors {missing[:5]}" + (" ..." if len(missing) > 5 else ""))

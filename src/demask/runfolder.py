@@ -41,10 +41,10 @@ METRICS_FILE = "metrics.jsonl"
 LOCK_FILE = ".demask.lock"
 TMP_PREFIX = ".tmp-"  # every temporary file or folder demask writes starts with this
 # what demask writes at the top of a run folder (train, sample, eval, demo)
+_RESULTS = ("loss_curve.png", "samples", "eval.json", "demo.json", "samples.png", "demasking.png")
 OWN_NAMES = frozenset(
-    {LATEST_FILE, CHECKPOINTS_DIR, CONFIG_FILE, METRICS_FILE, LOCK_FILE, "loss_curve.png",
-     "samples", "eval.json", "demo.json", "samples.png", "demasking.png"}
-)  # fmt: skip
+    (LATEST_FILE, CHECKPOINTS_DIR, CONFIG_FILE, METRICS_FILE, LOCK_FILE) + _RESULTS
+)
 _STEP_RE = re.compile(r"step_(\d+)")
 
 
