@@ -215,8 +215,8 @@ def read_configs(weights: Path, meta: dict[str, str]) -> tuple[ModelConfig, Trai
     version = meta.get(_FORMAT_KEY, "1")
     if not version.isdigit() or int(version) > FORMAT_VERSION:
         raise CheckpointError(
-            f"checkpoint {str(weights)!r} has format version {version!r}, newer than this demask "
-            f"reads (up to {FORMAT_VERSION}); upgrade demask to load it"
+            f"checkpoint {str(weights)!r} has format version {version!r}; this demask reads "
+            f"versions 1 to {FORMAT_VERSION} (upgrade demask to load a newer one)"
         )
     cfg_file = weights.parent / CONFIG_FILE
     format_1 = weights.name == WEIGHTS_FILE and cfg_file.is_file()
