@@ -61,6 +61,7 @@ class Config:
     steps: int = 120
     lr: float = 1e-3
     warmup: int = 20
+    weight_decay: float = 0.01  # AdamW's default
     clip: float = 1.0
     seed: int = 0
     eval_windows: int = 32  # evenly spaced validation windows
@@ -170,7 +171,7 @@ def _loss(model: nn.Module, x: Tensor) -> Tensor:
 
 def train(model: nn.Module, cfg: Config, train_ds: Any, get_batch: Any) -> dict[str, Any]:
     """`cfg.steps` AdamW steps on the shared batch sequence; returns the loss curve and time."""
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / cfg.warmup))
     torch.manual_seed(cfg.seed)  # the wrappers' own noise (mask draws) starts from the same state
     model.train()
