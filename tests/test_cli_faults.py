@@ -242,8 +242,10 @@ def test_a_config_json_with_missing_or_unknown_keys_is_refused(run, capsys, edit
 
 
 def test_config_json_records_a_format_version_and_is_0644(run, tmp_path, capsys):
+    from demask.config import CONFIG_FORMAT_VERSION
+
     for path in (run / "config.json", run / STEP4 / "config.json"):
-        assert json.loads(path.read_text())["format_version"] == 1
+        assert json.loads(path.read_text())["format_version"] == CONFIG_FORMAT_VERSION
     old = os.umask(0o022)
     try:
         out = tmp_path / "modes"
@@ -288,8 +290,10 @@ def test_options_of_the_other_model_kind_are_errors(base_run, ar_run, capsys, wh
 
 def test_resume_with_fewer_steps_than_done_is_an_error(run, capsys):
     before = digest(run)
-    code, _, err = run_cli(capsys, "train", "--resume", "--steps", "2", "--out", run, "--quiet")
-    one_line_error(code, err, "train", "--steps 2", "already at step 4")
+    code, _, err = run_cli(
+        capsys, "train", "--resume", "--train-steps", "2", "--out", run, "--quiet"
+    )
+    one_line_error(code, err, "train", "--train-steps 2", "already at step 4")
     assert digest(run) == before
 
 
