@@ -67,7 +67,6 @@ def likelihood_sums(
     world_size: int = 1,
     *,
     seed: int = 0,
-    device: torch.device | str | None = None,
     num_times: int | None = None,
 ) -> tuple[float, int]:
     """(bits summed over all scored tokens, number of scored tokens), over all ranks."""
@@ -81,8 +80,7 @@ def likelihood_sums(
     _likelihood_bits(wrapper)  # TypeError now, not after loading a batch
     if num_times is not None:
         check_int("num_times", num_times, min=1)
-    if device is None:
-        device = next(wrapper.parameters()).device
+    device = next(wrapper.parameters()).device  # the batches go where the model is
     n = len(dataset)
     num_batches = math.ceil(n / batch_size)
     if max_batches is not None:
@@ -114,7 +112,6 @@ def likelihood_bits_per_token(
     world_size: int = 1,
     *,
     seed: int = 0,
-    device: torch.device | str | None = None,
     num_times: int | None = None,
 ) -> float:
     """Bits per token on `dataset`: NELBO for masked wrappers, exact NLL for autoregressive ones.
@@ -128,6 +125,6 @@ def likelihood_bits_per_token(
     """
     bits, count = likelihood_sums(
         wrapper, dataset, batch_size, max_batches, rank, world_size,
-        seed=seed, device=device, num_times=num_times,
+        seed=seed, num_times=num_times,
     )  # fmt: skip
     return bits / count

@@ -296,8 +296,7 @@ class _Run:
         bits = likelihood_bits_per_token(
             self.model, self.val_ds, cfg.batch_size,
             cfg.val_batches * info.world_size,  # the same examples for any world size
-            info.rank, info.world_size, seed=cfg.seed, device=info.device,
-            num_times=cfg.val_num_times,
+            info.rank, info.world_size, seed=cfg.seed, num_times=cfg.val_num_times,
         )  # fmt: skip
         self.result.val[step] = bits
         self.metrics.write({"type": "val", "step": step, "val_bits_per_token": bits})

@@ -169,7 +169,7 @@ def run_demo(args: argparse.Namespace) -> int:
 
     results: dict[str, Any] = {"checkpoint": str(run.checkpoint.path), "step": result.step}
     results["nelbo_bits_per_pixel"] = likelihood_bits_per_token(
-        model, run.dataset, 64, seed=args.seed, device=device
+        model, run.dataset, 64, seed=args.seed
     )  # the pixels given the class (the class token is the condition)
     results["sampling"] = dict(DEMO_SAMPLING)
     results.update(_score(tok, cond, labels, uncond))

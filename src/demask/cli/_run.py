@@ -143,8 +143,8 @@ def _fresh_configs(args: argparse.Namespace, out: str) -> tuple[Any, Any]:
     return model_cfg, train_cfg
 
 
-def run_training(args: argparse.Namespace) -> int:
-    """`demask train`: build the configs, train (or relaunch under torchrun), plot, report."""
+def _check_options(args: argparse.Namespace) -> None:
+    """One-line errors for options that contradict each other or name nothing."""
     for option in ("data", "out"):
         value = getattr(args, option)
         if value is not None and not value.strip():
@@ -154,14 +154,19 @@ def run_training(args: argparse.Namespace) -> int:
         from demask.cli._generate import resolve_device
 
         resolve_device(args.device)  # --device tpu: one line now, not a traceback later
+    if args.resume and args.overwrite:
+        raise CLIError("--resume and --overwrite contradict each other; give one")
+
+
+def run_training(args: argparse.Namespace) -> int:
+    """`demask train`: build the configs, train (or relaunch under torchrun), plot, report."""
+    _check_options(args)
     if args.nproc > 1:
         from demask.distributed import in_torchrun, launch
 
         if in_torchrun():
             raise CLIError("--nproc: already inside torchrun; drop --nproc")
         return launch(args.nproc, args._argv)
-    if args.resume and args.overwrite:
-        raise CLIError("--resume and --overwrite contradict each other; give one")
     from demask.config import ModelConfig
     from demask.train import NonFiniteLossError, train
 

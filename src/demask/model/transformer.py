@@ -212,7 +212,7 @@ class TransformerWrapper(nn.Module):
       post_emb_norm: normalise the embeddings before the layers.
     """
 
-    def __init__(
+    def __init__(  # noqa: PLR0913  (the seed's signature)
         self,
         *,
         num_tokens: int,

@@ -160,15 +160,9 @@ class NonAutoregressiveWrapper(MaskedContract):
         return condition.to(device).expand(b, n)
 
     def _check_x(self, x: Any) -> Tensor:
-        return check_tokens(
-            "x",
-            x,
-            num_tokens=self.num_tokens,
-            ndim=2,
-            seq_len=self.max_seq_len,
-            forbidden=self.mask_id,
-            nonempty=True,
-        )
+        n, mask_id = self.max_seq_len, self.mask_id
+        return check_tokens("x", x, num_tokens=self.num_tokens, ndim=2, seq_len=n,
+                            forbidden=mask_id, nonempty=True)  # fmt: skip
 
     def forward(
         self,
@@ -271,7 +265,7 @@ class NonAutoregressiveWrapper(MaskedContract):
 
     # ------------------------------------------------------------------ generation
     @torch.no_grad()
-    def generate(
+    def generate(  # noqa: PLR0913  (the seed's signature, and its documented options)
         self,
         batch_size: int | None = None,
         start_temperature: float = 1.0,
