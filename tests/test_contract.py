@@ -325,6 +325,10 @@ def test_every_config_field_has_a_train_option():
     for cls, skip in ((ModelConfig, MODEL_SKIP), (TrainConfig, TRAIN_SKIP)):
         assert {f.name for f in dataclasses.fields(cls)} - set(skip) <= dests
     assert "--train-steps" in train.format_help() and "--steps" in train.format_help()
+    from demask.cli._options import field_help
+
+    for cls in (ModelConfig, TrainConfig):  # each option's help is its field's comment
+        assert set(field_help(cls)) == {f.name for f in dataclasses.fields(cls)}
 
 
 def test_train_with_new_options_end_to_end(tmp_path, capsys):
@@ -346,3 +350,11 @@ def test_train_with_new_options_end_to_end(tmp_path, capsys):
 def test_attention_layers_take_their_options_as_parameters():
     params = inspect.signature(AttentionLayers).parameters
     assert {"attn_dim_head", "attn_kv_heads", "use_rmsnorm", "ff_glu"} <= set(params)
+
+
+def test_validating_a_config_draws_no_random_numbers():
+    torch.manual_seed(0)
+    state = torch.get_rng_state()
+    ModelConfig(self_cond=True, self_token_critic=True)
+    ModelConfig(kind="autoregressive", add_continuous_pred_head=True)
+    assert torch.equal(state, torch.get_rng_state())  # built on meta: seeded runs repeat

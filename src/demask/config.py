@@ -151,14 +151,18 @@ class ModelConfig:
     mask_id: int | None = None  # id of the mask token; None -> num_tokens (an extra embedding)
     steps: int = _seed_default(_MASKED, "steps")  # demasking steps at generation time
     self_cond: bool = _seed_default(_MASKED, "self_cond")  # self-conditioning on embeddings
+    # how often training uses self-conditioning
     self_cond_train_prob: float = _seed_default(_MASKED, "self_cond_train_prob")
     no_replace_prob: float = _seed_default(_MASKED, "no_replace_prob")  # BERT: shown unchanged
     random_token_prob: float = _seed_default(_MASKED, "random_token_prob")  # BERT: random token
     schedule: str = _seed_default(_MASKED, "schedule")  # masking schedule (linear | cosine)
+    # generation may re-mask tokens it revealed earlier
     can_mask_prev_unmasked: bool = _seed_default(_MASKED, "can_mask_prev_unmasked")
     token_critic: bool = False  # a separate critic net like the backbone (the seed: a module)
     self_token_critic: bool = _seed_default(_MASKED, "self_token_critic")  # a critic head
+    # weight of the critic's binary loss
     critic_loss_weight: float = _seed_default(_MASKED, "critic_loss_weight")
+    # the MDLM loss (a NELBO estimate); off: MaskGIT's mean cross-entropy
     use_simple_mdlm_loss_weight: bool = _seed_default(_MASKED, "use_simple_mdlm_loss_weight")
     cond_drop_prob: float = _seed_default(_MASKED, "cond_drop_prob")  # rows without condition
     cond_prefix_len: int = _seed_default(_MASKED, "cond_prefix_len")  # leading condition tokens
@@ -167,6 +171,7 @@ class ModelConfig:
     pad_value: int = _seed_default(_AR, "pad_value")  # written after EOS, left-pads prompts
     mask_prob: float = _seed_default(_AR, "mask_prob")  # forgetful causal masking in training
     add_attn_z_loss: bool = _seed_default(_AR, "add_attn_z_loss")  # add the attention z-loss
+    # weight of the next-embedding loss (with add_continuous_pred_head)
     next_embed_loss_weight: float = _seed_default(_AR, "next_embed_loss_weight")
 
     def __post_init__(self) -> None:

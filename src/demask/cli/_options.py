@@ -18,17 +18,23 @@ import typing
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-_COMMENT = re.compile(r"^\s+(\w+): [^=]+=.*?  # (.*)$")
+_FIELD = re.compile(r"^\s+(\w+): [^=]+=.*?(?:  # (.*))?$")
+_ABOVE = re.compile(r"^\s+# (?!---)(.*)$")
 
 
 def field_help(cls: type) -> dict[str, str]:
-    """{field: the comment on its line} of a dataclass's source (empty when the source is not
-    available)."""
+    """{field: its comment} of a dataclass's source: the comment on the field's line, else a
+    comment line just above it (empty when the source is not available)."""
     try:
         lines = inspect.getsource(cls).splitlines()
     except (OSError, TypeError):
         return {}
-    return {m.group(1): m.group(2) for m in map(_COMMENT.match, lines) if m}
+    out = {}
+    for before, line in zip(["", *lines], lines):
+        field, above = _FIELD.match(line), _ABOVE.match(before)
+        if field and (field.group(2) or above):
+            out[field.group(1)] = field.group(2) or above.group(1)  # type: ignore[union-attr]
+    return out
 
 
 def _base_type(hint: Any) -> Any:
