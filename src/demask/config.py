@@ -6,7 +6,7 @@ so `build_model(model_config)` rebuilds the exact network from the checkpoint al
 
 `ModelConfig`'s fields carry the constructors' own names and defaults: a field named like a
 parameter of `Encoder`/`Decoder` (AttentionLayers), `TransformerWrapper` or a wrapper takes that
-parameter's default from the constructor's signature (`_seed_default`), and the constructors'
+parameter's default from the constructor's signature (`seed_default`), and the constructors'
 own checks validate it (the model is built once on the meta device). Only what no constructor
 says is written here: the kind, the data's vocabulary and length, the width and depth, and the
 mask id and token critic of a masked model.
@@ -21,11 +21,8 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import json
-import types
-import typing
-import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +30,7 @@ import torch
 from torch import nn
 
 from demask._checks import check_choice, check_float, check_int, reject_unknown_kwargs
+from demask._config_fields import check_types, deprecated_names, seed_default
 from demask.model import TransformerWrapper
 from demask.model.transformer import AttentionLayers
 from demask.wrappers import AutoregressiveWrapper, NonAutoregressiveWrapper
@@ -59,58 +57,7 @@ CONSTRUCTORS: tuple[Callable[..., Any], ...] = (
 )
 
 
-def _seed_default(constructor: Callable[..., Any], name: str) -> Any:
-    """A dataclass field whose default is `constructor`'s default for parameter `name`."""
-    default = inspect.signature(constructor).parameters[name].default
-    if default is inspect.Parameter.empty:
-        raise TypeError(f"{constructor.__qualname__} has no default for {name}")
-    return field(default=default, metadata={"constructor": constructor})
-
-
 _LAYERS, _NET, _MASKED, _AR = CONSTRUCTORS
-
-
-def _deprecated_names(cls: Any, aliases: dict[str, str]) -> Any:
-    """Let `cls(old=...)` (and `from_dict`) still accept the field names of format version 1,
-    with a DeprecationWarning; the value goes to the new field (and wins over it)."""
-    init = cls.__init__
-
-    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
-        for old, new in aliases.items():
-            if old in kwargs:
-                warnings.warn(
-                    f"{cls.__name__}({old}=...) is deprecated; use {new}",
-                    DeprecationWarning,
-                    stacklevel=2,
-                )
-                kwargs[new] = kwargs.pop(old)
-        init(self, *args, **kwargs)
-
-    cls.__init__ = __init__
-    cls.deprecated_names = dict(aliases)
-    return cls
-
-
-def _check_types(config: Any) -> None:
-    """TypeError unless every field holds a value of its annotated type (an int is a float)."""
-    hints = typing.get_type_hints(type(config))
-    for f in dataclasses.fields(config):
-        value, hint = getattr(config, f.name), hints[f.name]
-        allowed = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
-        allowed = tuple(int if a is float else a for a in allowed) + allowed
-        if isinstance(value, bool) and bool not in allowed:
-            ok = False
-        else:
-            ok = isinstance(value, tuple(type(None) if a is None else a for a in allowed))
-        if not ok:
-            raise TypeError(f"{f.name} must be {_type_name(hint)}, got {type(value).__name__} "
-                            f"{value!r}")  # fmt: skip
-
-
-def _type_name(hint: Any) -> str:
-    args = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
-    names = {type(None): "None", int: "an int"}
-    return " or ".join(names.get(a, f"a {a.__name__}") for a in args)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -127,55 +74,55 @@ class ModelConfig:
     # --- the backbone: Encoder (masked) / Decoder (AR) ---
     dim: int = 128  # model width
     depth: int = 4  # transformer blocks
-    heads: int = _seed_default(_LAYERS, "heads")  # attention heads
-    attn_dim_head: int = _seed_default(_LAYERS, "attn_dim_head")  # width of one head
-    attn_kv_heads: int | None = _seed_default(_LAYERS, "attn_kv_heads")  # grouped-query: K/V heads
-    attn_qk_norm: bool = _seed_default(_LAYERS, "attn_qk_norm")  # normalised queries and keys
-    attn_dropout: float = _seed_default(_LAYERS, "attn_dropout")  # dropout on attention weights
-    ff_dropout: float = _seed_default(_LAYERS, "ff_dropout")  # dropout inside the feed-forward
-    ff_mult: float = _seed_default(_LAYERS, "ff_mult")  # feed-forward hidden width = ff_mult * dim
-    ff_glu: bool = _seed_default(_LAYERS, "ff_glu")  # gated feed-forward (GEGLU)
-    ff_swish: bool = _seed_default(_LAYERS, "ff_swish")  # SiLU activation (SwiGLU with ff_glu)
-    use_rmsnorm: bool = _seed_default(_LAYERS, "use_rmsnorm")  # RMSNorm instead of LayerNorm
-    rotary_pos_emb: bool = _seed_default(_LAYERS, "rotary_pos_emb")  # rotary positions
-    rotary_emb_dim: int | None = _seed_default(_LAYERS, "rotary_emb_dim")  # rotated channels
-    attn_z_loss_weight: float = _seed_default(_LAYERS, "attn_z_loss_weight")  # with add_attn_z_loss
+    heads: int = seed_default(_LAYERS, "heads")  # attention heads
+    attn_dim_head: int = seed_default(_LAYERS, "attn_dim_head")  # width of one head
+    attn_kv_heads: int | None = seed_default(_LAYERS, "attn_kv_heads")  # grouped-query: K/V heads
+    attn_qk_norm: bool = seed_default(_LAYERS, "attn_qk_norm")  # normalised queries and keys
+    attn_dropout: float = seed_default(_LAYERS, "attn_dropout")  # dropout on attention weights
+    ff_dropout: float = seed_default(_LAYERS, "ff_dropout")  # dropout inside the feed-forward
+    ff_mult: float = seed_default(_LAYERS, "ff_mult")  # feed-forward hidden width = ff_mult * dim
+    ff_glu: bool = seed_default(_LAYERS, "ff_glu")  # gated feed-forward (GEGLU)
+    ff_swish: bool = seed_default(_LAYERS, "ff_swish")  # SiLU activation (SwiGLU with ff_glu)
+    use_rmsnorm: bool = seed_default(_LAYERS, "use_rmsnorm")  # RMSNorm instead of LayerNorm
+    rotary_pos_emb: bool = seed_default(_LAYERS, "rotary_pos_emb")  # rotary positions
+    rotary_emb_dim: int | None = seed_default(_LAYERS, "rotary_emb_dim")  # rotated channels
+    attn_z_loss_weight: float = seed_default(_LAYERS, "attn_z_loss_weight")  # with add_attn_z_loss
     # --- the backbone: TransformerWrapper ---
-    emb_dim: int | None = _seed_default(_NET, "emb_dim")  # token embedding width (None: dim)
-    emb_dropout: float = _seed_default(_NET, "emb_dropout")  # dropout on the input embeddings
-    tie_embedding: bool = _seed_default(_NET, "tie_embedding")  # share embedding and output
-    use_abs_pos_emb: bool = _seed_default(_NET, "use_abs_pos_emb")  # learned positions (no rotary)
-    post_emb_norm: bool = _seed_default(_NET, "post_emb_norm")  # normalise the embeddings
-    add_continuous_pred_head: bool = _seed_default(_NET, "add_continuous_pred_head")  # (AR)
+    emb_dim: int | None = seed_default(_NET, "emb_dim")  # token embedding width (None: dim)
+    emb_dropout: float = seed_default(_NET, "emb_dropout")  # dropout on the input embeddings
+    tie_embedding: bool = seed_default(_NET, "tie_embedding")  # share embedding and output
+    use_abs_pos_emb: bool = seed_default(_NET, "use_abs_pos_emb")  # learned positions (no rotary)
+    post_emb_norm: bool = seed_default(_NET, "post_emb_norm")  # normalise the embeddings
+    add_continuous_pred_head: bool = seed_default(_NET, "add_continuous_pred_head")  # (AR)
     # --- (masked) NonAutoregressiveWrapper ---
     mask_id: int | None = None  # id of the mask token; None -> num_tokens (an extra embedding)
-    steps: int = _seed_default(_MASKED, "steps")  # demasking steps at generation time
-    self_cond: bool = _seed_default(_MASKED, "self_cond")  # self-conditioning on embeddings
+    steps: int = seed_default(_MASKED, "steps")  # demasking steps at generation time
+    self_cond: bool = seed_default(_MASKED, "self_cond")  # self-conditioning on embeddings
     # how often training uses self-conditioning
-    self_cond_train_prob: float = _seed_default(_MASKED, "self_cond_train_prob")
-    no_replace_prob: float = _seed_default(_MASKED, "no_replace_prob")  # BERT: shown unchanged
-    random_token_prob: float = _seed_default(_MASKED, "random_token_prob")  # BERT: random token
-    schedule: str = _seed_default(_MASKED, "schedule")  # masking schedule (linear | cosine)
+    self_cond_train_prob: float = seed_default(_MASKED, "self_cond_train_prob")
+    no_replace_prob: float = seed_default(_MASKED, "no_replace_prob")  # BERT: shown unchanged
+    random_token_prob: float = seed_default(_MASKED, "random_token_prob")  # BERT: random token
+    schedule: str = seed_default(_MASKED, "schedule")  # masking schedule (linear | cosine)
     # generation may re-mask tokens it revealed earlier
-    can_mask_prev_unmasked: bool = _seed_default(_MASKED, "can_mask_prev_unmasked")
+    can_mask_prev_unmasked: bool = seed_default(_MASKED, "can_mask_prev_unmasked")
     token_critic: bool = False  # a separate critic net like the backbone (the seed: a module)
-    self_token_critic: bool = _seed_default(_MASKED, "self_token_critic")  # a critic head
+    self_token_critic: bool = seed_default(_MASKED, "self_token_critic")  # a critic head
     # weight of the critic's binary loss
-    critic_loss_weight: float = _seed_default(_MASKED, "critic_loss_weight")
+    critic_loss_weight: float = seed_default(_MASKED, "critic_loss_weight")
     # the MDLM loss (a NELBO estimate); off: MaskGIT's mean cross-entropy
-    use_simple_mdlm_loss_weight: bool = _seed_default(_MASKED, "use_simple_mdlm_loss_weight")
-    cond_drop_prob: float = _seed_default(_MASKED, "cond_drop_prob")  # rows without condition
-    cond_prefix_len: int = _seed_default(_MASKED, "cond_prefix_len")  # leading condition tokens
+    use_simple_mdlm_loss_weight: bool = seed_default(_MASKED, "use_simple_mdlm_loss_weight")
+    cond_drop_prob: float = seed_default(_MASKED, "cond_drop_prob")  # rows without condition
+    cond_prefix_len: int = seed_default(_MASKED, "cond_prefix_len")  # leading condition tokens
     # --- (AR) AutoregressiveWrapper ---
-    ignore_index: int = _seed_default(_AR, "ignore_index")  # target id left out of the loss
-    pad_value: int = _seed_default(_AR, "pad_value")  # written after EOS, left-pads prompts
-    mask_prob: float = _seed_default(_AR, "mask_prob")  # forgetful causal masking in training
-    add_attn_z_loss: bool = _seed_default(_AR, "add_attn_z_loss")  # add the attention z-loss
+    ignore_index: int = seed_default(_AR, "ignore_index")  # target id left out of the loss
+    pad_value: int = seed_default(_AR, "pad_value")  # written after EOS, left-pads prompts
+    mask_prob: float = seed_default(_AR, "mask_prob")  # forgetful causal masking in training
+    add_attn_z_loss: bool = seed_default(_AR, "add_attn_z_loss")  # add the attention z-loss
     # weight of the next-embedding loss (with add_continuous_pred_head)
-    next_embed_loss_weight: float = _seed_default(_AR, "next_embed_loss_weight")
+    next_embed_loss_weight: float = seed_default(_AR, "next_embed_loss_weight")
 
     def __post_init__(self) -> None:
-        _check_types(self)
+        check_types(self)
         check_choice("kind", self.kind, MODEL_BUILDERS)
         check_int("num_tokens", self.num_tokens, min=2)
         check_int("max_seq_len", self.max_seq_len, min=2)
@@ -212,7 +159,7 @@ class ModelConfig:
         return _from_dict(cls, data)
 
 
-_deprecated_names(
+deprecated_names(
     ModelConfig, {"seq_len": "max_seq_len", "rotary": "rotary_pos_emb", "dim_head": "attn_dim_head"}
 )
 
@@ -255,7 +202,7 @@ class TrainConfig:
     progress: bool = True  # tqdm bar on rank 0 (also off when stderr is not a terminal)
 
     def __post_init__(self) -> None:
-        _check_types(self)
+        check_types(self)
         for name in ("data", "out", "device"):
             value = getattr(self, name)
             if not isinstance(value, str) or not value:
@@ -293,7 +240,7 @@ class TrainConfig:
         return _from_dict(cls, data)
 
 
-_deprecated_names(TrainConfig, {"steps": "max_steps"})
+deprecated_names(TrainConfig, {"steps": "max_steps"})
 
 
 def _from_dict(cls: Any, data: dict[str, Any]) -> Any:
