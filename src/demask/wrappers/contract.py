@@ -30,13 +30,15 @@ def _for(models: str) -> dict[str, str]:
 
 @dataclass(frozen=True)
 class SampleOptions:
-    """How to sample. Fields marked (masked) / (autoregressive) apply to that kind only."""
+    """How to sample. Fields with a `models` entry in their metadata apply to that kind only
+    (`SAMPLE_OPTION_MODELS`); a model refuses those it does not use."""
 
     seed: int = 0  # seeds the sampling generator (on the model's device)
     temperature: float = 1.0  # 0 = greedy
     filter_thres: float = 0.0  # keep the top ceil((1 - F) * vocab) logits; 0 = no filtering
     prompt: tuple[int | None, ...] | None = None  # token ids; None marks a hole (masked models)
-    start: Tensor | None = None  # (autoregressive) (n, k) first tokens when there is no prompt
+    start: Tensor | None = field(default=None, metadata=_for("autoregressive"))  # (n, k) first
+    # tokens to continue when there is no prompt
     length: int | None = field(default=None, metadata=_for("autoregressive"))  # new tokens
     sampler: str | None = field(default=None, metadata=_for("masked"))  # None: ancestral
     decode_steps: int | None = field(default=None, metadata=_for("masked"))  # None: the model's
@@ -45,7 +47,7 @@ class SampleOptions:
     logits_filter: Callable[[Tensor], Tensor] | None = field(
         default=None, metadata=_for("masked")
     )  # applied to the (M, V) logits of each step, e.g. to forbid some tokens
-    history: bool = field(default=False, metadata=_for("masked"))  # keep every step's state
+    history: bool = False  # keep every step's state (masked; an AR model returns None)
 
     def given(self) -> dict[str, Any]:
         """{field: value} of the settings that differ from the defaults."""
@@ -103,7 +105,7 @@ class ModelContract(nn.Module):
             if name not in self.sample_options:
                 models = SAMPLE_OPTION_MODELS.get(name, "other")
                 raise ValueError(
-                    f"{name}: applies to {models} models only, but this is a {self.kind!r} model"
+                    f"{name}: applies to {models} models only, but this model is {self.kind!r}"
                 )
 
 
