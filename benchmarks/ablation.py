@@ -44,7 +44,9 @@ class Row:
     init: tuple[str, ...] = ()  # keys of INITS, applied in order after the net is built
     estimator: str | None = None  # demask's NonAutoregressiveWrapper.mdlm_estimator
     count_power: float | None = None  # its mdlm_count_power (importance-sampled mask counts)
-    train: dict[str, Any] = field(default_factory=dict)  # Config overrides: lr, warmup, weight_decay
+    train: dict[str, Any] = field(
+        default_factory=dict
+    )  # Config overrides: lr, warmup, weight_decay
     note: str = ""
 
 
@@ -160,27 +162,44 @@ ROWS: dict[str, Row] = {
     ),
     # one change against demask's default (count ~ k^-1/2 with importance weights, scaled resid)
     "demask-is-rmsnorm": Row(
-        layers={"use_rmsnorm": True}, init=("resid_scaled",), estimator="count", count_power=0.5,
+        layers={"use_rmsnorm": True},
+        init=("resid_scaled",),
+        estimator="count",
+        count_power=0.5,
         note="default + RMSNorm instead of LayerNorm",
     ),
     "demask-is-qknorm": Row(
-        layers={"attn_qk_norm": True}, init=("resid_scaled",), estimator="count", count_power=0.5,
+        layers={"attn_qk_norm": True},
+        init=("resid_scaled",),
+        estimator="count",
+        count_power=0.5,
         note="default + normalised queries and keys",
     ),
     "demask-is-wd0.1": Row(
-        init=("resid_scaled",), estimator="count", count_power=0.5, train={"weight_decay": 0.1},
+        init=("resid_scaled",),
+        estimator="count",
+        count_power=0.5,
+        train={"weight_decay": 0.1},
         note="default, AdamW weight decay 0.1 (not 0.01)",
     ),
     "demask-is-warm100": Row(
-        init=("resid_scaled",), estimator="count", count_power=0.5, train={"warmup": 100},
+        init=("resid_scaled",),
+        estimator="count",
+        count_power=0.5,
+        train={"warmup": 100},
         note="default, 100 warm-up steps (not 20)",
     ),
     "demask-is-lr3e-3": Row(
-        init=("resid_scaled",), estimator="count", count_power=0.5, train={"lr": 3e-3},
+        init=("resid_scaled",),
+        estimator="count",
+        count_power=0.5,
+        train={"lr": 3e-3},
         note="default, peak lr 3e-3 (not 1e-3)",
     ),
     "reference-ce-lr3e-3": Row(
-        "reference", {"use_simple_mdlm_loss_weight": False}, train={"lr": 3e-3},
+        "reference",
+        {"use_simple_mdlm_loss_weight": False},
+        train={"lr": 3e-3},
         note="the reference, mean CE, peak lr 3e-3",
     ),
     # absolute positions only

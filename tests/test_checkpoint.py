@@ -284,12 +284,15 @@ def test_a_format_1_checkpoint_loads_and_resumes(tmp_path):
     ckpt = run_dir / "checkpoints" / "step_00000002"
     assert (ckpt / "config.json").is_file()  # the old layout
     ck = load_checkpoint(run_dir, with_state=True)
-    assert ck.step == 2 and ck.model_config == ModelConfig(**MODEL)
+    # format 1 meant a head width of dim // heads; the migration records it (ModelConfig's own
+    # default is now the seed's 64)
+    old_model = ModelConfig(**MODEL, attn_dim_head=MODEL["dim"] // MODEL["heads"])
+    assert ck.step == 2 and ck.model_config == old_model
     assert ck.train_config == TrainConfig(**TRAIN, out=ck.train_config.out)
     assert "rng" in ck.state and "optimizer" in ck.state  # RNG states: saved, now ignored
     with safe_open(str(ckpt / "model.safetensors"), framework="pt") as f:
         assert all(torch.equal(v, f.get_tensor(k)) for k, v in ck.model.state_dict().items())
-    res = train(ModelConfig(**MODEL), TrainConfig(**TRAIN, out=str(run_dir)), resume=True)
+    res = train(old_model, TrainConfig(**TRAIN, out=str(run_dir)), resume=True)
     want = {int(k): v for k, v in json.loads((V1 / "losses.json").read_text()).items()}
     assert sorted(res.losses) == [3, 4]
     assert res.losses == pytest.approx({s: want[s] for s in (3, 4)}, rel=1e-5)

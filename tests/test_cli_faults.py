@@ -246,10 +246,12 @@ def test_a_saved_config_with_missing_or_unknown_keys_is_refused(run, capsys, edi
 
 
 def test_config_json_records_a_format_version_and_is_0644(run, tmp_path, capsys):
+    from demask.config import CONFIG_FORMAT_VERSION
+
     with safe_open(str(run / STEP4 / "model.safetensors"), framework="pt") as f:
         saved = f.metadata()["demask_config"]
     for text in ((run / "config.json").read_text(), saved):
-        assert json.loads(text)["format_version"] == 1
+        assert json.loads(text)["format_version"] == CONFIG_FORMAT_VERSION
     old = os.umask(0o022)
     try:
         out = tmp_path / "modes"
@@ -294,8 +296,10 @@ def test_options_of_the_other_model_kind_are_errors(base_run, ar_run, capsys, wh
 
 def test_resume_with_fewer_steps_than_done_is_an_error(run, capsys):
     before = digest(run)
-    code, _, err = run_cli(capsys, "train", "--resume", "--steps", "2", "--out", run, "--quiet")
-    one_line_error(code, err, "train", "--steps 2", "already at step 4")
+    code, _, err = run_cli(
+        capsys, "train", "--resume", "--train-steps", "2", "--out", run, "--quiet"
+    )
+    one_line_error(code, err, "train", "--train-steps 2", "already at step 4")
     assert digest(run) == before
 
 

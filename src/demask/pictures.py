@@ -80,6 +80,11 @@ def _compose(cells: np.ndarray, ncols: int, scale: int, pad: int) -> np.ndarray:
     return canvas
 
 
+def _layout(scale: int = 4, pad: int = 1, invert: bool = False) -> tuple[int, int, bool]:
+    """The drawing options shared by the picture writers (TypeError for an unknown one)."""
+    return scale, pad, invert
+
+
 def _layout_checks(scale: int, pad: int) -> None:
     check_int("scale", scale, min=1)
     check_int("pad", pad, min=0)
@@ -132,9 +137,7 @@ def save_demasking_strip(
     tokenizer: Any = None,
     max_rows: int = 4,
     max_cols: int | None = 16,
-    scale: int = 4,
-    pad: int = 1,
-    invert: bool = False,
+    **layout: Any,
 ) -> Path:
     """Write a strip: one row per sequence, one column per demasking step; returns the path.
 
@@ -142,8 +145,10 @@ def save_demasking_strip(
     list of tensors, or one (T, B, N) tensor), e.g. from fully masked to fully generated.
     The first `max_rows` sequences are drawn; with more than `max_cols` states, evenly spaced
     ones (first and last included). Masked pixels are drawn in MASK_COLOUR. With a `tokenizer`
-    (a GreyLevelTokenizer), image_shape and levels are taken from it.
+    (a GreyLevelTokenizer), image_shape and levels are taken from it. layout: scale=4, pad=1,
+    invert=False, as for `save_image_grid`.
     """
+    scale, pad, invert = _layout(**layout)
     if tokenizer is not None:
         image_shape, levels = tokenizer.image_shape, tokenizer.levels
     check_int("mask_id", mask_id, min=0)

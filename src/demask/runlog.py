@@ -56,7 +56,11 @@ class RunLog:
 
         show = self.main and self.cfg.progress and self.tty
         self.bar = tqdm(
-            total=self.cfg.steps, initial=start, disable=not show, unit="step", dynamic_ncols=True
+            total=self.cfg.max_steps,
+            initial=start,
+            disable=not show,
+            unit="step",
+            dynamic_ncols=True,
         )
         if torn:
             self.say(f"{self.path}: dropping its torn last line (a write cut short)", always=True)
@@ -99,7 +103,7 @@ class RunLog:
         the last) write a train record with the throughput since the previous one."""
         self.since += 1
         self.bar.update(1)
-        if step % self.cfg.log_every and step != self.cfg.steps:
+        if step % self.cfg.log_every and step != self.cfg.max_steps:
             return
         now = time.perf_counter()
         tps = self.tokens_per_step * self.since / max(now - self.t_last, 1e-9)

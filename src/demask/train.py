@@ -65,7 +65,7 @@ class NonFiniteLossError(RuntimeError):
 class RunStatus(str, Enum):
     """How a `train` invocation ended."""
 
-    FINISHED = "finished"  # all train_cfg.steps done
+    FINISHED = "finished"  # all train_cfg.max_steps done
     INTERRUPTED = "interrupted"  # SIGTERM / Ctrl-C
     STOPPED = "stopped"  # stop_after
 
@@ -111,12 +111,12 @@ class TrainResult:
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
     """Learning rate of update `step` (1-based): linear warm-up to cfg.lr over warmup_steps, then
-    cosine decay to cfg.lr * min_lr_ratio at step cfg.steps (Loshchilov & Hutter 2017,
+    cosine decay to cfg.lr * min_lr_ratio at step cfg.max_steps (Loshchilov & Hutter 2017,
     https://arxiv.org/abs/1608.03983, without restarts)."""
     check_int("step", step, min=1)
     if step <= cfg.warmup_steps:
         return cfg.lr * step / cfg.warmup_steps
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
     cosine = 0.5 * (1.0 + math.cos(math.pi * progress))
     return cfg.lr * (cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * cosine)
 
@@ -193,7 +193,7 @@ def train(
     train config may differ, e.g. more steps). overwrite: start over in a folder that holds a
     checkpoint (otherwise FileExistsError). callbacks: called on rank 0 with every metrics record.
     stop_after: end this invocation after that step with a checkpoint (status "stopped"), as if
-    interrupted; the LR schedule still spans train_cfg.steps.
+    interrupted; the LR schedule still spans train_cfg.max_steps.
     Under torchrun every process calls this; the process group is joined (and left) here.
     Raises NonFiniteLossError on a NaN/inf with nan_policy="stop".
     """
@@ -211,10 +211,10 @@ def train(
         ckpt, lock = start_run(out, model_cfg, resume=resume, overwrite=overwrite, info=info)
         if ckpt is not None:
             restore_training_state(ckpt, state)
-            if state.step > train_cfg.steps:
+            if state.step > train_cfg.max_steps:
                 raise ValueError(
                     f"steps must be >= the step of the checkpoint resumed ({state.step}, in "
-                    f"{ckpt}), got {train_cfg.steps}"
+                    f"{ckpt}), got {train_cfg.max_steps}"
                 )
         log = RunLog(
             (model_cfg, train_cfg),
@@ -272,13 +272,13 @@ def _stop_on_signals() -> Iterator[dict[str, bool]]:
 
 
 def _loop(state: TrainState, data: _Data, log: RunLog, stop_after: int | None) -> TrainResult:
-    """Updates state.step + 1 .. cfg.steps, with records, validation and checkpoints."""
+    """Updates state.step + 1 .. cfg.max_steps, with records, validation and checkpoints."""
     cfg, info = state.train_config, state.info
     res = TrainResult(step=state.step, status=RunStatus.FINISHED)
     saved = -1
     state.model.train()
     with _stop_on_signals() as flag:
-        while state.step < cfg.steps:
+        while state.step < cfg.max_steps:
             s = state.step + 1
             batch = get_batch(data.train, s, cfg.batch_size, cfg.seed, info.rank, info.world_size)
             m = train_step(state, batch, stop=flag["stop"])
@@ -292,12 +292,12 @@ def _loop(state: TrainState, data: _Data, log: RunLog, stop_after: int | None) -
                 res.skipped.append(s)
             res.step = s
             log.update(s, m.loss, m.grad_norm, m.lr)
-            if cfg.val_every and s % cfg.val_every == 0 and s != cfg.steps:
+            if cfg.val_every and s % cfg.val_every == 0 and s != cfg.max_steps:
                 _validate(state, data, log, res)
             if s == stop_after:
                 res.status = RunStatus.STOPPED
                 break
-            if cfg.checkpoint_every and s % cfg.checkpoint_every == 0 and s != cfg.steps:
+            if cfg.checkpoint_every and s % cfg.checkpoint_every == 0 and s != cfg.max_steps:
                 saved = _save(state, log, res)
     if res.status is RunStatus.FINISHED:
         _validate(state, data, log, res)
@@ -326,7 +326,6 @@ def _validate(state: TrainState, data: _Data, log: RunLog, res: TrainResult) -> 
         info.rank,
         info.world_size,
         seed=cfg.seed,
-        device=info.device,
         num_times=cfg.val_num_times,
     )
     res.val[state.step] = bits

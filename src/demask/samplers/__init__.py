@@ -14,7 +14,6 @@ from demask.samplers.categorical import gumbel_noise, sample_categorical
 from demask.samplers.confidence import ConfidenceSampler
 from demask.samplers.entropy import EntropySampler
 from demask.samplers.filters import (
-    FILTERS,
     min_p,
     top_a,
     top_k,
@@ -47,7 +46,6 @@ def get_sampler(sampler: str | Sampler) -> Sampler:
 
 
 __all__ = [
-    "FILTERS",
     "SAMPLERS",
     "AncestralSampler",
     "ConfidenceSampler",
