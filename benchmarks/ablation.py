@@ -44,6 +44,9 @@ class Row:
     init: tuple[str, ...] = ()  # keys of INITS, applied in order after the net is built
     estimator: str | None = None  # demask's NonAutoregressiveWrapper.mdlm_estimator
     count_power: float | None = None  # its mdlm_count_power (importance-sampled mask counts)
+    train: dict[str, Any] = field(
+        default_factory=dict
+    )  # Config overrides: lr, warmup, weight_decay
     note: str = ""
 
 
@@ -157,6 +160,48 @@ ROWS: dict[str, Row] = {
         count_power=0.5,
         note="count ~ k^-1/2 with importance weights, scaled resid",
     ),
+    # one change against demask's default (count ~ k^-1/2 with importance weights, scaled resid)
+    "demask-is-rmsnorm": Row(
+        layers={"use_rmsnorm": True},
+        init=("resid_scaled",),
+        estimator="count",
+        count_power=0.5,
+        note="default + RMSNorm instead of LayerNorm",
+    ),
+    "demask-is-qknorm": Row(
+        layers={"attn_qk_norm": True},
+        init=("resid_scaled",),
+        estimator="count",
+        count_power=0.5,
+        note="default + normalised queries and keys",
+    ),
+    "demask-is-wd0.1": Row(
+        init=("resid_scaled",),
+        estimator="count",
+        count_power=0.5,
+        train={"weight_decay": 0.1},
+        note="default, AdamW weight decay 0.1 (not 0.01)",
+    ),
+    "demask-is-warm100": Row(
+        init=("resid_scaled",),
+        estimator="count",
+        count_power=0.5,
+        train={"warmup": 100},
+        note="default, 100 warm-up steps (not 20)",
+    ),
+    "demask-is-lr3e-3": Row(
+        init=("resid_scaled",),
+        estimator="count",
+        count_power=0.5,
+        train={"lr": 3e-3},
+        note="default, peak lr 3e-3 (not 1e-3)",
+    ),
+    "reference-ce-lr3e-3": Row(
+        "reference",
+        {"use_simple_mdlm_loss_weight": False},
+        train={"lr": 3e-3},
+        note="the reference, mean CE, peak lr 3e-3",
+    ),
     # absolute positions only
     "demask-count-resid-postable": Row(
         init=("resid_scaled", "pos_unit_table"),
@@ -232,8 +277,8 @@ def ce_at_rate(scored: Any, windows: list[Tensor], count: int, draws: int, seed:
 def run_job(job: tuple[str, int, dict[str, Any]]) -> dict[str, Any]:
     name, seed, cfg_dict = job
     torch.set_num_threads(1)
-    cfg = Config(**{**cfg_dict, "seed": seed})
     row = ROWS[name]
+    cfg = Config(**{**cfg_dict, "seed": seed, **row.train})
     evaluate, get_batch, get_dataset = quality._demask_modules()
     train_ds = get_dataset(cfg.data, split="train", seq_len=cfg.seq_len)
     val_ds = get_dataset(cfg.data, split="val", seq_len=cfg.seq_len)

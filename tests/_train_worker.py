@@ -3,6 +3,8 @@
 As a script (`python tests/_train_worker.py SPEC.json`, alone or under torchrun) it runs the
 training runs listed in SPEC.json one after the other in the same process group and writes, on
 rank 0, each run's result (losses, status, step, skipped, val) to the JSON file the run names.
+A run with "slow_checkpoint": [STEP, SECONDS] sleeps SECONDS after writing the weights of every
+checkpoint of step >= STEP, so a test can kill the process in the middle of a checkpoint.
 """
 
 from __future__ import annotations
@@ -24,18 +26,21 @@ SEQ_LEN = 16 if SHAKESPEARE.is_file() else 64
 def tiny_model(kind: str = "autoregressive", **over: Any) -> dict[str, Any]:
     """A ModelConfig dict small enough to train a step in milliseconds."""
     num_tokens = 256 if DATA != "digits" else 17
-    cfg = dict(kind=kind, num_tokens=num_tokens, seq_len=SEQ_LEN, dim=16, depth=1, heads=2)
+    # attn_dim_head=8 (dim // heads): the head width these tiny models had before the config took
+    # the seed's default of 64; the golden losses of test_train.py were measured with it
+    cfg = dict(kind=kind, num_tokens=num_tokens, max_seq_len=SEQ_LEN, dim=16, depth=1, heads=2,
+               attn_dim_head=8)  # fmt: skip
     cfg.update(over)
     return cfg
 
 
 def tiny_train(out: str | Path, **over: Any) -> dict[str, Any]:
-    """A TrainConfig dict for a few fast, quiet steps."""
+    """A TrainConfig dict for a few fast, quiet steps (`steps=` sets max_steps)."""
     cfg = dict(
         data=DATA,
         data_max_bytes=20_000,
         out=str(out),
-        steps=8,
+        max_steps=8,
         batch_size=4,
         lr=3e-3,
         warmup_steps=2,
@@ -46,6 +51,8 @@ def tiny_train(out: str | Path, **over: Any) -> dict[str, Any]:
         progress=False,
         device="cpu",
     )
+    if "steps" in over:
+        over["max_steps"] = over.pop("steps")
     cfg.update(over)
     return cfg
 
@@ -84,6 +91,23 @@ def run_workers(runs: list[dict[str, Any]], tmp: Path, nproc: int, timeout: floa
         raise AssertionError(f"workers failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
 
 
+def slow_checkpoints(from_step: int, seconds: float) -> None:
+    """Make every checkpoint of step >= from_step pause `seconds` after its weights are written
+    (in this process: demask.checkpoint's weights writer is replaced by a slow one)."""
+    import time
+
+    import demask.checkpoint as checkpoint
+
+    write = checkpoint.save_file
+
+    def slow(tensors: Any, filename: str, metadata: dict[str, str] | None = None) -> None:
+        write(tensors, filename, metadata=metadata)
+        if int((metadata or {}).get("demask_step", -1)) >= from_step:
+            time.sleep(seconds)
+
+    checkpoint.save_file = slow
+
+
 def main(spec_path: str) -> None:
     import torch.distributed as dist
 
@@ -94,6 +118,8 @@ def main(spec_path: str) -> None:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         dist.init_process_group("gloo")  # one group for all runs; train() reuses it
     for run in runs:
+        if run.get("slow_checkpoint"):
+            slow_checkpoints(*run["slow_checkpoint"])
         res = train(
             ModelConfig(**run["model"]),
             TrainConfig(**run["train"]),

@@ -194,11 +194,11 @@ def test_a_weights_file_path_loads_that_file(run, tmp_path, capsys):
     one_line_error(code, err, "sample", "bare.safetensors", "no demask config")
 
 
-def _rewrite_weights(path: Path, change) -> None:
+def _rewrite_weights(path: Path, change, change_meta=lambda meta: meta) -> None:
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata()
         tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not a dict)
-    save_file(change(tensors), str(path), metadata=meta)
+    save_file(change(tensors), str(path), metadata=change_meta(meta))
 
 
 def test_nan_weights_are_refused_on_load_naming_the_tensor(run, capsys):
@@ -219,10 +219,14 @@ def test_nan_weights_are_refused_on_load_naming_the_tensor(run, capsys):
 
 
 def _edit_config(run: Path, edit) -> None:
-    path = run / STEP4 / "config.json"
-    cfg = json.loads(path.read_text())
-    edit(cfg)
-    path.write_text(json.dumps(cfg))
+    """Edit the checkpoint's one copy of its configs, in its weights' metadata."""
+
+    def change_meta(meta):
+        cfg = json.loads(meta["demask_config"])
+        edit(cfg)
+        return {**meta, "demask_config": json.dumps(cfg)}
+
+    _rewrite_weights(run / STEP4 / "model.safetensors", lambda t: t, change_meta)
 
 
 @pytest.mark.parametrize(
@@ -235,15 +239,19 @@ def _edit_config(run: Path, edit) -> None:
         (lambda c: c.update(format_version=99), ["format_version 99", "newer"]),
     ],
 )
-def test_a_config_json_with_missing_or_unknown_keys_is_refused(run, capsys, edit, needles):
+def test_a_saved_config_with_missing_or_unknown_keys_is_refused(run, capsys, edit, needles):
     _edit_config(run, edit)
     code, _, err = run_cli(capsys, "sample", "--checkpoint", run, "--num", "2")
-    one_line_error(code, err, "sample", "config.json", *needles)
+    one_line_error(code, err, "sample", "model.safetensors", "no valid config", *needles)
 
 
 def test_config_json_records_a_format_version_and_is_0644(run, tmp_path, capsys):
-    for path in (run / "config.json", run / STEP4 / "config.json"):
-        assert json.loads(path.read_text())["format_version"] == 1
+    from demask.config import CONFIG_FORMAT_VERSION
+
+    with safe_open(str(run / STEP4 / "model.safetensors"), framework="pt") as f:
+        saved = f.metadata()["demask_config"]
+    for text in ((run / "config.json").read_text(), saved):
+        assert json.loads(text)["format_version"] == CONFIG_FORMAT_VERSION
     old = os.umask(0o022)
     try:
         out = tmp_path / "modes"
@@ -288,8 +296,10 @@ def test_options_of_the_other_model_kind_are_errors(base_run, ar_run, capsys, wh
 
 def test_resume_with_fewer_steps_than_done_is_an_error(run, capsys):
     before = digest(run)
-    code, _, err = run_cli(capsys, "train", "--resume", "--steps", "2", "--out", run, "--quiet")
-    one_line_error(code, err, "train", "--steps 2", "already at step 4")
+    code, _, err = run_cli(
+        capsys, "train", "--resume", "--train-steps", "2", "--out", run, "--quiet"
+    )
+    one_line_error(code, err, "train", "--train-steps 2", "already at step 4")
     assert digest(run) == before
 
 

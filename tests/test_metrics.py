@@ -11,7 +11,6 @@ import torch
 
 from demask.data import digits_images
 from demask.metrics import (
-    SAMPLE_QUALITY,
     causal_nll_fn,
     digits_classifier,
     digits_quality,
@@ -153,4 +152,3 @@ def test_text_quality_reports_entropy_next_to_perplexity():
         {"unigram_entropy_bits": 1.0, "gen_perplexity": 4.0, "reference_unigram_entropy_bits": 1.0}
     )
     assert set(text_quality(samples)) == {"unigram_entropy_bits"}
-    assert SAMPLE_QUALITY["text"] is text_quality and SAMPLE_QUALITY["image"] is digits_quality

@@ -41,7 +41,7 @@ def test_image_grid_size_and_pixels(tmp_path):
     np.testing.assert_allclose(_cell(img, 0, 2, 8, 8), 0.5, atol=1 / 255)
     np.testing.assert_allclose(img[0, 0], GRID_COLOUR, atol=1 / 255)  # separator
     np.testing.assert_allclose(img[-2, -2], GRID_COLOUR, atol=1 / 255)  # the empty 15th cell
-    assert not list(tmp_path.glob("sub/.grid.png*"))  # no temporary file left behind
+    assert [p.name for p in (tmp_path / "sub").iterdir()] == ["grid.png"]  # no temporary file
 
 
 def test_image_grid_from_floats_tokens_and_inverted(tmp_path):

@@ -1,5 +1,6 @@
 """Exact resume in one process: stopped after step s and resumed, a run repeats the uninterrupted
-run's later losses and ends with the same weights (RNG, data position, optimiser, LR restored).
+run's later losses and ends with the same weights (weights, optimiser and step restored; the data
+position, the LR and the RNG are functions of the step).
 The two-process version is in test_distributed.py."""
 
 from __future__ import annotations
@@ -12,7 +13,10 @@ from _train_worker import tiny_model, tiny_train
 
 from demask.checkpoint import load_checkpoint
 from demask.config import ModelConfig, TrainConfig
-from demask.train import train
+from demask.data import get_batch, get_dataset
+from demask.distributed import DistInfo
+from demask.train import train, train_step
+from demask.training_state import build_state, restore_training_state, save_training_state
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -58,3 +62,31 @@ def test_resume_can_extend_the_run(tmp_path):
     # resuming a finished run does no step and keeps its checkpoint
     again = train(m, more, resume=True)
     assert again.losses == {} and again.step == 5
+
+
+def test_a_saved_state_restores_into_the_same_state(tmp_path):
+    """save_training_state then restore_training_state into a state with other weights: the same
+    weights, optimiser state and step, so the next updates are the same, bit for bit."""
+    m = ModelConfig(**tiny_model("masked"))
+    t = TrainConfig(**tiny_train(tmp_path / "run", steps=6))
+    ds = get_dataset(t.data, "train", seq_len=m.seq_len, max_bytes=t.data_max_bytes)
+    state = build_state(m, t, DistInfo())
+    for s in (1, 2, 3):
+        train_step(state, get_batch(ds, s, t.batch_size, t.seed))
+    path = save_training_state(t.out, state)
+    other = build_state(m, t, DistInfo())
+    with torch.no_grad():
+        for p in other.model.parameters():
+            p.add_(1.0)
+    restore_training_state(path, other)
+    assert other.step == 3
+    a, b = state.model.state_dict(), other.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    sa, sb = state.optimizer.state_dict(), other.optimizer.state_dict()
+    groups = [[{**g, "betas": tuple(g["betas"])} for g in d["param_groups"]] for d in (sa, sb)]
+    assert groups[0] == groups[1] and sa["state"].keys() == sb["state"].keys()  # betas: a list
+    for i, moments in sa["state"].items():
+        assert all(torch.equal(v, sb["state"][i][k]) for k, v in moments.items())
+    for s in (4, 5):
+        batch = get_batch(ds, s, t.batch_size, t.seed)
+        assert train_step(state, batch).loss == train_step(other, batch).loss

@@ -21,14 +21,18 @@ from demask.config import (
     configs_to_json,
     register_model_kind,
 )
-from demask.evaluate import (
-    LIKELIHOODS,
-    autoregressive_bits,
-    likelihood_bits_per_token,
-    likelihood_sums,
-    register_likelihood,
+from demask.data import get_batch
+from demask.distributed import DistInfo
+from demask.evaluate import likelihood_bits_per_token, likelihood_sums
+from demask.train import (
+    NonFiniteLossError,
+    RunStatus,
+    StepStatus,
+    lr_at,
+    train,
+    train_step,
 )
-from demask.train import NonFiniteLossError, lr_at, param_groups, train
+from demask.training_state import build_state, param_groups
 
 param = pytest.mark.parametrize
 
@@ -202,6 +206,54 @@ def test_refuses_to_overwrite_and_checks_resume(tmp_path):
     assert res.step == 2
 
 
+# ------------------------------------------------------------------ the state and the step
+
+
+def _state_and_data(m, t):
+    from demask.data import get_dataset
+
+    ds = get_dataset(t.data, "train", seq_len=m.seq_len, max_bytes=t.data_max_bytes)
+    return build_state(m, t, DistInfo()), ds
+
+
+@param("kind", ["autoregressive", "masked"])
+def test_train_step_by_hand_repeats_train_and_leaves_the_rng_alone(tmp_path, kind):
+    m, t = run(tmp_path, model=tiny_model(kind), steps=3)
+    ref = train(m, t)
+    state, ds = _state_and_data(m, t)
+    torch.manual_seed(123)
+    rng = torch.get_rng_state()
+    for s in (1, 2, 3):
+        out = train_step(state, get_batch(ds, s, t.batch_size, t.seed))
+        assert out.status is StepStatus.UPDATED and state.step == s
+        assert out.loss == ref.losses[s] and out.lr == lr_at(s, t) and out.grad_norm > 0
+    assert torch.equal(torch.get_rng_state(), rng)  # the step's reseed is its own
+    saved = load_checkpoint(t.out).model.state_dict()
+    assert all(torch.equal(v, saved[k]) for k, v in state.model.state_dict().items())
+
+
+def test_a_stop_request_leaves_the_state_as_it_was(tmp_path):
+    m, t = run(tmp_path, steps=3)
+    state, ds = _state_and_data(m, t)
+    before = {k: v.clone() for k, v in state.model.state_dict().items()}
+    out = train_step(state, get_batch(ds, 1, t.batch_size, t.seed), stop=True)
+    assert out.status is StepStatus.STOPPED and state.step == 0
+    assert all(torch.equal(v, before[k]) for k, v in state.model.state_dict().items())
+    assert not state.optimizer.state and all(p.grad is None for p in state.model.parameters())
+
+
+def test_train_leaves_the_callers_rng_alone_and_reports_enum_statuses(tmp_path):
+    m, t = run(tmp_path, steps=2)
+    torch.manual_seed(7)
+    rng = torch.get_rng_state()
+    res = train(m, t)
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert res.status is RunStatus.FINISHED
+    assert str(res.status) == f"{res.status}" == json.loads(json.dumps(res.status)) == "finished"
+    stopped = train(m, TrainConfig(**{**t.to_dict(), "out": str(tmp_path / "s")}), stop_after=1)
+    assert stopped.status is RunStatus.STOPPED and stopped.step == 1
+
+
 # ------------------------------------------------------------------------------- NaN policy
 
 
@@ -213,6 +265,9 @@ class NaNAtStep(nn.Module):
     def __init__(self, inner: nn.Module):
         super().__init__()
         self.inner, self.net, self.calls = inner, inner.net, 0
+
+    def likelihood_bits(self, x, **options):  # the model contract, for validation
+        return self.inner.likelihood_bits(x, **options)
 
     def forward(self, x):
         self.calls += 1
@@ -238,11 +293,9 @@ def standins():
     ar = MODEL_BUILDERS["autoregressive"]
     register_model_kind("nan-test", lambda c: NaNAtStep(ar(c)))
     register_model_kind("inf-grad-test", lambda c: InfGradAtStep(ar(c)))
-    register_likelihood(NaNAtStep, lambda w, x, seed, **kw: autoregressive_bits(w.inner, x, seed))
     yield
     for kind in ("nan-test", "inf-grad-test"):
         MODEL_BUILDERS.pop(kind)
-    LIKELIHOODS.pop(NaNAtStep)
 
 
 def test_nan_loss_stops_without_a_checkpoint(tmp_path, standins):
@@ -304,7 +357,9 @@ def test_configs_round_trip_json():
             r"kind must be one of \[.*'masked'.*\], got 'diffusion'",
         ),
         (ModelConfig, {"dim": 0}, "dim must be >= 1, got 0"),
-        (ModelConfig, {"dim": 10, "heads": 3}, "heads must divide dim"),
+        # the constructors' own checks (heads need not divide dim: attn_dim_head is its own)
+        (ModelConfig, {"attn_kv_heads": 3}, "attn_kv_heads must divide heads=8, got 3"),
+        (ModelConfig, {"ff_glu": "yes"}, "ff_glu must be a bool, got str 'yes'"),
         (TrainConfig, {"lr": -1.0}, r"lr must be in \(0, inf\), got -1"),
         (TrainConfig, {"nan_policy": "ignore"}, "nan_policy must be one of"),
         (TrainConfig, {"batch_size": 2.5}, "batch_size must be an int, got float 2.5"),
@@ -384,7 +439,7 @@ def test_likelihood_is_deterministic_and_splits_over_ranks(kind):
 
 def test_likelihood_bad_input():
     model = build_model(ModelConfig(**tiny_model()))
-    with pytest.raises(TypeError, match="wrapper must be one of .* got Linear"):
+    with pytest.raises(TypeError, match="wrapper must have likelihood_bits .* got Linear"):
         likelihood_bits_per_token(nn.Linear(2, 2), _val_data(2), batch_size=2)
     with pytest.raises(ValueError, match="batch_size must be >= 1, got 0"):
         likelihood_bits_per_token(model, _val_data(2), batch_size=0)

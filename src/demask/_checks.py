@@ -66,7 +66,6 @@ def check_tokens(
     ndim: int | tuple[int, ...] = 2,
     seq_len: int | None = None,
     forbidden: int | None = None,
-    forbidden_name: str = "mask_id",
     ignore_index: int | None = None,
     nonempty: bool = False,
 ) -> Tensor:
@@ -75,8 +74,7 @@ def check_tokens(
     The dtype rule of the package: any integer dtype is accepted and converted to torch.long
     (a copy unless it already is long); bool, floating and complex tensors are refused. Use the
     returned tensor. ndim: the allowed number of dimensions; seq_len: the required size of the
-    last dimension; forbidden: a token id that must not occur (for example the mask id in
-    training data); ignore_index: a value exempt from the range check (a loss's ignored target);
+    last dimension; forbidden: the mask id, which must not occur (in training data); ignore_index: a value exempt from the range check (a loss's ignored target);
     nonempty: refuse a tensor without elements (an empty batch has no loss).
     """
     if not isinstance(x, Tensor):
@@ -106,7 +104,7 @@ def check_tokens(
                 f"{name} holds token ids in [{lo}, {hi}], expected ids in [0, {num_tokens - 1}]"
             )
         if forbidden is not None and bool((ids == forbidden).any()):
-            raise ValueError(f"{name} contains {forbidden_name}={forbidden}, which is reserved")
+            raise ValueError(f"{name} contains mask_id={forbidden}, which is reserved")
     return x
 
 

@@ -1,34 +1,34 @@
 """Checkpoints that survive being killed, and rebuilding a model from a checkpoint alone.
 
-Layout of a run folder:
+Layout of a run folder (checkpoint format 2):
 
     run/latest                           one line: "checkpoints/step_00000100" (written LAST)
     run/checkpoints/step_00000100/
-        model.safetensors                the weights (fp32); the configs also sit in its metadata
-        config.json                      {"format_version": 1, "model": ..., "train": ...}
-        state.pt                         optimiser state, step, RNG states (torch.save of a dict)
+        model.safetensors                the weights (fp32); its metadata holds the configs (the
+                                         checkpoint's one copy), the step and the format version
+        state.pt                         optimiser state and step (torch.save of a dict)
 
-Atomicity: a checkpoint is written into a temporary folder `checkpoints/.tmp-step_...` inside the
-run folder, every file is fsync'ed, the folder is renamed into place (`os.replace`, atomic on one
-file system), and only then is `latest` replaced (temporary file, fsync, `os.replace`). A process
-killed at any moment (SIGKILL included) leaves `latest` pointing at the previous, complete
-checkpoint; the stale temporary folder is removed by the next save. A write that fails (a full
-disk) removes its temporary folder and raises `runfolder.WriteError` naming the path and the free
-space. When `latest` is missing, the newest complete `step_*` is the run's checkpoint.
+Format 1 (demask before issue 13) also wrote the configs into a `config.json` beside the weights
+and RNG states into state.pt. Both still load: a folder's config.json is read where there is one,
+and RNG states are ignored (a run's randomness is a function of its seed and step, see
+`demask.train`, so nothing needs restoring).
+
+Atomicity: the checkpoint folder is written through `runfolder.atomic_write` (a temporary folder
+`checkpoints/.tmp-step_...` beside it, every file fsync'ed, renamed into place), and only then is
+`latest` replaced (the same writer). A process killed at any moment (SIGKILL included) leaves
+`latest` pointing at the previous, complete checkpoint; a stale temporary folder is removed by the
+next save. A write that fails (a full disk) removes its temporary folder and raises
+`runfolder.WriteError` naming the path and the free space. When `latest` is missing, the newest
+complete `step_*` is the run's checkpoint.
 
 Loading refuses weights that do not fit the config (listing the tensors) or hold NaN/inf values.
 The run folder's rules (what demask owns, the lock) are in `demask.runfolder`; saving and restoring
 a (distributed) training run is in `demask.training_state`.
-
-Test hook: `DEMASK_TEST_CHECKPOINT_SLEEP="STEP:SECONDS"` sleeps SECONDS between the files of the
-checkpoint of step >= STEP, so a test can kill a real process in the middle of a write.
 """
 
 from __future__ import annotations
 
-import os
 import shutil
-import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,20 +48,33 @@ from demask.runfolder import (
     TMP_PREFIX,
     WEIGHTS_FILE,
     CheckpointError,
+    atomic_write,
     atomic_write_text,
     clear_run,
-    fsync_dir,
     latest_checkpoint,
     read_latest,
     step_dir_name,
-    write_error,
 )
 
-__all__ = ["CheckpointError", "Checkpoint", "clear_run", "latest_checkpoint", "load_checkpoint",
-           "save_checkpoint", "resolve_checkpoint", "checkpoint_configs", "check_weights",
-           "read_configs", "read_state", "read_weights", "step_dir_name"]  # fmt: skip
+__all__ = [
+    "FORMAT_VERSION",
+    "CheckpointError",
+    "Checkpoint",
+    "clear_run",
+    "latest_checkpoint",
+    "load_checkpoint",
+    "save_checkpoint",
+    "resolve_checkpoint",
+    "checkpoint_configs",
+    "check_weights",
+    "read_configs",
+    "read_state",
+    "read_weights",
+    "step_dir_name",
+]
 
-_SLEEP_ENV = "DEMASK_TEST_CHECKPOINT_SLEEP"
+FORMAT_VERSION = 2  # of the checkpoint layout above; a reader refuses a newer one
+_FORMAT_KEY = "demask_format_version"  # in the weights' metadata; absent in format 1
 
 
 @dataclass
@@ -74,24 +87,6 @@ class Checkpoint:
     step: int
     path: Path  # the checkpoint folder
     state: dict[str, Any] | None = field(default=None, repr=False)  # state.pt, if asked for
-
-
-# ----------------------------------------------------------------------------------------------
-# low-level helpers
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb+") as f:
-        os.fsync(f.fileno())
-
-
-def _test_sleep(step: int) -> None:
-    spec = os.environ.get(_SLEEP_ENV)
-    if not spec:
-        return
-    from_step, seconds = spec.split(":")
-    if step >= int(from_step):
-        time.sleep(float(seconds))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -126,55 +121,34 @@ def save_checkpoint(
         )
     ckpts = run_dir / CHECKPOINTS_DIR
     final = ckpts / step_dir_name(step)
-    pointer = run_dir / LATEST_FILE
+    for stale in ckpts.glob(TMP_PREFIX + "*"):  # left by a writer that was killed
+        shutil.rmtree(stale, ignore_errors=True)
     try:
         current = read_latest(run_dir) == final
     except CheckpointError:  # a broken pointer: replaced below
         current = False
-    tmp: Path | None = None
-    try:
-        ckpts.mkdir(parents=True, exist_ok=True)
-        for stale in ckpts.glob(TMP_PREFIX + "*"):  # left by a writer that was killed
-            shutil.rmtree(stale, ignore_errors=True)
-        if not current:  # a same-step folder that `latest` does not name may be stale: rewrite it
-            tmp = ckpts / f"{TMP_PREFIX}{step_dir_name(step)}-{os.getpid()}"
-            tmp.mkdir()
-            _write_files(tmp, step, model_state, model_config, train_config, train_state)
-            if final.exists():  # not named by `latest`, so moving it away is safe at any moment
-                os.replace(final, ckpts / f"{TMP_PREFIX}old-{final.name}-{os.getpid()}")
-            os.replace(tmp, final)
-            tmp = None
-            fsync_dir(ckpts)
-    except BaseException as err:  # a full disk, a kill signal...: leave no temporary files
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(err, OSError):
-            raise write_error(final, err) from None
-        raise
-    atomic_write_text(pointer, f"{CHECKPOINTS_DIR}/{final.name}\n")
+    if not current:  # a same-step folder that `latest` does not name may be stale: rewrite it
+        meta = {
+            "format": "pt",
+            "demask_config": configs_to_json(model_config, train_config),
+            "demask_step": str(step),
+            _FORMAT_KEY: str(FORMAT_VERSION),
+        }
+        state = {**(train_state or {}), "step": step}
+        atomic_write(final, lambda tmp: _write_folder(tmp, model_state, meta, state))
+    atomic_write_text(run_dir / LATEST_FILE, f"{CHECKPOINTS_DIR}/{final.name}\n")
     _prune(ckpts, keep=keep, current=final)
-    for old in ckpts.glob(f"{TMP_PREFIX}old-*"):
-        shutil.rmtree(old, ignore_errors=True)
     return final
 
 
-def _write_files(tmp: Path, step: int, model_state: dict[str, Tensor], model_config: ModelConfig,
-                 train_config: TrainConfig | None, train_state: dict[str, Any] | None) -> None:  # fmt: skip
-    cfg_json = configs_to_json(model_config, train_config)
+def _write_folder(
+    folder: Path, model_state: dict[str, Tensor], meta: dict[str, str], state: dict[str, Any]
+) -> None:
+    folder.mkdir()
     # clone: safetensors refuses shared storage (tied embeddings) and views
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in model_state.items()}
-    meta = {"format": "pt", "demask_config": cfg_json, "demask_step": str(step)}
-    save_file(tensors, str(tmp / WEIGHTS_FILE), metadata=meta)
-    _fsync_file(tmp / WEIGHTS_FILE)
-    _test_sleep(step)
-    (tmp / CONFIG_FILE).write_text(cfg_json + "\n")
-    _fsync_file(tmp / CONFIG_FILE)
-    _test_sleep(step)
-    state = dict(train_state or {})
-    state["step"] = step
-    torch.save(state, tmp / STATE_FILE)
-    _fsync_file(tmp / STATE_FILE)
-    fsync_dir(tmp)
+    save_file(tensors, str(folder / WEIGHTS_FILE), metadata=meta)
+    torch.save(state, folder / STATE_FILE)
 
 
 def _prune(ckpts: Path, *, keep: int, current: Path) -> None:
@@ -235,32 +209,28 @@ def read_weights(
     return tensors, meta
 
 
-def _configs_of(weights: Path, meta: dict[str, str]) -> tuple[ModelConfig, TrainConfig | None]:
-    """The configs of a weights file: its folder's config.json for a model.safetensors, else the
-    file's own metadata (a file renamed or copied out of its folder carries its config along)."""
-    if weights.name == WEIGHTS_FILE:
-        return read_configs(weights.parent, meta)
-    if "demask_config" not in meta:
+def read_configs(weights: Path, meta: dict[str, str]) -> tuple[ModelConfig, TrainConfig | None]:
+    """The configs of a weights file: the config.json beside a format-1 model.safetensors, else
+    the file's own metadata (so a file renamed or copied out of its folder carries them along)."""
+    version = meta.get(_FORMAT_KEY, "1")
+    if not version.isdigit() or int(version) > FORMAT_VERSION:
+        raise CheckpointError(
+            f"checkpoint {str(weights)!r} has format version {version!r}; this demask reads "
+            f"versions 1 to {FORMAT_VERSION} (upgrade demask to load a newer one)"
+        )
+    cfg_file = weights.parent / CONFIG_FILE
+    format_1 = weights.name == WEIGHTS_FILE and cfg_file.is_file()
+    if not format_1 and "demask_config" not in meta:
         raise CheckpointError(
             f"checkpoint {str(weights)!r} holds no demask config in its metadata; expected a "
-            f"weights file written by demask, or the checkpoint folder with its {CONFIG_FILE}"
+            "weights file written by demask"
         )
-    return read_configs(None, meta, what=str(weights))
-
-
-def read_configs(
-    ckpt_dir: Path | None, meta: dict[str, str], what: str | None = None
-) -> tuple[ModelConfig, TrainConfig | None]:
-    """The configs of a checkpoint: config.json, or the weights' metadata when it is missing."""
-    cfg_file = None if ckpt_dir is None else ckpt_dir / CONFIG_FILE
+    where = str(cfg_file if format_1 else weights)
     try:
-        if cfg_file is not None and cfg_file.is_file():
-            what = str(cfg_file)
-            return configs_from_json(cfg_file.read_text(encoding="utf-8"))
-        return configs_from_json(meta["demask_config"])
-    except (KeyError, ValueError, TypeError) as err:
+        text = cfg_file.read_text(encoding="utf-8") if format_1 else meta["demask_config"]
+        return configs_from_json(text)
+    except (KeyError, ValueError, TypeError, OSError) as err:
         msg = str(err).splitlines()[0] if str(err) else type(err).__name__
-        where = what or str(ckpt_dir)
         raise CheckpointError(f"checkpoint {where!r} has no valid config: {msg}") from None
 
 
@@ -270,8 +240,11 @@ def check_weights(model: nn.Module, weights: dict[str, Tensor], where: str | Pat
     expected = model.state_dict()
     missing = sorted(set(expected) - set(weights))
     unexpected = sorted(set(weights) - set(expected))
-    reshaped = {k: (tuple(weights[k].shape), tuple(v.shape)) for k, v in expected.items()
-                if k in weights and weights[k].shape != v.shape}  # fmt: skip
+    reshaped = {
+        k: (tuple(weights[k].shape), tuple(v.shape))
+        for k, v in expected.items()
+        if k in weights and weights[k].shape != v.shape
+    }
     problems = []
     if missing:
         problems.append(f"missing tensors {missing[:5]}" + (" ..." if len(missing) > 5 else ""))
@@ -330,13 +303,13 @@ def load_checkpoint(
     path: a run folder (its `latest` checkpoint), a checkpoint folder, or a weights file (that
     file, with the config in its metadata unless it is the folder's model.safetensors).
     kind: when given, the checkpoint must hold this model kind ("masked" | "autoregressive").
-    with_state: also read state.pt (optimiser and RNG states) into `Checkpoint.state`.
+    with_state: also read state.pt (optimiser state, step) into `Checkpoint.state`.
     Raises CheckpointError (a ValueError, one line) when the checkpoint is missing, corrupt, holds
     NaN/inf weights or another kind. The model is returned in eval mode on `map_location`.
     """
     ckpt_dir, weights_file = _resolve(path)
     weights, meta = read_weights(weights_file)
-    model_config, train_config = _configs_of(weights_file, meta)
+    model_config, train_config = read_configs(weights_file, meta)
     if kind is not None and model_config.kind != kind:
         raise CheckpointError(
             f"checkpoint {str(ckpt_dir)!r} holds a {model_config.kind!r} model, expected {kind!r}"
@@ -359,5 +332,5 @@ def checkpoint_configs(path: str | Path) -> tuple[ModelConfig, TrainConfig | Non
     `demask train --resume`, which starts from the saved configs and overrides a few fields."""
     _, weights_file = _resolve(path)
     _, meta = read_weights(weights_file, tensors_too=False)
-    model_config, train_config = _configs_of(weights_file, meta)
+    model_config, train_config = read_configs(weights_file, meta)
     return model_config, train_config, int(meta.get("demask_step", -1))

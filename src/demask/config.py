@@ -1,30 +1,39 @@
 """Run configuration: what model to build (`ModelConfig`) and how to train it (`TrainConfig`).
 
-Both are plain dataclasses with one comment per field, validated on construction with
-`demask._checks`, and round-trip through JSON (`to_dict` / `from_dict`, `save_configs` /
-`load_configs`). A checkpoint stores both, so `build_model(model_config)` rebuilds the exact
-network from the checkpoint alone.
+Both are plain dataclasses with one comment per field, validated on construction, and round-trip
+through JSON (`to_dict` / `from_dict`, `save_configs` / `load_configs`). A checkpoint stores both,
+so `build_model(model_config)` rebuilds the exact network from the checkpoint alone.
 
-`build_model` looks the builder up in `MODEL_BUILDERS`, a registry keyed by `ModelConfig.kind`
-("masked" -> NonAutoregressiveWrapper around an Encoder, "autoregressive" -> AutoregressiveWrapper
-around a Decoder). A new model kind is one builder function plus `register_model_kind(...)`.
+`ModelConfig`'s fields carry the constructors' own names and defaults: a field named like a
+parameter of `Encoder`/`Decoder` (AttentionLayers), `TransformerWrapper` or a wrapper takes that
+parameter's default from the constructor's signature (`seed_default`), and the constructors'
+own checks validate it (the model is built once on the meta device). Only what no constructor
+says is written here: the kind, the data's vocabulary and length, the width and depth, and the
+mask id and token critic of a masked model.
+
+`build_model` looks the builder up in `MODEL_BUILDERS` (kind name -> builder, one line per kind:
+the wrapper's `from_config`). A new model kind is a wrapper with the methods of
+`demask.wrappers.contract.ModelContract` plus `register_model_kind(name, Wrapper.from_config)`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+import torch
 from torch import nn
 
 from demask._checks import check_choice, check_float, check_int, reject_unknown_kwargs
-
-if TYPE_CHECKING:
-    from demask.model import TransformerWrapper
+from demask._config_fields import check_types, deprecated_names, seed_default
+from demask.model import TransformerWrapper
+from demask.model.transformer import AttentionLayers
+from demask.wrappers import AutoregressiveWrapper, NonAutoregressiveWrapper
 
 # ----------------------------------------------------------------------------------------------
 # the model registry
@@ -39,10 +48,16 @@ def register_model_kind(kind: str, builder: ModelBuilder) -> ModelBuilder:
     return builder
 
 
-def _check_bool(name: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
-    return value
+# the constructors whose parameters ModelConfig's fields mirror, in the order they are built
+CONSTRUCTORS: tuple[Callable[..., Any], ...] = (
+    AttentionLayers.__init__,
+    TransformerWrapper.__init__,
+    NonAutoregressiveWrapper.__init__,
+    AutoregressiveWrapper.__init__,
+)
+
+
+_LAYERS, _NET, _MASKED, _AR = CONSTRUCTORS
 
 
 # ----------------------------------------------------------------------------------------------
@@ -55,77 +70,86 @@ class ModelConfig:
 
     kind: str = "masked"  # a key of MODEL_BUILDERS: "masked" | "autoregressive"
     num_tokens: int = 256  # vocabulary of the DATA; a masked net gets one more embedding (the mask)
-    seq_len: int = 64  # sequence length; the net's max_seq_len
+    max_seq_len: int = 64  # sequence length of the data and the net
+    # --- the backbone: Encoder (masked) / Decoder (AR) ---
     dim: int = 128  # model width
     depth: int = 4  # transformer blocks
-    heads: int = 4  # attention heads
-    dim_head: int | None = None  # width of one head; None -> dim // heads
-    ff_mult: int = 4  # feed-forward hidden width = ff_mult * dim
-    dropout: float = 0.0  # attention and feed-forward dropout (0 keeps DDP runs exactly equivalent)
-    rotary: bool = False  # rotary position embeddings instead of learned absolute ones
-    tie_embedding: bool = False  # share the token embedding with the output projection
-    # --- (masked) NonAutoregressiveWrapper options, seed defaults ---
-    schedule: str = "linear"  # masking schedule name (linear | cosine | ...)
-    steps: int = 18  # demasking steps at generation time
+    heads: int = seed_default(_LAYERS, "heads")  # attention heads
+    attn_dim_head: int = seed_default(_LAYERS, "attn_dim_head")  # width of one head
+    attn_kv_heads: int | None = seed_default(_LAYERS, "attn_kv_heads")  # grouped-query: K/V heads
+    attn_qk_norm: bool = seed_default(_LAYERS, "attn_qk_norm")  # normalised queries and keys
+    attn_dropout: float = seed_default(_LAYERS, "attn_dropout")  # dropout on attention weights
+    ff_dropout: float = seed_default(_LAYERS, "ff_dropout")  # dropout inside the feed-forward
+    ff_mult: float = seed_default(_LAYERS, "ff_mult")  # feed-forward hidden width = ff_mult * dim
+    ff_glu: bool = seed_default(_LAYERS, "ff_glu")  # gated feed-forward (GEGLU)
+    ff_swish: bool = seed_default(_LAYERS, "ff_swish")  # SiLU activation (SwiGLU with ff_glu)
+    use_rmsnorm: bool = seed_default(_LAYERS, "use_rmsnorm")  # RMSNorm instead of LayerNorm
+    rotary_pos_emb: bool = seed_default(_LAYERS, "rotary_pos_emb")  # rotary positions
+    rotary_emb_dim: int | None = seed_default(_LAYERS, "rotary_emb_dim")  # rotated channels
+    attn_z_loss_weight: float = seed_default(_LAYERS, "attn_z_loss_weight")  # with add_attn_z_loss
+    # --- the backbone: TransformerWrapper ---
+    emb_dim: int | None = seed_default(_NET, "emb_dim")  # token embedding width (None: dim)
+    emb_dropout: float = seed_default(_NET, "emb_dropout")  # dropout on the input embeddings
+    tie_embedding: bool = seed_default(_NET, "tie_embedding")  # share embedding and output
+    use_abs_pos_emb: bool = seed_default(_NET, "use_abs_pos_emb")  # learned positions (no rotary)
+    post_emb_norm: bool = seed_default(_NET, "post_emb_norm")  # normalise the embeddings
+    add_continuous_pred_head: bool = seed_default(_NET, "add_continuous_pred_head")  # (AR)
+    # --- (masked) NonAutoregressiveWrapper ---
     mask_id: int | None = None  # id of the mask token; None -> num_tokens (an extra embedding)
-    self_cond: bool = False  # self-conditioning on the previous prediction's embeddings
-    self_cond_train_prob: float = 0.75  # how often self-conditioning is used in training
-    no_replace_prob: float = 0.15  # BERT: share of masked positions shown unchanged
-    random_token_prob: float = 0.1  # BERT: share of masked positions shown as a random token
-    can_mask_prev_unmasked: bool = False  # generation may re-mask tokens unmasked earlier
-    use_simple_mdlm_loss_weight: bool = True  # MDLM weight alpha'(t) / (1 - alpha(t)) on the loss
-    cond_drop_prob: float = 0.0  # share of training rows whose condition is dropped (guidance)
-    cond_prefix_len: int = 0  # leading condition tokens (1: a class token); never masked
-    # --- (AR) AutoregressiveWrapper options ---
-    mask_prob: float = 0.0  # (AR) share of input tokens masked in training (arXiv:2210.13432)
-    add_attn_z_loss: bool = False  # (AR) add the attention z-loss to the training loss
+    steps: int = seed_default(_MASKED, "steps")  # demasking steps at generation time
+    self_cond: bool = seed_default(_MASKED, "self_cond")  # self-conditioning on embeddings
+    # how often training uses self-conditioning
+    self_cond_train_prob: float = seed_default(_MASKED, "self_cond_train_prob")
+    no_replace_prob: float = seed_default(_MASKED, "no_replace_prob")  # BERT: shown unchanged
+    random_token_prob: float = seed_default(_MASKED, "random_token_prob")  # BERT: random token
+    schedule: str = seed_default(_MASKED, "schedule")  # masking schedule (linear | cosine)
+    # generation may re-mask tokens it revealed earlier
+    can_mask_prev_unmasked: bool = seed_default(_MASKED, "can_mask_prev_unmasked")
+    token_critic: bool = False  # a separate critic net like the backbone (the seed: a module)
+    self_token_critic: bool = seed_default(_MASKED, "self_token_critic")  # a critic head
+    # weight of the critic's binary loss
+    critic_loss_weight: float = seed_default(_MASKED, "critic_loss_weight")
+    # the MDLM loss (a NELBO estimate); off: MaskGIT's mean cross-entropy
+    use_simple_mdlm_loss_weight: bool = seed_default(_MASKED, "use_simple_mdlm_loss_weight")
+    cond_drop_prob: float = seed_default(_MASKED, "cond_drop_prob")  # rows without condition
+    cond_prefix_len: int = seed_default(_MASKED, "cond_prefix_len")  # leading condition tokens
+    # --- (AR) AutoregressiveWrapper ---
+    ignore_index: int = seed_default(_AR, "ignore_index")  # target id left out of the loss
+    pad_value: int = seed_default(_AR, "pad_value")  # written after EOS, left-pads prompts
+    mask_prob: float = seed_default(_AR, "mask_prob")  # forgetful causal masking in training
+    add_attn_z_loss: bool = seed_default(_AR, "add_attn_z_loss")  # add the attention z-loss
+    # weight of the next-embedding loss (with add_continuous_pred_head)
+    next_embed_loss_weight: float = seed_default(_AR, "next_embed_loss_weight")
 
     def __post_init__(self) -> None:
+        check_types(self)
         check_choice("kind", self.kind, MODEL_BUILDERS)
         check_int("num_tokens", self.num_tokens, min=2)
-        check_int("seq_len", self.seq_len, min=2)
-        check_int("dim", self.dim, min=1)
-        check_int("depth", self.depth, min=1)
-        check_int("heads", self.heads, min=1)
-        if self.dim_head is not None:
-            check_int("dim_head", self.dim_head, min=1)
-        elif self.dim % self.heads:
-            raise ValueError(
-                f"heads must divide dim when dim_head is None, got dim={self.dim}, "
-                f"heads={self.heads}; set dim_head or pick heads dividing dim"
-            )
-        check_int("ff_mult", self.ff_mult, min=1)
-        check_float("dropout", self.dropout, min=0.0, max=1.0, max_inclusive=False)
-        check_int("steps", self.steps, min=1)
+        check_int("max_seq_len", self.max_seq_len, min=2)
         if self.mask_id is not None:
             check_int("mask_id", self.mask_id, min=0)
-        check_float("self_cond_train_prob", self.self_cond_train_prob, min=0.0, max=1.0)
-        check_float("no_replace_prob", self.no_replace_prob, min=0.0, max=1.0)
-        check_float("random_token_prob", self.random_token_prob, min=0.0, max=1.0)
-        check_float("mask_prob", self.mask_prob, min=0.0, max=1.0, max_inclusive=False)
-        check_float("cond_drop_prob", self.cond_drop_prob, min=0.0, max=1.0)
-        check_int("cond_prefix_len", self.cond_prefix_len, min=0, max=self.seq_len - 1)
-        for name in (
-            "rotary",
-            "tie_embedding",
-            "self_cond",
-            "can_mask_prev_unmasked",
-            "use_simple_mdlm_loss_weight",
-            "add_attn_z_loss",
-        ):
-            _check_bool(name, getattr(self, name))
-        if not isinstance(self.schedule, str):
-            raise TypeError(f"schedule must be a str, got {type(self.schedule).__name__}")
+        with torch.device("meta"):  # the constructors' own checks, without allocating weights
+            build_model(self)
 
     @property
-    def head_dim(self) -> int:
-        """The width of one attention head."""
-        return self.dim_head if self.dim_head is not None else self.dim // self.heads
+    def seq_len(self) -> int:
+        """The length of the data's sequences (= max_seq_len)."""
+        return self.max_seq_len
 
-    @property
-    def resolved_mask_id(self) -> int:
-        """The mask token id of a masked model (num_tokens unless given)."""
-        return self.num_tokens if self.mask_id is None else self.mask_id
+    def arguments(self, constructor: Any, **overrides: Any) -> dict[str, Any]:
+        """The keyword arguments of `constructor` (a class or function) that are fields here,
+        with `overrides` (which also add arguments)."""
+        names = inspect.signature(constructor).parameters
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name in names}
+        out.update(overrides)
+        return out
+
+    def backbone(self, layers: type, **overrides: Any) -> TransformerWrapper:
+        """The TransformerWrapper of this config around `layers` (Encoder or Decoder); overrides
+        go to the TransformerWrapper (num_tokens, logits_dim, ...)."""
+        attn_layers = layers(**self.arguments(AttentionLayers))
+        return TransformerWrapper(attn_layers=attn_layers, **self.arguments(TransformerWrapper,
+                                                                          **overrides))  # fmt: skip
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -133,6 +157,11 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
         return _from_dict(cls, data)
+
+
+deprecated_names(
+    ModelConfig, {"seq_len": "max_seq_len", "rotary": "rotary_pos_emb", "dim_head": "attn_dim_head"}
+)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -149,7 +178,7 @@ class TrainConfig:
     data: str = "digits"  # dataset spec for demask.data.get_dataset: digits | python-stdlib | PATH
     data_max_bytes: int | None = None  # text data: keep at most this many bytes per split
     out: str = "runs/demask"  # run folder: checkpoints, config.json, metrics.jsonl
-    steps: int = 2000  # total optimiser steps (the LR schedule spans these)
+    max_steps: int = 2000  # total optimiser steps (the LR schedule spans these)
     batch_size: int = 32  # sequences per step per process
     lr: float = 3e-4  # peak learning rate (AdamW)
     warmup_steps: int = 100  # linear warm-up from 0 to lr over these steps
@@ -173,13 +202,14 @@ class TrainConfig:
     progress: bool = True  # tqdm bar on rank 0 (also off when stderr is not a terminal)
 
     def __post_init__(self) -> None:
+        check_types(self)
         for name in ("data", "out", "device"):
             value = getattr(self, name)
             if not isinstance(value, str) or not value:
                 raise ValueError(f"{name} must be a non-empty str, got {value!r}")
         if self.data_max_bytes is not None:
             check_int("data_max_bytes", self.data_max_bytes, min=1)
-        check_int("steps", self.steps, min=1)
+        check_int("max_steps", self.max_steps, min=1)
         check_int("batch_size", self.batch_size, min=1)
         check_float("lr", self.lr, min=0.0, min_inclusive=False)
         check_int("warmup_steps", self.warmup_steps, min=0)
@@ -189,8 +219,6 @@ class TrainConfig:
         check_float("beta2", self.beta2, min=0.0, max=1.0, max_inclusive=False)
         check_float("grad_clip", self.grad_clip, min=0.0)
         check_int("seed", self.seed, min=0, max=MAX_SEED)
-        for name in ("bf16", "compile", "fsdp", "progress"):
-            _check_bool(name, getattr(self, name))
         check_int("log_every", self.log_every, min=1)
         check_int("val_every", self.val_every, min=0)
         check_int("val_batches", self.val_batches, min=1)
@@ -198,6 +226,11 @@ class TrainConfig:
         check_int("checkpoint_every", self.checkpoint_every, min=0)
         check_int("keep_checkpoints", self.keep_checkpoints, min=1)
         check_choice("nan_policy", self.nan_policy, NAN_POLICIES)
+
+    @property
+    def steps(self) -> int:
+        """Deprecated name of max_steps."""
+        return self.max_steps
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -207,10 +240,13 @@ class TrainConfig:
         return _from_dict(cls, data)
 
 
+deprecated_names(TrainConfig, {"steps": "max_steps"})
+
+
 def _from_dict(cls: Any, data: dict[str, Any]) -> Any:
     if not isinstance(data, dict):
         raise TypeError(f"{cls.__name__} data must be a dict, got {type(data).__name__}")
-    names = {f.name for f in dataclasses.fields(cls)}
+    names = {f.name for f in dataclasses.fields(cls)} | set(cls.deprecated_names)
     reject_unknown_kwargs(cls.__name__, {k: v for k, v in data.items() if k not in names})
     return cls(**data)
 
@@ -219,15 +255,59 @@ def _from_dict(cls: Any, data: dict[str, Any]) -> Any:
 # JSON
 
 
-# Version of the JSON layout below; a reader refuses a newer one. Files written before versions
-# existed have no "format_version" and are read as version 1 (the same layout).
-CONFIG_FORMAT_VERSION = 1
+# Version of the JSON layout below; a reader refuses a newer one and migrates an older one
+# (`MIGRATIONS`). Files written before versions existed have no "format_version" and are read as
+# version 1. Version 2 named the fields after the constructors' parameters.
+CONFIG_FORMAT_VERSION = 2
 _CONFIG_ENTRIES = ("format_version", "model", "train")
+
+# format version 1: the model fields, and what it built for the options it did not record
+V1_MODEL_FIELDS = (
+    "kind", "num_tokens", "seq_len", "dim", "depth", "heads", "dim_head", "ff_mult", "dropout",
+    "rotary", "tie_embedding", "schedule", "steps", "mask_id", "self_cond", "self_cond_train_prob",
+    "no_replace_prob", "random_token_prob", "can_mask_prev_unmasked",
+    "use_simple_mdlm_loss_weight", "cond_drop_prob", "cond_prefix_len", "mask_prob",
+    "add_attn_z_loss",
+)  # fmt: skip
+V1_IMPLIED: dict[str, Any] = {
+    "attn_kv_heads": None, "attn_qk_norm": False, "ff_glu": False, "ff_swish": False,
+    "use_rmsnorm": False, "rotary_emb_dim": None, "attn_z_loss_weight": 1e-4, "emb_dim": None,
+    "emb_dropout": 0.0, "use_abs_pos_emb": True, "post_emb_norm": False,
+    "add_continuous_pred_head": False, "token_critic": False, "self_token_critic": False,
+    "critic_loss_weight": 1.0, "ignore_index": -100, "pad_value": 0,
+    "next_embed_loss_weight": 0.1,
+}  # fmt: skip
+
+
+def _migrate_v1(payload: dict[str, Any]) -> dict[str, Any]:
+    """Format 1 -> 2: fields renamed to the constructors' names; the head width recorded (v1's
+    dim_head None meant dim // heads); one dropout split in two; the rest as v1 built it."""
+    model = payload.get("model")
+    if isinstance(model, dict):
+        missing = [k for k in V1_MODEL_FIELDS if k not in model]
+        if missing:
+            raise ValueError(f'config JSON "model" is missing {missing}; expected every field')
+        model = dict(model)
+        dim, heads, dim_head = model["dim"], model["heads"], model.pop("dim_head")
+        if dim_head is None and isinstance(dim, int) and isinstance(heads, int) and heads > 0:
+            dim_head = dim // heads
+        dropout = model.pop("dropout")
+        model.update(max_seq_len=model.pop("seq_len"), rotary_pos_emb=model.pop("rotary"),
+                     attn_dim_head=dim_head, attn_dropout=dropout, ff_dropout=dropout)  # fmt: skip
+        model = {**V1_IMPLIED, **model}
+    train = payload.get("train")
+    if isinstance(train, dict) and "steps" in train:
+        train = {("max_steps" if k == "steps" else k): v for k, v in train.items()}
+    return {**payload, "model": model, "train": train, "format_version": 2}
+
+
+# format version v -> the function that turns a payload of version v into one of version v + 1
+MIGRATIONS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {1: _migrate_v1}
 
 
 def configs_to_json(model: ModelConfig, train: TrainConfig | None = None) -> str:
     """Both configs as one JSON document:
-    {"format_version": 1, "model": {...}, "train": {...} | null}."""
+    {"format_version": 2, "model": {...}, "train": {...} | null}."""
     payload = {
         "format_version": CONFIG_FORMAT_VERSION,
         "model": model.to_dict(),
@@ -248,8 +328,8 @@ def _section(cls: Any, name: str, data: Any) -> Any:
 
 
 def configs_from_json(text: str) -> tuple[ModelConfig, TrainConfig | None]:
-    """Inverse of `configs_to_json`. Refuses (ValueError) a newer format version, unknown or
-    missing entries and fields: nothing falls back to a default."""
+    """Inverse of `configs_to_json`; migrates older format versions. Refuses (ValueError) a newer
+    format version, unknown or missing entries and fields: nothing falls back to a default."""
     payload = json.loads(text)
     if not isinstance(payload, dict):
         raise ValueError(
@@ -266,6 +346,9 @@ def configs_from_json(text: str) -> tuple[ModelConfig, TrainConfig | None]:
         )
     unknown = sorted(set(payload) - set(_CONFIG_ENTRIES))
     missing = [k for k in ("model", "train") if k not in payload]
+    if not (unknown or missing):
+        while version < CONFIG_FORMAT_VERSION:
+            payload, version = MIGRATIONS[version](payload), version + 1
     if unknown or missing:
         found = (f"unknown entries {unknown}" if unknown else "") + (
             f"{' and ' if unknown else ''}no {missing} entries" if missing else ""
@@ -298,67 +381,14 @@ def load_configs(path: str | Path) -> tuple[ModelConfig, TrainConfig | None]:
 
 
 def build_model(config: ModelConfig) -> nn.Module:
-    """The wrapper (NonAutoregressiveWrapper / AutoregressiveWrapper / a registered kind) for
-    `config`, with freshly initialised weights (seed torch beforehand for reproducibility)."""
+    """The wrapper of `config.kind` (NonAutoregressiveWrapper, AutoregressiveWrapper or a
+    registered kind), with freshly initialised weights (seed torch beforehand to repeat them)."""
     if not isinstance(config, ModelConfig):
         raise TypeError(f"config must be a ModelConfig, got {type(config).__name__}")
     check_choice("kind", config.kind, MODEL_BUILDERS)
     return MODEL_BUILDERS[config.kind](config)
 
 
-def _net(c: ModelConfig, layers: type, num_tokens: int) -> TransformerWrapper:
-    """The backbone both kinds share: `layers` is Encoder (masked) or Decoder (autoregressive)."""
-    from demask.model import TransformerWrapper
-
-    attn_layers = layers(
-        dim=c.dim,
-        depth=c.depth,
-        heads=c.heads,
-        attn_dim_head=c.head_dim,
-        ff_mult=c.ff_mult,
-        attn_dropout=c.dropout,
-        ff_dropout=c.dropout,
-        rotary_pos_emb=c.rotary,
-    )
-    return TransformerWrapper(
-        num_tokens=num_tokens,
-        max_seq_len=c.seq_len,
-        attn_layers=attn_layers,
-        tie_embedding=c.tie_embedding,
-        use_abs_pos_emb=not c.rotary,
-    )
-
-
-def _build_masked(c: ModelConfig) -> nn.Module:
-    from demask.model import Encoder
-    from demask.wrappers import NonAutoregressiveWrapper
-
-    mask_id = c.resolved_mask_id
-    # the data's tokens plus the mask token
-    net = _net(c, Encoder, num_tokens=max(c.num_tokens, mask_id) + 1)
-    return NonAutoregressiveWrapper(
-        net,
-        mask_id=mask_id,
-        steps=c.steps,
-        self_cond=c.self_cond,
-        self_cond_train_prob=c.self_cond_train_prob,
-        no_replace_prob=c.no_replace_prob,
-        random_token_prob=c.random_token_prob,
-        schedule=c.schedule,
-        can_mask_prev_unmasked=c.can_mask_prev_unmasked,
-        use_simple_mdlm_loss_weight=c.use_simple_mdlm_loss_weight,
-        cond_drop_prob=c.cond_drop_prob,
-        cond_prefix_len=c.cond_prefix_len,
-    )
-
-
-def _build_autoregressive(c: ModelConfig) -> nn.Module:
-    from demask.model import Decoder
-    from demask.wrappers import AutoregressiveWrapper
-
-    net = _net(c, Decoder, num_tokens=c.num_tokens)
-    return AutoregressiveWrapper(net, mask_prob=c.mask_prob, add_attn_z_loss=c.add_attn_z_loss)
-
-
-register_model_kind("masked", _build_masked)
-register_model_kind("autoregressive", _build_autoregressive)
+# one line per kind: the kind's name -> the wrapper's builder
+register_model_kind(NonAutoregressiveWrapper.kind, NonAutoregressiveWrapper.from_config)
+register_model_kind(AutoregressiveWrapper.kind, AutoregressiveWrapper.from_config)

@@ -11,83 +11,44 @@ Batches are fixed: global batch j holds examples [j*batch_size, (j+1)*batch_size
 and rank r takes the batches j with j % world_size == r. Ranks sum bits and token counts and the
 sums are all-reduced (not a mean of means), so the result does not depend on world_size.
 
-A new wrapper class is supported by `register_likelihood(cls, fn)`, fn(wrapper, x, seed,
-**options) -> (bits summed over the batch, number of tokens scored); options: num_times.
+The bits come from the model contract, `wrapper.likelihood_bits(x, num_times=...)`
+(demask.wrappers.contract), run under a forked RNG seeded per batch.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Callable, Sized
+from collections.abc import Sized
 from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from demask._checks import check_int
 from demask.modes import eval_mode
 
-LikelihoodFn = Callable[..., tuple[Tensor, int]]  # fn(wrapper, x, seed, **options)
-LIKELIHOODS: dict[type, LikelihoodFn] = {}
-_LN2 = math.log(2.0)
 
-
-def register_likelihood(cls: type, fn: LikelihoodFn) -> LikelihoodFn:
-    """Use `fn` for wrappers of class `cls` (and its subclasses)."""
-    LIKELIHOODS[cls] = fn
+def _likelihood_bits(wrapper: Any) -> Any:
+    fn = getattr(wrapper, "likelihood_bits", None)
+    if not callable(fn):
+        raise TypeError(
+            "wrapper must have likelihood_bits (demask.wrappers.contract.ModelContract), got "
+            f"{type(wrapper).__name__}"
+        )
     return fn
 
 
-def masked_bits(
+def batch_bits(
     wrapper: nn.Module, x: Tensor, seed: int, num_times: int | None = None
 ) -> tuple[Tensor, int]:
-    """NELBO bits summed over the batch x (B, N), with the wrapper's noise seeded by `seed`.
-    num_times: diffusion times per sequence (None: the wrapper's default)."""
-    kwargs = {} if num_times is None else {"num_times": num_times}
+    """(bits summed over the batch x (B, N), tokens scored), with the model's noise (a masked
+    model's diffusion times and masks) drawn from the global RNG seeded by `seed` and restored
+    after."""
+    fn = _likelihood_bits(wrapper)
     with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
         torch.manual_seed(seed)
-        bits = wrapper.nelbo(x, **kwargs)  # type: ignore[operator]  # bits per token: a scalar (batch mean) or (B,) per sequence
-    total = bits * x.numel() if bits.ndim == 0 else bits.sum() * x.shape[1]
-    return total.double(), x.numel()
-
-
-def autoregressive_bits(wrapper: nn.Module, x: Tensor, seed: int, **_: Any) -> tuple[Tensor, int]:
-    """Exact NLL bits of x[:, 1:] given the prefix, summed over the batch x (B, N)."""
-    logits = wrapper.net(x[:, :-1])  # type: ignore[operator]  # (B, N-1, V)
-    nats = F.cross_entropy(
-        logits.float().reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="sum"
-    )
-    return nats.double() / _LN2, x[:, 1:].numel()
-
-
-_DEFAULTS: dict[str, LikelihoodFn] = {
-    "NonAutoregressiveWrapper": masked_bits,
-    "AutoregressiveWrapper": autoregressive_bits,
-}
-
-
-def _default_registry() -> None:
-    import demask.wrappers as wrappers
-
-    for name, fn in _DEFAULTS.items():
-        cls = getattr(wrappers, name, None)
-        if cls is not None:
-            LIKELIHOODS.setdefault(cls, fn)
-
-
-def _likelihood_fn(wrapper: nn.Module) -> LikelihoodFn:
-    with contextlib.suppress(ImportError):  # wrappers are optional for registered stand-ins
-        _default_registry()
-    for cls in type(wrapper).__mro__:
-        if cls in LIKELIHOODS:
-            return LIKELIHOODS[cls]
-    known = sorted(c.__name__ for c in LIKELIHOODS)
-    raise TypeError(
-        f"wrapper must be one of {known} (see register_likelihood), got {type(wrapper).__name__}"
-    )
+        return fn(x, num_times=num_times)  # type: ignore[no-any-return]
 
 
 def _stack(dataset: Any, start: int, stop: int) -> Tensor:
@@ -107,7 +68,6 @@ def likelihood_sums(
     world_size: int = 1,
     *,
     seed: int = 0,
-    device: torch.device | str | None = None,
     num_times: int | None = None,
 ) -> tuple[float, int]:
     """(bits summed over all scored tokens, number of scored tokens), over all ranks."""
@@ -118,10 +78,10 @@ def likelihood_sums(
         check_int("max_batches", max_batches, min=1)
     if not isinstance(dataset, Sized) or len(dataset) == 0:
         raise ValueError("dataset must be a non-empty sequence of examples")
-    fn = _likelihood_fn(wrapper)
-    options = {} if num_times is None else {"num_times": check_int("num_times", num_times, min=1)}
-    if device is None:
-        device = next(wrapper.parameters()).device
+    _likelihood_bits(wrapper)  # TypeError now, not after loading a batch
+    if num_times is not None:
+        check_int("num_times", num_times, min=1)
+    device = next(wrapper.parameters()).device  # the batches go where the model is
     n = len(dataset)
     num_batches = math.ceil(n / batch_size)
     if max_batches is not None:
@@ -131,7 +91,7 @@ def likelihood_sums(
     with eval_mode(wrapper):
         for j in range(rank, num_batches, world_size):
             x = _stack(dataset, j * batch_size, min(n, (j + 1) * batch_size)).to(device)
-            b, c = fn(wrapper, x, seed * 1_000_003 + j, **options)
+            b, c = batch_bits(wrapper, x, seed * 1_000_003 + j, num_times)
             bits += b
             count += c
     sums = torch.stack([bits, torch.tensor(float(count), dtype=torch.float64, device=device)])
@@ -149,7 +109,6 @@ def likelihood_bits_per_token(
     world_size: int = 1,
     *,
     seed: int = 0,
-    device: torch.device | str | None = None,
     num_times: int | None = None,
 ) -> float:
     """Bits per token on `dataset`: NELBO for masked wrappers, exact NLL for autoregressive ones.
@@ -163,6 +122,6 @@ def likelihood_bits_per_token(
     """
     bits, count = likelihood_sums(
         wrapper, dataset, batch_size, max_batches, rank, world_size,
-        seed=seed, device=device, num_times=num_times,
+        seed=seed, num_times=num_times,
     )  # fmt: skip
     return bits / count

@@ -224,10 +224,3 @@ def text_quality(
     if reference is not None:
         out["reference_unigram_entropy_bits"] = unigram_entropy(reference)
     return out
-
-
-# modality of a dataset (`ds.modality`) -> its sample-quality metric
-SAMPLE_QUALITY: dict[str, Callable[..., dict[str, Any]]] = {
-    "image": digits_quality,
-    "text": text_quality,
-}

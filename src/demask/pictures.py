@@ -5,8 +5,8 @@ their pixel size is exact and every pixel encodes the data: a grey level g of L 
 with brightness g / (L - 1) (0 black, the top level white; `invert=True` draws ink dark on white),
 each image pixel as a `scale` x `scale` block, cells separated by `pad` pixels of `GRID_COLOUR`,
 masked pixels in `MASK_COLOUR`. Loss curves are matplotlib figures rendered by the Agg canvas
-(never pyplot, never `show`). Every file is written to a temporary name in the target folder and
-then renamed, so a reader never sees half a PNG.
+(never pyplot, never `show`). Every file is written through `demask.runfolder.atomic_write`
+(a temporary name in the target folder, fsync, rename), so a reader never sees half a PNG.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import itertools
 import json
 import math
 import os
-import uuid
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -25,31 +24,17 @@ import torch
 from torch import Tensor
 
 from demask._checks import check_int
+from demask.runfolder import atomic_write
 
 GRID_COLOUR = (0.25, 0.35, 0.6)  # cell separators: a blue-grey no grey level can take
 MASK_COLOUR = (0.9, 0.15, 0.15)  # masked pixels in a demasking strip: red
-
-
-def _atomic_write(path: str | os.PathLike, write: Any) -> Path:
-    """Call write(tmp_path) for a temporary file next to `path`, then rename it to `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # a unique name beside the target (not mkstemp: its 0600 mode would stick to the PNG)
-    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def _save_rgb(rgb: np.ndarray, path: str | os.PathLike) -> Path:
     """(H, W, 3) floats in [0, 1] -> a PNG of exactly H x W pixels."""
     from matplotlib.image import imsave  # lazy: matplotlib is slow to import
 
-    return _atomic_write(path, lambda tmp: imsave(tmp, rgb, format="png"))
+    return atomic_write(path, lambda tmp: imsave(tmp, rgb, format="png"))
 
 
 def _to_numpy(x: Any) -> np.ndarray:
@@ -93,6 +78,11 @@ def _compose(cells: np.ndarray, ncols: int, scale: int, pad: int) -> np.ndarray:
         y, x = pad + r * (ch + pad), pad + c * (cw + pad)
         canvas[y : y + ch, x : x + cw] = big[i]
     return canvas
+
+
+def _layout(scale: int = 4, pad: int = 1, invert: bool = False) -> tuple[int, int, bool]:
+    """The drawing options shared by the picture writers (TypeError for an unknown one)."""
+    return scale, pad, invert
 
 
 def _layout_checks(scale: int, pad: int) -> None:
@@ -147,9 +137,7 @@ def save_demasking_strip(
     tokenizer: Any = None,
     max_rows: int = 4,
     max_cols: int | None = 16,
-    scale: int = 4,
-    pad: int = 1,
-    invert: bool = False,
+    **layout: Any,
 ) -> Path:
     """Write a strip: one row per sequence, one column per demasking step; returns the path.
 
@@ -157,8 +145,10 @@ def save_demasking_strip(
     list of tensors, or one (T, B, N) tensor), e.g. from fully masked to fully generated.
     The first `max_rows` sequences are drawn; with more than `max_cols` states, evenly spaced
     ones (first and last included). Masked pixels are drawn in MASK_COLOUR. With a `tokenizer`
-    (a GreyLevelTokenizer), image_shape and levels are taken from it.
+    (a GreyLevelTokenizer), image_shape and levels are taken from it. layout: scale=4, pad=1,
+    invert=False, as for `save_image_grid`.
     """
+    scale, pad, invert = _layout(**layout)
     if tokenizer is not None:
         image_shape, levels = tokenizer.image_shape, tokenizer.levels
     check_int("mask_id", mask_id, min=0)
@@ -246,4 +236,4 @@ def save_loss_curve(
         handles, labels = handles + h2, labels + l2
     ax.legend(handles, labels, loc="upper right")
     fig.tight_layout()
-    return _atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=dpi))
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=dpi))

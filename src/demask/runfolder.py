@@ -1,5 +1,5 @@
-"""Run folders on disk: what demask owns in one, where its newest checkpoint is, atomic text files,
-and one lock per folder.
+"""Run folders on disk: what demask owns in one, where its newest checkpoint is, the one atomic
+writer, and one lock per folder.
 
 Promises (tests/test_cli_faults.py checks each):
 
@@ -9,9 +9,10 @@ Promises (tests/test_cli_faults.py checks each):
   asked to start over.
 * `latest` is only a pointer: when it is missing, the newest complete `checkpoints/step_*` is the
   run's checkpoint (a run whose `checkpoints/` was copied alone is still found, never wiped).
-* Text files are replaced atomically (`atomic_write_text`: temporary file, fsync, rename), with the
-  usual permissions (0666 minus the umask, like any other file), and a failed write (a full disk)
-  leaves no temporary file and raises `WriteError`, one line naming the path and the free space.
+* Every file demask writes (text, pictures, checkpoint folders) is replaced atomically through
+  one function, `atomic_write`: temporary name, fsync, rename; with the usual permissions (0666
+  minus the umask, like any other file); a failed write (a full disk) leaves no temporary file and
+  raises `WriteError`, one line naming the path and the free space.
 * `RunLock`: one writer per run folder (an advisory `flock` on `OUT/.demask.lock`, released by the
   kernel when the process dies, so a lock left by a killed process never blocks).
 
@@ -27,7 +28,8 @@ import json
 import os
 import re
 import shutil
-import tempfile
+import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 WEIGHTS_FILE = "model.safetensors"
@@ -39,10 +41,10 @@ METRICS_FILE = "metrics.jsonl"
 LOCK_FILE = ".demask.lock"
 TMP_PREFIX = ".tmp-"  # every temporary file or folder demask writes starts with this
 # what demask writes at the top of a run folder (train, sample, eval, demo)
+_RESULTS = ("loss_curve.png", "samples", "eval.json", "demo.json", "samples.png", "demasking.png")
 OWN_NAMES = frozenset(
-    {LATEST_FILE, CHECKPOINTS_DIR, CONFIG_FILE, METRICS_FILE, LOCK_FILE, "loss_curve.png",
-     "samples", "eval.json", "demo.json", "samples.png", "demasking.png"}
-)  # fmt: skip
+    (LATEST_FILE, CHECKPOINTS_DIR, CONFIG_FILE, METRICS_FILE, LOCK_FILE) + _RESULTS
+)
 _STEP_RE = re.compile(r"step_(\d+)")
 
 
@@ -93,12 +95,6 @@ def write_error(path: str | Path, err: OSError) -> WriteError:
     return WriteError(err.errno or errno.EIO, f"could not write {str(path)!r}: {reason} ({free})")
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -110,28 +106,64 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Replace `path` with `text` atomically: a temporary file in the same folder, fsync, rename.
-    The file gets the permissions of any new file (0666 minus the umask). Raises WriteError (and
-    removes the temporary file) when the write fails."""
+def _fsync_tree(path: Path) -> None:
+    """fsync a file, or every file in a folder and the folder itself."""
+    if path.is_dir():
+        for entry in path.iterdir():
+            _fsync_tree(entry)
+        fsync_dir(path)
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], object]) -> Path:
+    """Replace `path` atomically with what `write(tmp)` puts at `tmp`: a file or a folder.
+
+    The one way demask writes files: `write` fills a temporary name beside `path`
+    (`.tmp-NAME-PID-RANDOM`), everything written is fsync'ed, the temporary is renamed onto `path`
+    (`os.replace`, atomic on one file system) and the parent folder fsync'ed. Files get the
+    permissions of any new file (0666 minus the umask). A folder already at `path` is first moved
+    aside (two renames, so replace only a folder no reader relies on) and removed after. When
+    anything fails, the temporary is removed, `path` is left as it was and the error is raised
+    (an OSError as a WriteError naming `path` and the free space). Returns `path`."""
     path = Path(path)
-    tmp = None
+    tmp = path.parent / f"{TMP_PREFIX}{path.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    old: Path | None = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{path.name}-", dir=path.parent)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            os.fchmod(f.fileno(), 0o666 & ~_umask())
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
+        write(tmp)
+        _fsync_tree(tmp)
+        if path.is_dir() and not path.is_symlink():
+            old = path.parent / f"{TMP_PREFIX}old-{tmp.name[len(TMP_PREFIX) :]}"
+            os.replace(path, old)
         os.replace(tmp, path)
-    except BaseException as err:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
+    except BaseException as err:  # a full disk, Ctrl-C...: leave no temporary behind
+        _remove(tmp)
+        if old is not None and not path.exists():
+            os.replace(old, path)
         if isinstance(err, OSError):
             raise write_error(path, err) from None
         raise
     fsync_dir(path.parent)
+    if old is not None:
+        _remove(old)
+    return path
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Replace `path` with `text` (UTF-8) through `atomic_write`."""
+    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -148,8 +180,9 @@ def step_dirs(run_dir: str | Path) -> list[Path]:
 
 
 def is_complete(ckpt_dir: Path) -> bool:
-    """A checkpoint folder holding all three files `save_checkpoint` writes."""
-    return all((ckpt_dir / name).is_file() for name in (WEIGHTS_FILE, CONFIG_FILE, STATE_FILE))
+    """A checkpoint folder holding the files `save_checkpoint` writes (weights and state; a format-1
+    checkpoint also has a config.json, which a complete one needs no more)."""
+    return all((ckpt_dir / name).is_file() for name in (WEIGHTS_FILE, STATE_FILE))
 
 
 def read_latest(run_dir: str | Path) -> Path | None:
@@ -263,34 +296,6 @@ def clear_run(run_dir: str | Path) -> None:
     for entry in run_dir.glob(TMP_PREFIX + "*"):
         if entry.is_file():
             entry.unlink(missing_ok=True)
-
-
-def read_metrics(path: Path, upto: int) -> tuple[list[str], bool]:
-    """The lines of a metrics log (metrics.jsonl) whose records are of steps <= `upto` (to resume
-    after that step), and whether a torn last line (a write cut short by a kill or a full disk)
-    was dropped. A line that is not a JSON record anywhere else is refused (ValueError naming the
-    file and the line)."""
-    lines = [line for line in path.read_bytes().split(b"\n") if line.strip()]
-    kept, torn = [], False
-    for i, line in enumerate(lines):
-        try:
-            record = json.loads(line)
-            step = record["step"] if isinstance(record, dict) else None
-            if not isinstance(step, int):
-                raise ValueError("no int 'step'")
-        except (ValueError, KeyError):
-            if i == len(lines) - 1:
-                torn = True
-                break
-            shown = line[:60].decode("utf-8", "replace")
-            raise ValueError(
-                f"metrics log {str(path)!r}: line {i + 1} of {len(lines)} is not a JSON record "
-                f"with a 'step' ({shown!r}); expected one record per line: fix or delete that "
-                "line to resume"
-            ) from None
-        if step <= upto:
-            kept.append(line.decode("utf-8"))
-    return kept, torn
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,28 +1,35 @@
-"""Training state: the full model and optimiser state of a (possibly distributed) run saved as a
-checkpoint, restored into any world size, and how a run starts in its folder (`plan_run`).
+"""The state of a training run, `TrainState` (model, optimiser, step): built from the configs,
+saved as a checkpoint and restored into any world size; and how a run starts in its folder
+(`plan_run`, `start_run`).
 
-The files and their atomicity are `demask.checkpoint`'s; the run folder's rules (what demask
-owns, the lock) are `demask.runfolder`'s.
+There is nothing else to save: the learning rate of update s (`demask.train.lr_at`), its batch
+(`demask.data.get_batch`) and the model's randomness in it (`demask.train.model_step_seed`) are
+pure functions of the configs and s, so `step` is the whole of the LR schedule, the data position
+and the RNG state. The files and their atomicity are `demask.checkpoint`'s; the run folder's rules
+(what demask owns, the lock) are `demask.runfolder`'s.
 """
 
 from __future__ import annotations
 
-import random
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from demask import distributed as dd
 from demask.checkpoint import (
     CheckpointError,
     check_weights,
-    read_configs,
+    checkpoint_configs,
     read_state,
     read_weights,
     save_checkpoint,
 )
-from demask.config import ModelConfig, TrainConfig
+from demask.config import ModelConfig, TrainConfig, build_model
 from demask.distributed import DistInfo, barrier, broadcast_object
 from demask.runfolder import (
     STATE_FILE,
@@ -33,37 +40,69 @@ from demask.runfolder import (
 )
 
 
-def rng_state() -> dict[str, Any]:
-    """The RNG states of this process: torch CPU, CUDA (if any) and Python's `random`."""
-    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+@dataclass
+class TrainState:
+    """What changes while a run trains: the weights, the optimiser state and the step."""
+
+    model: nn.Module  # the wrapper: state dicts, evaluation
+    module: nn.Module  # what the training step calls: `model` under DDP / FSDP2 / compile
+    optimizer: torch.optim.Optimizer
+    model_config: ModelConfig
+    train_config: TrainConfig
+    info: DistInfo  # this process's rank, world size and device
+    step: int = 0  # updates done (skipped ones included)
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
-    """Inverse of `rng_state`."""
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+@contextmanager
+def seeded(seed: int, device: torch.device) -> Iterator[None]:
+    """Run the block with torch's global RNG seeded to `seed`; the caller's RNG state (CPU and
+    `device`) is given back afterwards."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups: nn.Linear weight matrices decay; everything else (biases, norms, embeddings,
+    and a Linear weight tied to an embedding) does not."""
+    emb = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
+    linear = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear)}
+    decay: list[nn.Parameter] = []
+    rest: list[nn.Parameter] = []
+    for p in model.parameters():  # each shared parameter once
+        if p.requires_grad:
+            (decay if id(p) in linear and id(p) not in emb else rest).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": rest, "weight_decay": 0.0},
+    ]
+
+
+def build_state(model_config: ModelConfig, train_config: TrainConfig, info: DistInfo) -> TrainState:
+    """The state of step 0: weights initialised from `train_config.seed`, on `info.device`,
+    compiled and data-parallel as asked (`distributed.parallelize`), and an AdamW optimiser."""
+    cfg = train_config
+    with seeded(cfg.seed, info.device):
+        model = build_model(model_config).to(info.device)
+    module = dd.parallelize(
+        model,
+        info,
+        compile=cfg.compile,
+        fsdp=cfg.fsdp,
+        find_unused_parameters=model_config.self_cond,
+    )
+    groups = param_groups(model, cfg.weight_decay)  # after parallelize: FSDP2 swaps parameters
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+    return TrainState(model, module, optimizer, model_config, train_config, info)
 
 
 # full (unsharded) state dicts, so any world size can resume any checkpoint
 
 
-def save_training_state(
-    run_dir: str | Path,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    *,
-    step: int,
-    model_config: ModelConfig,
-    train_config: TrainConfig,
-    info: DistInfo,
-) -> Path | None:
+def save_training_state(run_dir: str | Path, state: TrainState) -> Path | None:
     """Gather the full model and optimiser state (a collective under FSDP2: every rank calls
-    this) and let rank 0 write the checkpoint. Returns its folder on rank 0, None elsewhere."""
+    this) and let rank 0 write the checkpoint of `state.step`. Returns its folder on rank 0, None
+    elsewhere."""
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,
         get_model_state_dict,
@@ -71,57 +110,60 @@ def save_training_state(
     )
 
     full = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    msd: dict[str, Any] = get_model_state_dict(model, options=full)  # type: ignore[assignment]
-    osd = get_optimizer_state_dict(model, optimizer, options=full)
+    msd: dict[str, Any] = get_model_state_dict(state.model, options=full)  # type: ignore[assignment]
+    osd = get_optimizer_state_dict(state.model, state.optimizer, options=full)
     path = None
-    if info.is_main:
-        extra = {"optimizer": osd, "rng": rng_state(), "world_size": info.world_size}
-        path = save_checkpoint(run_dir, step=step, model_state=msd, model_config=model_config,
-                               train_config=train_config, train_state=extra,
-                               keep=train_config.keep_checkpoints)  # fmt: skip
-    barrier(info)
+    if state.info.is_main:
+        path = save_checkpoint(
+            run_dir,
+            step=state.step,
+            model_state=msd,
+            model_config=state.model_config,
+            train_config=state.train_config,
+            train_state={"optimizer": osd, "world_size": state.info.world_size},
+            keep=state.train_config.keep_checkpoints,
+        )
+    barrier(state.info)
     return path
 
 
-def restore_training_state(
-    ckpt_dir: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer, info: DistInfo
-) -> int:
-    """Load weights and optimiser state saved by `save_training_state` into `model` (possibly
-    DDP-replicated or FSDP2-sharded, any world size): rank 0 reads the files and broadcasts.
-    Returns the checkpoint's step."""
+def restore_training_state(ckpt_dir: str | Path, state: TrainState) -> None:
+    """Load the weights, optimiser state and step saved by `save_training_state` into `state`
+    (possibly DDP-replicated or FSDP2-sharded, any world size): rank 0 reads the files and
+    broadcasts. RNG states saved by format-1 checkpoints are not needed, and ignored."""
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,
         set_model_state_dict,
         set_optimizer_state_dict,
     )
 
-    state: dict[str, Any] = {}
+    info = state.info
+    saved: dict[str, Any] = {}
     weights: dict[str, Any] = {}
     problem = None
     if info.is_main:
         try:
-            state = read_state(ckpt_dir)
+            saved = read_state(ckpt_dir)
             weights, _ = read_weights(Path(ckpt_dir) / WEIGHTS_FILE)
-            check_weights(model, weights, Path(ckpt_dir) / WEIGHTS_FILE)
+            check_weights(state.model, weights, Path(ckpt_dir) / WEIGHTS_FILE)
         except CheckpointError as err:
             problem = err
     problem = broadcast_object(problem, info)  # every rank raises, none waits for the others
     if problem is not None:
         raise problem
     load = StateDictOptions(full_state_dict=True, broadcast_from_rank0=info.distributed)
-    set_model_state_dict(model, weights, options=load)
+    set_model_state_dict(state.model, weights, options=load)
     try:
-        set_optimizer_state_dict(model, optimizer, state.get("optimizer", {}), options=load)
-        _check_optimizer_state(optimizer)
+        optim = saved.get("optimizer", {})
+        set_optimizer_state_dict(state.model, state.optimizer, optim, options=load)
+        _check_optimizer_state(state.optimizer)
     except (KeyError, ValueError, TypeError, RuntimeError, IndexError) as err:
         msg = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise CheckpointError(
             f"{str(Path(ckpt_dir) / STATE_FILE)!r} holds optimiser state that does not fit this "
             f"model ({msg}); expected the state saved with these weights"
         ) from None
-    if info.is_main and "rng" in state:
-        set_rng_state(state["rng"])
-    return int(broadcast_object(state.get("step"), info))
+    state.step = int(broadcast_object(saved.get("step"), info))
 
 
 def _check_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
@@ -152,9 +194,12 @@ def plan_run(
     if resume:
         if found is None:
             raise CheckpointError(f"resume=True but {str(run_dir)!r} holds no checkpoint to resume")
-        saved, _ = read_configs(found, {})
-        diff = {k: (v, getattr(model_config, k)) for k, v in saved.to_dict().items()
-                if getattr(model_config, k) != v}  # fmt: skip
+        saved = checkpoint_configs(found)[0].to_dict()
+        diff = {
+            k: (v, getattr(model_config, k))
+            for k, v in saved.items()
+            if getattr(model_config, k) != v
+        }
         if diff:
             raise CheckpointError(
                 f"model config differs from the checkpoint in {str(found)!r}: (saved, given) {diff}"

@@ -155,6 +155,17 @@ def positive_float(text: str) -> float:
     return value
 
 
+# sampling option -> its deprecated flag, named beside the current one in error messages
+DEPRECATED_SAMPLING_FLAGS = {"decode_steps": "--steps"}
+
+
+def flag(name: str) -> str:
+    """The command-line flag of a sampling option (`decode_steps` -> `--decode-steps (--steps)`)."""
+    current = "--" + name.replace("_", "-")
+    old = DEPRECATED_SAMPLING_FLAGS.get(name)
+    return f"{current} ({old})" if old else current
+
+
 def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
     """The sampling options shared by `demask sample` and `demask eval`."""
     p.add_argument(
@@ -162,7 +173,14 @@ def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
         help="masked models: confidence | low_confidence | random | margin | entropy | "
         "ancestral (default: ancestral)",
     )
-    p.add_argument("--steps", type=positive_int, help="masked models: demasking steps")
+    p.add_argument(
+        "--decode-steps",
+        "--steps",
+        dest="decode_steps",
+        type=positive_int,
+        help="masked models: demasking steps (default: the model's; --steps is the deprecated "
+        "spelling)",
+    )
     p.add_argument(
         "--temperature",
         type=non_negative_float,

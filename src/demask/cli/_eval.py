@@ -7,13 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from demask.cli._common import CLIError, format_table, write_json
-from demask.cli._generate import SAMPLING_DEFAULTS, Run, generate, load_run, resolve_device
-
-# model kind -> what its likelihood number is
-LIKELIHOOD_NAMES = {
-    "masked": "nelbo",  # MDLM negative ELBO: an upper bound on the NLL
-    "autoregressive": "exact_nll",
-}
+from demask.cli._generate import Run, generate, load_run, resolve_device, sample_options
 
 
 def likelihood(run: Run, args: argparse.Namespace) -> dict[str, Any]:
@@ -27,7 +21,7 @@ def likelihood(run: Run, args: argparse.Namespace) -> dict[str, Any]:
         run.model, run.dataset, args.batch_size, args.max_batches, seed=args.seed
     )
     return {
-        "likelihood": LIKELIHOOD_NAMES.get(run.kind, "bits"),
+        "likelihood": run.model.likelihood_name,
         "bits_per_token": bits / count,
         "tokens_scored": count,
     }
@@ -59,10 +53,10 @@ def text_quality(run: Run, samples: Any, args: argparse.Namespace) -> dict[str, 
             what="--ar-checkpoint",
         )  # fmt: skip
         ar_cfg, cfg = ar.checkpoint.model_config, run.checkpoint.model_config
-        if ar_cfg.num_tokens != cfg.num_tokens or ar_cfg.seq_len < samples.shape[1]:
+        if ar_cfg.num_tokens != cfg.num_tokens or ar_cfg.max_seq_len < samples.shape[1]:
             raise CLIError(
                 f"--ar-checkpoint {args.ar_checkpoint}: its model ({ar_cfg.num_tokens} tokens, "
-                f"length {ar_cfg.seq_len}) cannot score samples of {cfg.num_tokens} tokens and "
+                f"length {ar_cfg.max_seq_len}) cannot score samples of {cfg.num_tokens} tokens and "
                 f"length {samples.shape[1]}"
             )
         net = ar.model.net
@@ -97,14 +91,14 @@ def evaluate_run(run: Run, args: argparse.Namespace) -> dict[str, Any]:
         "model": run.kind,
         "data": run.checkpoint.train_config.data if run.checkpoint.train_config else None,
         "split": "val",
-        "seq_len": cfg.seq_len,
+        "seq_len": cfg.max_seq_len,
     }
     results.update(likelihood(run, args))
-    samples = generate(run, args)
+    samples = generate(run, args.num, sample_options(run, args))
     sampling = {"num": int(samples.tokens.shape[0]), "seed": args.seed}
-    sampling.update(SAMPLING_DEFAULTS.get(run.kind, {}))
-    for name in ("temperature", "steps", "sampler", "filter_thres", "anneal", "class_label",
-                 "guidance"):  # fmt: skip
+    sampling.update(samples.settings)  # the settings used, defaults included
+    for name in ("temperature", "decode_steps", "sampler", "filter_thres", "anneal",
+                 "class_label", "guidance"):  # fmt: skip
         if getattr(args, name, None) not in (None, False):
             sampling[name] = getattr(args, name)
     results["sampling"] = sampling

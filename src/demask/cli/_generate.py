@@ -1,7 +1,8 @@
 """Loading a run and generating from it: shared by `demask sample`, `eval` and `demo`.
 
-Generation is picked by model kind from `GENERATORS` (a registry, not an if/elif); the pictures or
-text written for the samples are picked by the data's modality from `WRITERS`.
+Generation is the model contract's `model.sample(num, SampleOptions(...))`, whatever the kind;
+this module turns the command-line options into `SampleOptions`. The pictures or text written
+for the samples are picked by the data's modality from `WRITERS`.
 """
 
 from __future__ import annotations
@@ -10,19 +11,16 @@ import argparse
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
-from demask.cli._common import HOLE_MARKER, CLIError, parse_prompt
+from demask.cli._common import CLIError, flag, parse_prompt
 
-DEFAULT_MASKED_SAMPLER = "ancestral"
-# model kind -> the sampling settings used when the options leave them out (recorded in eval.json)
-SAMPLING_DEFAULTS: dict[str, dict[str, Any]] = {
-    "masked": {"sampler": DEFAULT_MASKED_SAMPLER, "filter_thres": 0.0, "anneal": False},
-    "autoregressive": {"filter_thres": 0.0},
-}
+if TYPE_CHECKING:
+    from demask.wrappers.contract import SampleOptions, Samples
+
 GRID_COLUMNS = 8  # digits per row in samples.png
 PIXEL_SCALE = 6  # each image pixel drawn as a 6x6 block (an 8x8 digit is 48x48 pixels)
 STRIP_ROWS = 4  # sequences shown in demasking.png
@@ -79,7 +77,7 @@ def load_run(
             dataset = get_dataset(
                 train_cfg.data,
                 "val",
-                seq_len=ckpt.model_config.seq_len,
+                seq_len=ckpt.model_config.max_seq_len,
                 max_bytes=train_cfg.data_max_bytes,
             )
         except (ValueError, OSError):
@@ -91,25 +89,6 @@ def load_run(
     folder = Path(ckpt.path)
     run_dir = folder.parent.parent if folder.parent.name == "checkpoints" else folder
     return Run(ckpt, tokenizer, modality, dataset, run_dir)
-
-
-@dataclass
-class Samples:
-    """Generated tokens (B, N) and, for masked models, the states after each step (S, B, N)."""
-
-    tokens: Tensor
-    history: Tensor | None = None
-
-
-def _masked_prompt(run: Run, prompt: list[int | None], num: int) -> Tensor:
-    n = run.checkpoint.model_config.seq_len
-    if len(prompt) > n:
-        raise CLIError(
-            f"--prompt: {len(prompt)} tokens, longer than the model's sequence length {n}"
-        )
-    mask_id = run.model.mask_id
-    ids = [mask_id if t is None else t for t in prompt] + [mask_id] * (n - len(prompt))
-    return torch.tensor(ids, dtype=torch.long).expand(num, n).clone()  # (num, N)
 
 
 def no_class_tokens(tokenizer: Any) -> Callable[[Tensor], Tensor] | None:
@@ -126,8 +105,8 @@ def no_class_tokens(tokenizer: Any) -> Callable[[Tensor], Tensor] | None:
     return only_pixels
 
 
-def _class_prompt(run: Run, label: int, num: int) -> Tensor:
-    """(num, N): the class token of `label`, then mask tokens to fill."""
+def _class_prompt(run: Run, label: int) -> tuple[int | None, ...]:
+    """The class token of `label`, then holes to fill."""
     classes = getattr(run.tokenizer, "num_classes", 0)
     if not classes or not getattr(run.model, "cond_prefix_len", 0):
         raise CLIError(
@@ -136,43 +115,8 @@ def _class_prompt(run: Run, label: int, num: int) -> Tensor:
         )
     if label >= classes:
         raise CLIError(f"--class: expected a class in 0..{classes - 1}, got {label}")
-    n = run.checkpoint.model_config.seq_len
-    prompt = torch.full((num, n), run.model.mask_id, dtype=torch.long)
-    prompt[:, 0] = run.tokenizer.class_token(label)
-    return prompt
-
-
-def generate_masked(run: Run, opts: argparse.Namespace, prompt: list[int | None] | None) -> Samples:
-    """Iterative demasking (the wrapper's `generate`), with the step-by-step states kept.
-
-    CLI defaults: MDLM ancestral sampling at a constant temperature without logits filtering,
-    i.e. samples from the model's own distribution (Sahoo et al. 2024,
-    https://arxiv.org/abs/2406.07524). `--sampler confidence --filter-thres 0.7 --anneal` is the
-    seed's MaskGIT decoding, which on small data tends to collapse onto a few modes.
-    """
-    dev = next(run.model.parameters()).device
-    kwargs: dict[str, Any] = {
-        "generator": torch.Generator(dev).manual_seed(opts.seed),
-        "return_history": True,
-        "sampler": getattr(opts, "sampler", None) or DEFAULT_MASKED_SAMPLER,
-        "filter_thres": getattr(opts, "filter_thres", None) or 0.0,
-        "anneal_temperature": bool(getattr(opts, "anneal", False)),
-        "start_temperature": opts.temperature,
-        "logits_filter": no_class_tokens(run.tokenizer),
-    }
-    if getattr(opts, "steps", None) is not None:
-        kwargs["steps"] = opts.steps
-    if prompt is not None:
-        kwargs["prompt"] = _masked_prompt(run, prompt, opts.num).to(dev)
-    label, guidance = getattr(opts, "class_label", None), getattr(opts, "guidance", None)
-    if label is not None:
-        kwargs["prompt"] = _class_prompt(run, label, opts.num).to(dev)
-    elif guidance is not None:
-        raise CLIError(f"--guidance {guidance}: guidance needs a condition; give --class too")
-    if guidance is not None:
-        kwargs["guidance_scale"] = guidance
-    tokens, history = run.model.generate(batch_size=opts.num, **kwargs)
-    return Samples(tokens.cpu(), history.cpu())
+    n = run.checkpoint.model_config.max_seq_len
+    return (run.tokenizer.class_token(label),) + (None,) * (n - 1)
 
 
 def _first_tokens(run: Run, num: int, seed: int) -> Tensor:
@@ -188,87 +132,64 @@ def _first_tokens(run: Run, num: int, seed: int) -> Tensor:
     return torch.stack([run.dataset[int(i)][:1] for i in idx])  # (num, 1)
 
 
-def generate_autoregressive(
-    run: Run, opts: argparse.Namespace, prompt: list[int | None] | None
-) -> Samples:
-    """Left-to-right sampling after a prefix (the prompt, or one real first token)."""
-    if prompt is not None and any(t is None for t in prompt):
+def _text_prompt(run: Run, text: str) -> tuple[int | None, ...]:
+    if run.modality != "text":
+        raise CLIError(f"--prompt: prompts are for text models; this run's data is {run.modality}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:  # undecodable bytes on the command line
         raise CLIError(
-            f"--prompt: {HOLE_MARKER} holes need a masked model; an autoregressive model only "
-            "continues a prefix"
-        )
-    if prompt is not None and not prompt:
-        raise CLIError("--prompt: an autoregressive model needs at least one prompt token")
-    n = run.checkpoint.model_config.seq_len
-    if prompt is None:
-        start = _first_tokens(run, opts.num, opts.seed)
-    else:
-        start = torch.tensor(prompt, dtype=torch.long).expand(opts.num, len(prompt)).clone()
-    given_length = getattr(opts, "length", None)
-    if given_length is None and start.shape[1] >= n:
-        raise CLIError(
-            f"--prompt: {start.shape[1]} tokens leave no room to generate: the model's sequence "
-            f"length is {n}, so give at most {n - 1} prompt tokens"
-        )
-    length = given_length or n - start.shape[1]
-    if length < 1 or start.shape[1] + length > n:
-        raise CLIError(
-            f"--length: prompt ({start.shape[1]} tokens) + {length} new tokens must fit the "
-            f"model's sequence length {n}"
-        )
-    dev = next(run.model.parameters()).device
-    filter_thres = getattr(opts, "filter_thres", None)
-    tokens = run.model.generate(
-        start.to(dev),
-        length,
-        temperature=opts.temperature,
-        filter_logits_fn="top_k" if filter_thres else None,
-        filter_kwargs={"thres": filter_thres} if filter_thres else None,
-        generator=torch.Generator(dev).manual_seed(opts.seed),
-    )
-    return Samples(tokens.cpu())
+            f"--prompt: not valid UTF-8 (an undecodable byte at character {err.start}); "
+            "expected UTF-8 text"
+        ) from None
+    return tuple(parse_prompt(text, run.tokenizer.encode))
 
 
-# model kind -> how to generate
-GENERATORS: dict[str, Callable[[Run, argparse.Namespace, list[int | None] | None], Samples]] = {
-    "masked": generate_masked,
-    "autoregressive": generate_autoregressive,
-}
+def sample_options(run: Run, args: argparse.Namespace) -> SampleOptions:
+    """The `SampleOptions` that the command-line options of `sample` / `eval` ask for."""
+    from demask.wrappers.contract import SampleOptions
 
-
-# sampling option (argparse dest) -> the model kind it applies to
-KIND_OPTIONS = {"sampler": "masked", "steps": "masked", "anneal": "masked",
-                "length": "autoregressive"}  # fmt: skip
-
-
-def generate(run: Run, opts: argparse.Namespace) -> Samples:
-    """Samples from `run` as `opts` (num, seed, temperature, prompt, ...) ask."""
-    for dest, kind in KIND_OPTIONS.items():
-        if getattr(opts, dest, None) not in (None, False) and run.kind != kind:
-            flag = "--" + dest.replace("_", "-")
-            raise CLIError(
-                f"{flag}: applies to {kind} models only, but the checkpoint holds a {run.kind!r} "
-                f"model; drop {flag}"
-            )
+    label, guidance = getattr(args, "class_label", None), getattr(args, "guidance", None)
+    if guidance is not None and label is None:
+        raise CLIError(f"--guidance {guidance}: guidance needs a condition; give --class too")
     prompt = None
-    if run.kind != "masked" and getattr(opts, "class_label", None) is not None:
-        raise CLIError("--class: class-conditional sampling needs a masked model")
-    if getattr(opts, "prompt", None) is not None:
-        if run.modality != "text":
-            raise CLIError(
-                f"--prompt: prompts are for text models; this run's data is {run.modality}"
-            )
-        try:
-            opts.prompt.encode("utf-8")
-        except UnicodeEncodeError as err:  # undecodable bytes on the command line
-            raise CLIError(
-                f"--prompt: not valid UTF-8 (an undecodable byte at character {err.start}); "
-                "expected UTF-8 text"
-            ) from None
-        prompt = parse_prompt(opts.prompt, run.tokenizer.encode)
-    if run.kind not in GENERATORS:
-        raise CLIError(f"--checkpoint: no generation for model kind {run.kind!r}")
-    return GENERATORS[run.kind](run, opts, prompt)
+    if getattr(args, "prompt", None) is not None:
+        prompt = _text_prompt(run, args.prompt)
+    if label is not None:
+        prompt = _class_prompt(run, label)
+    uses = run.model.sample_options
+    start = None
+    if prompt is None and "start" in uses:  # a model that continues a prefix: real first tokens
+        start = _first_tokens(run, args.num, args.seed)
+    only_pixels = no_class_tokens(run.tokenizer) if "logits_filter" in uses else None
+    return SampleOptions(
+        seed=args.seed,
+        temperature=args.temperature,
+        filter_thres=getattr(args, "filter_thres", None) or 0.0,
+        prompt=prompt,
+        start=start,
+        length=getattr(args, "length", None),
+        sampler=getattr(args, "sampler", None),
+        decode_steps=getattr(args, "decode_steps", None),
+        anneal=bool(getattr(args, "anneal", False)),
+        guidance=guidance,
+        logits_filter=only_pixels,
+        history=True,
+    )
+
+
+def generate(run: Run, num: int, options: SampleOptions) -> Samples:
+    """`num` samples of `run`'s model (`model.sample`); its errors about an option name the
+    command-line flag."""
+    from demask.wrappers.contract import SAMPLE_OPTION_NAMES
+
+    try:
+        return run.model.sample(num, options)  # type: ignore[no-any-return]
+    except ValueError as err:
+        name, sep, rest = str(err).partition(":")
+        if sep and name in SAMPLE_OPTION_NAMES:
+            raise CLIError(f"{flag(name)}:{rest}") from None
+        raise
 
 
 # ---------------------------------------------------------------------------------- writers
@@ -330,7 +251,7 @@ WRITERS: dict[str, Callable[[Run, Samples, Path], list[str]]] = {
 def run_sampling(args: argparse.Namespace) -> int:
     """`demask sample`."""
     run = load_run(args.checkpoint, device=resolve_device(args.device))
-    samples = generate(run, args)
+    samples = generate(run, args.num, sample_options(run, args))
     out = Path(args.out) if args.out else run.run_dir / "samples"
     written = WRITERS[run.modality](run, samples, out)
     print("wrote: " + ", ".join(written))

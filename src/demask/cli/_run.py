@@ -14,21 +14,38 @@ from pathlib import Path
 from typing import Any
 
 from demask.cli._common import CLIError, one_line
-
-# CLI option (argparse dest) -> ModelConfig field / TrainConfig field.
-MODEL_OPTIONS = {"model": "kind", "seq_len": "seq_len", "dim": "dim", "depth": "depth",
-                 "heads": "heads", "schedule": "schedule"}  # fmt: skip
-TRAIN_OPTIONS = {"steps": "steps", "batch_size": "batch_size", "lr": "lr",
-                 "warmup_steps": "warmup_steps", "weight_decay": "weight_decay",
-                 "grad_clip": "grad_clip", "seed": "seed", "device": "device",
-                 "val_every": "val_every", "save_every": "checkpoint_every",
-                 "log_every": "log_every", "max_bytes": "data_max_bytes"}  # fmt: skip
-FLAG_OPTIONS = {"bf16": "bf16", "compile": "compile"}  # store_true options: only True overrides
+from demask.cli.train import MODEL_SKIP, TRAIN_SKIP
 
 
-def _given(args: argparse.Namespace, mapping: dict[str, str]) -> dict[str, Any]:
-    """{field: value} for the options the user actually gave."""
-    return {f: getattr(args, o) for o, f in mapping.items() if getattr(args, o, None) is not None}
+def _model_given(args: argparse.Namespace) -> dict[str, Any]:
+    """The ModelConfig fields the user gave (--model and --seq-len included)."""
+    from demask.cli._options import given
+    from demask.config import ModelConfig
+
+    fields = given(args, ModelConfig, skip=MODEL_SKIP)
+    for option, name in (("model", "kind"), ("seq_len", "max_seq_len")):
+        if getattr(args, option, None) is not None:
+            fields[name] = getattr(args, option)
+    return fields
+
+
+def _naming_the_flag(message: str, args: argparse.Namespace) -> str:
+    """`message` with the flag in front when it begins with the name of a field the user gave."""
+    from demask.cli.train import MODEL_FLAGS, TRAIN_FLAGS
+
+    name = message.split(" ", 1)[0].rstrip(":")
+    if name not in {**_model_given(args), **_train_given(args)}:
+        return message
+    flags = {**MODEL_FLAGS, **TRAIN_FLAGS}
+    flag = flags[name][0] if name in flags else "--" + name.replace("_", "-")
+    return f"{flag}: {message}"
+
+
+def _train_given(args: argparse.Namespace) -> dict[str, Any]:
+    from demask.cli._options import given
+    from demask.config import TrainConfig
+
+    return given(args, TrainConfig, skip=TRAIN_SKIP)
 
 
 def data_spec(spec: str) -> str:
@@ -54,9 +71,23 @@ def _labelled(data: str, args: argparse.Namespace) -> str:
         raise CLIError(
             f"--conditional: {data!r} has no labels; labelled data: {', '.join(sorted(LABELLED))}"
         )
-    if args.model == "autoregressive":
-        raise CLIError("--conditional: class-conditional training needs --model masked")
     return LABELLED[data]
+
+
+def _check_conditional(model_cfg: Any) -> None:
+    """A condition prefix needs a model that has one (asked of the model, built on meta)."""
+    import torch
+
+    from demask.config import build_model
+
+    if model_cfg.cond_prefix_len:
+        with torch.device("meta"):
+            model = build_model(model_cfg)
+        if not getattr(model, "cond_prefix_len", 0):
+            raise CLIError(
+                f"--conditional: a {model_cfg.kind!r} model takes no condition prefix; "
+                "class-conditional training needs --model masked"
+            )
 
 
 def default_out(data: str, kind: str) -> str:
@@ -79,14 +110,15 @@ def _resume_configs(args: argparse.Namespace, out: str) -> tuple[Any, Any]:
     if given is not None and saved_data is not None and given != saved_data:
         raise CLIError(f"--data {args.data!r}: the run in {out!r} was trained on {saved_data!r}")
     # model options must match the saved ones (train() refuses a different model config)
-    model_cfg = dataclasses.replace(model_cfg, **_given(args, MODEL_OPTIONS))
-    if args.steps is not None and args.steps < step:
+    model_cfg = dataclasses.replace(model_cfg, **_model_given(args))
+    wanted = args.max_steps
+    if wanted is not None and wanted < step:
         raise CLIError(
-            f"--steps {args.steps}: the run in {out!r} is already at step {step}; give --steps "
-            f">= {step} to continue it (or leave --steps out)"
+            f"--train-steps {wanted}: the run in {out!r} is already at step {step}; give "
+            f"--train-steps >= {step} to continue it (or leave it out)"
         )
     base = train_cfg if train_cfg is not None else TrainConfig(out=out)
-    train_cfg = dataclasses.replace(base, out=out, **_given(args, TRAIN_OPTIONS))
+    train_cfg = dataclasses.replace(base, out=out, **_train_given(args))
     return model_cfg, train_cfg
 
 
@@ -97,22 +129,22 @@ def _fresh_configs(args: argparse.Namespace, out: str) -> tuple[Any, Any]:
     data = _labelled(data_spec("digits" if args.data is None else args.data), args)
     # load the data first: a missing, empty, binary or too-short data path fails here, before
     # anything is written
-    ds = get_dataset(data, "train", seq_len=args.seq_len, max_bytes=args.max_bytes)
-    get_dataset(data, "val", seq_len=args.seq_len, max_bytes=args.max_bytes)
-    fields = _given(args, MODEL_OPTIONS)
-    fields.update(num_tokens=ds.tokenizer.vocab_size, seq_len=ds.seq_len)
-    fields.setdefault("kind", "masked")
+    ds = get_dataset(data, "train", seq_len=args.seq_len, max_bytes=args.data_max_bytes)
+    get_dataset(data, "val", seq_len=args.seq_len, max_bytes=args.data_max_bytes)
+    fields = _model_given(args)
+    fields.update(num_tokens=ds.tokenizer.vocab_size, max_seq_len=ds.seq_len)
     if ds.condition_len:  # a labelled dataset: the class token is the condition
         drop = getattr(args, "cond_drop_prob", None)
         fields.update(cond_prefix_len=ds.condition_len,
                       cond_drop_prob=DEFAULT_COND_DROP_PROB if drop is None else drop)  # fmt: skip
     model_cfg = ModelConfig(**fields)
-    train_cfg = TrainConfig(data=data, out=out, **_given(args, TRAIN_OPTIONS))
+    _check_conditional(model_cfg)
+    train_cfg = TrainConfig(data=data, out=out, **_train_given(args))
     return model_cfg, train_cfg
 
 
-def run_training(args: argparse.Namespace) -> int:
-    """`demask train`: build the configs, train (or relaunch under torchrun), plot, report."""
+def _check_options(args: argparse.Namespace) -> None:
+    """One-line errors for options that contradict each other or name nothing."""
     for option in ("data", "out"):
         value = getattr(args, option)
         if value is not None and not value.strip():
@@ -122,22 +154,29 @@ def run_training(args: argparse.Namespace) -> int:
         from demask.cli._generate import resolve_device
 
         resolve_device(args.device)  # --device tpu: one line now, not a traceback later
+    if args.resume and args.overwrite:
+        raise CLIError("--resume and --overwrite contradict each other; give one")
+
+
+def run_training(args: argparse.Namespace) -> int:
+    """`demask train`: build the configs, train (or relaunch under torchrun), plot, report."""
+    _check_options(args)
     if args.nproc > 1:
         from demask.distributed import in_torchrun, launch
 
         if in_torchrun():
             raise CLIError("--nproc: already inside torchrun; drop --nproc")
         return launch(args.nproc, args._argv)
-    if args.resume and args.overwrite:
-        raise CLIError("--resume and --overwrite contradict each other; give one")
+    from demask.config import ModelConfig
     from demask.train import NonFiniteLossError, train
 
-    kind = args.model or "masked"
-    out = args.out or default_out(args.data or "digits", kind)
+    out = args.out or default_out(args.data or "digits", args.model or ModelConfig.kind)
     make = _resume_configs if args.resume else _fresh_configs
-    model_cfg, train_cfg = make(args, out)
-    flags = {f: True for o, f in FLAG_OPTIONS.items() if getattr(args, o)}
-    train_cfg = dataclasses.replace(train_cfg, progress=not args.quiet, **flags)
+    try:
+        model_cfg, train_cfg = make(args, out)
+    except (ValueError, TypeError) as err:  # a config field's check: name the flag too
+        raise CLIError(_naming_the_flag(str(err), args)) from None
+    train_cfg = dataclasses.replace(train_cfg, progress=not args.quiet)
     try:
         result = train(model_cfg, train_cfg, resume=args.resume, overwrite=args.overwrite)
     except NonFiniteLossError as err:  # a failed run, not bad input: exit 1, still one line
@@ -145,7 +184,7 @@ def run_training(args: argparse.Namespace) -> int:
         return 1
     if not _is_main_process():
         return 0
-    lines = [f"run folder: {out} (step {result.step}/{train_cfg.steps}, {result.status})"]
+    lines = [f"run folder: {out} (step {result.step}/{train_cfg.max_steps}, {result.status})"]
     if result.checkpoint is not None:
         lines.append(f"checkpoint: {result.checkpoint}")
     if result.val:

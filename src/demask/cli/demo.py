@@ -26,7 +26,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     """Options of `demask demo`."""
     p.add_argument("--out", default="runs/demo", help="output folder (default: %(default)s)")
     p.add_argument(
-        "--steps", type=positive_int, help="training steps (default: the tuned demo setting)"
+        "--train-steps",
+        "--steps",
+        dest="max_steps",
+        type=positive_int,
+        help="training steps (default: the tuned demo setting; --steps is the deprecated spelling)",
     )
     p.add_argument(
         "--num", type=positive_int, default=64, help="digits to draw (default: %(default)s)"

@@ -90,30 +90,47 @@ class AttentionLayers(nn.Module):
 
     causal: bool = False
 
-    def __init__(self, dim: int, depth: int, heads: int = 8, **kwargs: Any):
+    def __init__(  # noqa: PLR0913  (the seed's keyword options, one parameter each)
+        self,
+        dim: int,
+        depth: int,
+        heads: int = 8,
+        *,
+        attn_dim_head: int = 64,
+        attn_kv_heads: int | None = None,
+        attn_qk_norm: bool = False,
+        attn_dropout: float = 0.0,
+        ff_dropout: float = 0.0,
+        attn_flash: bool = False,
+        ff_glu: bool = False,
+        ff_swish: bool = False,
+        ff_mult: float = 4,
+        use_rmsnorm: bool = False,
+        rotary_pos_emb: bool = False,
+        rotary_emb_dim: int | None = None,
+        cross_attend: bool = False,
+        attn_z_loss_weight: float = 1e-4,
+        **kwargs: Any,
+    ):
         super().__init__()
         check_int("dim", dim, min=1)
         check_int("depth", depth, min=1)
         check_int("heads", heads, min=1)
         cfg: dict[str, Any] = dict(
             heads=heads,
-            attn_dim_head=kwargs.pop("attn_dim_head", 64),
-            attn_kv_heads=kwargs.pop("attn_kv_heads", None) or heads,
-            attn_qk_norm=kwargs.pop("attn_qk_norm", False),
-            attn_dropout=kwargs.pop("attn_dropout", 0.0),
-            ff_dropout=kwargs.pop("ff_dropout", 0.0),
-            ff_glu=kwargs.pop("ff_glu", False),
-            ff_swish=kwargs.pop("ff_swish", False),
-            ff_mult=kwargs.pop("ff_mult", 4),
-            use_rmsnorm=kwargs.pop("use_rmsnorm", False),
+            attn_dim_head=attn_dim_head,
+            attn_kv_heads=attn_kv_heads or heads,
+            attn_qk_norm=attn_qk_norm,
+            attn_dropout=attn_dropout,
+            ff_dropout=ff_dropout,
+            ff_glu=ff_glu,
+            ff_swish=ff_swish,
+            ff_mult=ff_mult,
+            use_rmsnorm=use_rmsnorm,
         )
-        kwargs.pop("attn_flash", None)  # always on: see the docstring
-        rotary = kwargs.pop("rotary_pos_emb", False)
-        rotary_dim = kwargs.pop("rotary_emb_dim", None)
-        cross = kwargs.pop("cross_attend", False)
-        self.attn_z_loss_weight = check_float(
-            "attn_z_loss_weight", kwargs.pop("attn_z_loss_weight", 1e-4), min=0.0
-        )
+        del attn_flash  # always on: see the docstring
+        rotary, rotary_dim, cross = rotary_pos_emb, rotary_emb_dim, cross_attend
+        self.attn_z_loss_weight = check_float("attn_z_loss_weight", attn_z_loss_weight, min=0.0)
         reject_unknown_kwargs(type(self).__name__, kwargs)
         check_int("attn_dim_head", cfg["attn_dim_head"], min=1)
         check_int("attn_kv_heads", cfg["attn_kv_heads"], min=1, max=heads)
@@ -195,7 +212,7 @@ class TransformerWrapper(nn.Module):
       post_emb_norm: normalise the embeddings before the layers.
     """
 
-    def __init__(
+    def __init__(  # noqa: PLR0913  (the seed's signature)
         self,
         *,
         num_tokens: int,

@@ -16,12 +16,18 @@ cross-entropy over masked positions.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
+from demask._checks import check_int
 from demask.schedules import Schedule
 
 __all__ = [
+    "MaskedObjective",
     "augment_masked",
     "count_masks",
     "discrete_step_weight",
@@ -171,3 +177,86 @@ def masked_loss(
     assert weight is not None
     lengths = torch.as_tensor(seq_len, device=ce.device, dtype=ce.dtype).clamp_min(1)
     return (per_row * weight.to(ce.dtype) / lengths).sum() / batch_size
+
+
+# predict(inp (B, N), mask (B, N) bool) -> (ce (M,) nats, logits (M, V), rows (M,), cols (M,)) at
+# the masked positions: the wrapper's network call (self-conditioning included)
+Predict = Callable[[Tensor, Tensor], tuple[Tensor, Tensor, Tensor, Tensor]]
+
+
+@dataclass(frozen=True)
+class MaskedObjective:
+    """The generator loss of a masked model: corrupt x, predict the masked tokens, weigh the CE.
+
+    Built by `NonAutoregressiveWrapper` from its settings on every call. `mdlm` (the seed's
+    use_simple_mdlm_loss_weight): the MDLM NELBO estimate, by exact mask counts (`estimator`
+    "count", `count_masks` with `count_power`) or by a time and Bernoulli masks ("time", weight
+    m'(t)/m(t)); otherwise MaskGIT's mean cross-entropy over masked positions.
+    """
+
+    schedule: Schedule
+    mask_id: int
+    num_tokens: int
+    no_replace_prob: float
+    random_token_prob: float
+    cond_drop_prob: float
+    mdlm: bool
+    estimator: str = "count"
+    count_power: float = 0.5
+
+    def __call__(
+        self, x: Tensor, cond: Tensor, predict: Predict
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """x (B, N) clean tokens, cond (B, N) bool given positions (never masked) ->
+        (loss, logits (M, V), rows (M,), cols (M,)) with M the masked positions."""
+        b, n = x.shape
+        counts = t = weight = None
+        if self.mdlm and self.estimator == "count":
+            mask, counts, weight = count_masks(~cond, power=self.count_power)
+        else:
+            t = stratified_times(b, device=x.device)  # (B,)
+            mask = draw_masks(self.schedule.mask_ratio(t), (b, n), device=x.device) & ~cond
+        inp = augment_masked(
+            x,
+            mask,
+            mask_id=self.mask_id,
+            num_tokens=self.num_tokens,
+            no_replace_prob=self.no_replace_prob,
+            random_token_prob=self.random_token_prob,
+        )
+        if self.cond_drop_prob > 0:
+            drop = torch.rand(b, device=x.device) < self.cond_drop_prob  # (B,)
+            inp = inp.masked_fill(cond & drop[:, None], self.mask_id)
+        ce, logits, rows, cols = predict(inp, mask)
+        if self.mdlm and t is not None:
+            weight = mdlm_weight(self.schedule, t)
+        return masked_loss(ce, rows, b, (~cond).sum(-1), weight, counts), logits, rows, cols
+
+    def nelbo(
+        self,
+        x: Tensor,
+        cond: Tensor,
+        predict: Predict,
+        num_times: int = 32,
+        discrete_steps: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """(B,) the MDLM negative ELBO of x (B, N) in bits per non-condition token, without
+        augmentation. Continuous time: the times t_j = (j + 0.5) / num_times, one Bernoulli(m(t_j))
+        mask draw each, weight m'(t)/m(t). `discrete_steps=T`: the T-step discrete-time bound,
+        every t_i = i / T once with weight (m(t_i) - m(t_{i-1})) / m(t_i)."""
+        b, n = x.shape
+        if discrete_steps is None:
+            times = midpoint_times(check_int("num_times", num_times, min=1), device=x.device)
+            weights = mdlm_weight(self.schedule, times) / len(times)  # average over times
+        else:
+            steps = check_int("discrete_steps", discrete_steps, min=1)
+            times = torch.arange(1, steps + 1, device=x.device, dtype=torch.float64) / steps
+            weights = discrete_step_weight(self.schedule, times, steps)  # summed over steps
+        total = torch.zeros(b, dtype=torch.float64, device=x.device)
+        for t, w in zip(times, weights):
+            ratio = self.schedule.mask_ratio(t.expand(b))
+            mask = draw_masks(ratio, (b, n), generator=generator, device=x.device) & ~cond
+            ce, _, rows, _ = predict(x.masked_fill(mask, self.mask_id), mask)
+            total.index_add_(0, rows, ce.double() * w)
+        return total / ((~cond).sum(-1).clamp_min(1) * math.log(2))  # (B,) bits per token

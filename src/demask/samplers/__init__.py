@@ -26,7 +26,6 @@ from demask.samplers.entropy import EntropyRule
 from demask.samplers.entropy_bound import EntropyBoundRule
 from demask.samplers.factor import FactorRule
 from demask.samplers.filters import (
-    FILTERS,
     min_p,
     top_a,
     top_k,
@@ -70,7 +69,6 @@ def get_rule(rule: str | RevealRule, **options: Any) -> RevealRule:
 
 
 __all__ = [
-    "FILTERS",
     "RULES",
     "AncestralRule",
     "ConfidenceRule",

@@ -13,7 +13,7 @@ from torch import Tensor
 
 from demask._checks import check_float, check_int
 
-__all__ = ["top_k", "top_k_compact", "top_k_count", "top_p", "min_p", "top_a", "FILTERS"]
+__all__ = ["top_k", "top_k_compact", "top_k_count", "top_p", "min_p", "top_a"]
 
 
 def top_k_count(vocab_size: int, *, k: int | None = None, thres: float | None = None) -> int:
@@ -96,13 +96,3 @@ def top_a(logits: Tensor, a: float, power: float = 2.0) -> Tensor:
     probs = logits.double().softmax(dim=-1)  # (..., V)
     limit = a * probs.amax(dim=-1, keepdim=True) ** power
     return logits.masked_fill(probs < limit, -math.inf)
-
-
-# name -> filter(logits, value); the CLI and the decoders pick filters by name from here
-FILTERS = {
-    "top_k": lambda logits, value: top_k(logits, k=int(value)),
-    "filter_thres": lambda logits, value: top_k(logits, thres=float(value)),
-    "top_p": top_p,
-    "min_p": min_p,
-    "top_a": top_a,
-}

@@ -11,10 +11,12 @@ It composes the objective (demask.objectives.autoregressive) and the decoding lo
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, cast
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from demask._checks import check_float, check_int, reject_unknown_kwargs
@@ -33,11 +35,12 @@ from demask.decoding.prompts import (
 )
 from demask.modes import eval_mode
 from demask.objectives.autoregressive import autoregressive_loss
+from demask.wrappers.contract import ModelContract, SampleOptions, Samples
 
 __all__ = ["AutoregressiveWrapper"]
 
 
-class AutoregressiveWrapper(nn.Module):
+class AutoregressiveWrapper(ModelContract):
     """Teacher-forced training and sampling for a causal `TransformerWrapper` (a Decoder).
 
     Args (the seed's):
@@ -49,6 +52,11 @@ class AutoregressiveWrapper(nn.Module):
       next_embed_loss_weight: weight of the next-embedding loss, used when the net was built with
         add_continuous_pred_head=True (cosine distance; see demask.objectives.autoregressive).
     """
+
+    kind = "autoregressive"
+    likelihood_name = "exact_nll"
+    sample_options = frozenset({"seed", "temperature", "filter_thres", "prompt", "start", "length",
+                                "history"})  # fmt: skip
 
     def __init__(
         self,
@@ -104,6 +112,74 @@ class AutoregressiveWrapper(nn.Module):
             **kwargs,
         )
         return (loss, metrics) if return_metrics else loss
+
+    # ---------------------------------------------------------------- the model contract
+    def loss(self, x: Tensor, **kwargs: Any) -> tuple[Tensor, dict[str, Tensor]]:
+        """`forward(x, return_metrics=True)`: the loss and its metrics (ce, tokens, ...)."""
+        return cast(tuple[Tensor, dict[str, Tensor]], self(x, return_metrics=True, **kwargs))
+
+    def likelihood_bits(self, x: Tensor, *, num_times: int | None = None) -> tuple[Tensor, int]:
+        """Exact NLL bits of x[:, 1:] given the prefix, summed over the batch x (B, N), from the
+        network's logits (training extras such as input masking or the z-loss never leak in);
+        token 0 has no prefix and is not scored. num_times is unused."""
+        logits = self.net(x[:, :-1])  # (B, N-1, V)
+        nats = F.cross_entropy(
+            logits.float().reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="sum"
+        )
+        return nats.double() / math.log(2.0), x[:, 1:].numel()
+
+    def sample(self, n: int, options: SampleOptions) -> Samples:
+        """Left-to-right sampling of n rows after a prefix: `options.prompt` (token ids, no
+        holes) or `options.start` (n, k); `options.length` new tokens (default: up to
+        max_seq_len). filter_thres > 0 keeps the top ceil((1 - F) * vocab) logits."""
+        self.check_sample_options(options)
+        start = self._sample_start(n, options)
+        limit = self.max_seq_len
+        if options.length is None and start.shape[1] >= limit:
+            raise ValueError(
+                f"prompt: {start.shape[1]} tokens leave no room to generate: the model's sequence "
+                f"length is {limit}, so give at most {limit - 1} prompt tokens"
+            )
+        length = options.length or limit - start.shape[1]
+        if length < 1 or start.shape[1] + length > limit:
+            raise ValueError(
+                f"length: prompt ({start.shape[1]} tokens) + {length} new tokens must fit the "
+                f"model's sequence length {limit}"
+            )
+        dev = next(self.net.parameters()).device
+        thres = options.filter_thres
+        tokens = self.generate(
+            start.to(dev),
+            length,
+            temperature=options.temperature,
+            filter_logits_fn="top_k" if thres else None,
+            filter_kwargs={"thres": thres} if thres else None,
+            generator=torch.Generator(dev).manual_seed(options.seed),
+        )
+        return Samples(cast(Tensor, tokens).cpu(), None, {"filter_thres": thres})
+
+    @staticmethod
+    def _sample_start(n: int, options: SampleOptions) -> Tensor:
+        """(n, k) the prefix to continue."""
+        prompt = options.prompt
+        if prompt is None:
+            if options.start is None:
+                raise ValueError("prompt: an autoregressive model needs a prompt or start tokens")
+            return options.start
+        if any(t is None for t in prompt):
+            raise ValueError(
+                "prompt: holes need a masked model; an autoregressive model only continues a prefix"
+            )
+        if not prompt:
+            raise ValueError("prompt: an autoregressive model needs at least one prompt token")
+        return torch.tensor(prompt, dtype=torch.long).expand(n, len(prompt)).clone()
+
+    @classmethod
+    def from_config(cls, config: Any) -> AutoregressiveWrapper:
+        """A Decoder backbone over the data's tokens, and the wrapper."""
+        from demask.model import Decoder
+
+        return cls(config.backbone(Decoder, num_tokens=config.num_tokens), **config.arguments(cls))
 
     # ---------------------------------------------------------------- generation
     def _setup(
