@@ -170,8 +170,8 @@ def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
     """The sampling options shared by `demask sample` and `demask eval`."""
     p.add_argument(
         "--sampler",
-        help="masked models: confidence | low_confidence | random | margin | entropy | "
-        "ancestral (default: ancestral)",
+        help="masked models: confidence | low_confidence | random | margin | entropy | halton | "
+        "ancestral | remdm | threshold | factor | entropy_bound (default: ancestral)",
     )
     p.add_argument(
         "--decode-steps",
