@@ -76,27 +76,29 @@ class Rotary(nn.Module):
         return torch.cat((out, x_pass), dim=-1) if x_pass.shape[-1] else out
 
 
+@dataclass(frozen=True)
+class AttnOptions:
+    """An attention layer's shape and options (see `AttentionLayers` for their meaning)."""
+
+    heads: int
+    dim_head: int
+    kv_heads: int
+    dropout: float = 0.0
+    qk_norm: bool = False
+    rms: bool = False  # RMSNorm (else LayerNorm) for the QK-norm
+
+
 class Attention(nn.Module):
     """Multi-head attention with grouped-query heads (`kv_heads` < `heads`), optional QK-norm.
 
     Self-attention uses one fused q/k/v projection; cross-attention projects the context for k/v.
     """
 
-    def __init__(
-        self,
-        dim: int,
-        heads: int,
-        dim_head: int,
-        kv_heads: int,
-        causal: bool,
-        dropout: float,
-        qk_norm: bool,
-        cross: bool = False,
-        rms: bool = False,
-    ):
+    def __init__(self, dim: int, opts: AttnOptions, causal: bool, cross: bool = False):
         super().__init__()
+        heads, kv_heads, dim_head = opts.heads, opts.kv_heads, opts.dim_head
         self.heads, self.kv_heads, self.dim_head = heads, kv_heads, dim_head
-        self.causal, self.cross, self.dropout = causal, cross, dropout
+        self.causal, self.cross, self.dropout = causal, cross, opts.dropout
         q_dim, kv_dim = heads * dim_head, kv_heads * dim_head
         if cross:
             self.to_q = Linear(dim, q_dim, bias=False)
@@ -106,10 +108,10 @@ class Attention(nn.Module):
         self.to_out = Linear(q_dim, dim, bias=False)
         # QK-norm (arXiv 2302.05442): normalised queries and keys keep attention logits bounded;
         # a learned scalar gain on q lets the model sharpen attention again.
-        self.qk_norm = qk_norm
-        if qk_norm:
-            self.q_norm = Norm(dim_head, rms=rms)
-            self.k_norm = Norm(dim_head, rms=rms)
+        self.qk_norm = opts.qk_norm
+        if opts.qk_norm:
+            self.q_norm = Norm(dim_head, rms=opts.rms)
+            self.k_norm = Norm(dim_head, rms=opts.rms)
             self.qk_gain = nn.Parameter(torch.ones(()))
 
     def _split(self, t: Tensor, h: int) -> Tensor:

@@ -15,7 +15,7 @@ from demask._checks import check_float, check_int, check_tokens, reject_unknown_
 from demask.model.init import init_weights
 from demask.model.intermediates import Intermediates, resume
 from demask.model.kv_cache import KVCache, LayerCache
-from demask.model.layers import Attention, FeedForward, Linear, Norm, Record, Rotary
+from demask.model.layers import Attention, AttnOptions, FeedForward, Linear, Norm, Record, Rotary
 
 
 class Block(nn.Module):
@@ -24,7 +24,7 @@ class Block(nn.Module):
     def __init__(self, dim: int, cfg: dict[str, Any], causal: bool, cross: bool):
         super().__init__()
         rms = cfg["use_rmsnorm"]
-        attn_args = dict(
+        opts = AttnOptions(
             heads=cfg["heads"],
             dim_head=cfg["attn_dim_head"],
             kv_heads=cfg["attn_kv_heads"],
@@ -33,9 +33,9 @@ class Block(nn.Module):
             rms=rms,
         )
         self.attn_norm = Norm(dim, rms)
-        self.attn = Attention(dim, causal=causal, **attn_args)
+        self.attn = Attention(dim, opts, causal=causal)
         self.cross_norm = Norm(dim, rms) if cross else None
-        self.cross_attn = Attention(dim, causal=False, cross=True, **attn_args) if cross else None
+        self.cross_attn = Attention(dim, opts, causal=False, cross=True) if cross else None
         self.ff_norm = Norm(dim, rms)
         self.ff = FeedForward(
             dim, cfg["ff_mult"], cfg["ff_glu"], cfg["ff_swish"], cfg["ff_dropout"]
@@ -189,7 +189,7 @@ class TransformerWrapper(nn.Module):
       post_emb_norm: normalise the embeddings before the layers.
     """
 
-    def __init__(
+    def __init__(  # noqa: PLR0913  (seed signature)
         self,
         *,
         num_tokens: int,

@@ -34,7 +34,7 @@ from demask.decoding.prompts import (
     check_token_id,
     prepare_prompts,
 )
-from demask.objectives.autoregressive import autoregressive_loss
+from demask.objectives.autoregressive import LossOptions, autoregressive_loss
 
 __all__ = ["AutoregressiveWrapper"]
 
@@ -109,16 +109,14 @@ class AutoregressiveWrapper(nn.Module):
         kwargs: `mask` (B, N) bool padding mask, `generator` for the masking draw, and anything
         the net's forward accepts (e.g. `context`). Forgetful masking applies in training only.
         """
-        loss, metrics = autoregressive_loss(
-            self.net,
-            x,
+        options = LossOptions(
             ignore_index=self.ignore_index,
             pad_value=self.pad_value,
             mask_prob=self.mask_prob if self.training else 0.0,
             add_attn_z_loss=self.add_attn_z_loss,
             next_embed_loss_weight=self.next_embed_loss_weight,
-            **kwargs,
         )
+        loss, metrics = autoregressive_loss(self.net, x, options, **kwargs)
         return (loss, metrics) if return_metrics else loss
 
     # ---------------------------------------------------------------- generation
@@ -152,7 +150,7 @@ class AutoregressiveWrapper(nn.Module):
             raise TypeError(f"compile must be a bool or a torch.compile mode, got {compile!r}")
         return Running(bool(cache_kv), window, compile)
 
-    def _decode_iter(
+    def _decode_iter(  # noqa: PLR0913  (seed signature: generate's keyword options)
         self,
         prompts: Any,
         seq_len: int,
