@@ -202,3 +202,9 @@ def test_compiled_decode_gives_the_eager_tokens(rotary):
     assert [r.tolist() for r in again] == [r.tolist() for r in eager]
     assert compile_decode_step(True) is compile_decode_step(True)
     assert Running(compile=True).cache_kv
+    with torch.no_grad():  # weights updated in place (an optimiser step): no stale frozen copy
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.5)
+    eager = model.generate(prompts, n, **kw)
+    compiled = model.generate(prompts, n, compile=True, **kw)
+    assert [r.tolist() for r in eager] == [r.tolist() for r in compiled]
