@@ -236,6 +236,7 @@ class ModelStepper:
             cols = torch.arange(total, device=buf.device)
             self.real = cols[None, :] >= start_pos[:, None]
         compile = running.compile
+        self._compiled = bool(compile)
         if running.cache_kv:
             self.cache = self._new_cache(name, batch, total)
         # with the cache the model sees buf[:, offset:]; the prompt is cut to the window
@@ -266,7 +267,10 @@ class ModelStepper:
                 "(the window then slides by re-running the last max_seq_len tokens every step), "
                 "or use rotary_pos_emb=True"
             )
-        return cast(Callable[..., Any], net.new_cache)(batch, min(total, self.window))
+        capacity = total
+        if self._compiled:  # a compiled step is specialised to the capacity: round it up to a
+            capacity = -(-total // 64) * 64  # multiple of 64, so most lengths reuse one compile
+        return cast(Callable[..., Any], net.new_cache)(batch, min(capacity, self.window))
 
     def _run(self, lo: int, hi: int, cache: Any) -> Tensor:
         x = self.buf[:, lo:hi]  # (B, n)
