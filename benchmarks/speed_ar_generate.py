@@ -5,7 +5,7 @@ prompt of 16 tokens, 256 new tokens, cache on, each library's default sampling (
 its default logits filter). Untrained weights, same seed for both.
 
 Workloads: `generate` (eager) and `generate-compiled`: demask with `generate(..., compile=True)`
-(the cached decode step through torch.compile; on the CPU inductor's frozen-weight path) against
+(the cached decode step through torch.compile, inductor's default mode on the CPU) against
 the same eager reference call. The compile warm-up (the first call, untimed in the table) is timed
 on its own and recorded as `compile_warmup_s`.
 

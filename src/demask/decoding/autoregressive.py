@@ -175,23 +175,17 @@ _COMPILED: dict[str, Callable[..., Tensor]] = {}
 def compile_decode_step(mode: str | bool = True, device_type: str = "cpu") -> Callable[..., Tensor]:
     """`_decode_step` compiled with `torch.compile` (made once per mode, then shared).
 
-    mode True: "reduce-overhead" on CUDA (the step is captured in a CUDA graph) and the default
-    mode elsewhere, where inductor's frozen-weight path (`options={"freezing": True}`: weights as
-    constants, prepacked for oneDNN, the GELU fused into the matmul) makes the CPU step fastest.
-    A string is torch.compile's `mode`. Compiling happens at the first call for a given network,
-    batch and capacity (seconds to minutes); later calls replay the compiled step.
+    mode True: "reduce-overhead" on CUDA (the step is captured in a CUDA graph) and inductor's
+    default mode elsewhere; a string is torch.compile's `mode`. Weights stay graph inputs (no
+    freezing), so a model trained further in place is seen by the compiled step. Compiling
+    happens at the first call for a given network, batch and cache capacity (seconds to minutes);
+    later calls replay the compiled step.
     """
     key = f"{mode}:{device_type}"
     if key not in _COMPILED:
-        if mode is True and device_type == "cuda":
-            fn = torch.compile(_decode_step, mode="reduce-overhead", fullgraph=True, dynamic=False)
-        elif mode is True:
-            fn = torch.compile(
-                _decode_step, fullgraph=True, dynamic=False, options={"freezing": True}
-            )
-        else:
-            fn = torch.compile(_decode_step, mode=str(mode), fullgraph=True, dynamic=False)
-        _COMPILED[key] = fn
+        if mode is True:
+            mode = "reduce-overhead" if device_type == "cuda" else "default"
+        _COMPILED[key] = torch.compile(_decode_step, mode=str(mode), fullgraph=True, dynamic=False)
     return _COMPILED[key]
 
 
