@@ -233,8 +233,9 @@ def _line(row: dict[str, Any]) -> str:
 
 
 def table(results: list[dict[str, Any]]) -> str:
-    headers = ["part", "batch", "variant", "library", "tokens/s", "TFLOP/s", "MFU", "note"]
+    headers = ["part", "batch", "variant", "library", "tokens/s", "TFLOP/s", "MFU",
+               "first call s", "note"]  # fmt: skip
     rows = [[r["part"], r["batch"], r["variant"], r["library"], r.get("tokens_per_s"),
              None if "gflops" not in r else r["gflops"] / 1e3, r.get("mfu"),
-             r.get("error", "")[:60]] for r in results]  # fmt: skip
+             r.get("warmup_first_s"), r.get("error", "")[:60]] for r in results]  # fmt: skip
     return harness.format_table(headers, rows)
