@@ -4,6 +4,11 @@ Config: Decoder dim 256, depth 4, heads 4, num_tokens 256, max_seq_len 512, batc
 prompt of 16 tokens, 256 new tokens, cache on, each library's default sampling (temperature 1 and
 its default logits filter). Untrained weights, same seed for both.
 
+Workloads: `generate` (eager) and `generate-compiled`: demask with `generate(..., compile=True)`
+(the cached decode step through torch.compile, inductor's default mode on the CPU) against
+the same eager reference call. The compile warm-up (the first call, untimed in the table) is timed
+on its own and recorded as `compile_warmup_s`.
+
 Tokens per call = batch * new tokens (tokens produced; the prefill's time is included). FLOPs per
 call = prefill plus one cached forward per new token but the last, position j attending to j + 1
 keys: B * (T * 2P + 4 L I T (T + 1) / 2) with T = prompt + new - 1 (benchmarks/flops.py).
@@ -13,7 +18,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -44,7 +51,10 @@ class Config:
 SMOKE = Config(dim=32, depth=1, heads=2, num_tokens=17, max_seq_len=32, batch=2, new_tokens=8)
 
 
-def generate(lib_name: str, cfg: Config) -> Workload:
+COMPILE_WARMUP_S: dict[str, float] = {}  # workload -> seconds of demask's first (compiling) call
+
+
+def generate(lib_name: str, cfg: Config, compile: bool = False) -> Workload:
     lib = load(lib_name)
     torch.manual_seed(cfg.seed)
     net = build_net(lib, causal=True, num_tokens=cfg.num_tokens, max_seq_len=cfg.max_seq_len,
@@ -54,14 +64,21 @@ def generate(lib_name: str, cfg: Config) -> Workload:
     g = torch.Generator().manual_seed(cfg.seed)
     prompt = torch.randint(0, cfg.num_tokens, (cfg.batch, cfg.prompt_len), generator=g)  # (B, P)
 
-    def run() -> torch.Tensor:
-        return model.generate(prompt, cfg.new_tokens, cache_kv=True)  # (B, P + new)
+    kwargs = {"compile": True} if compile and lib_name == "demask" else {}
 
+    def run() -> torch.Tensor:
+        return model.generate(prompt, cfg.new_tokens, cache_kv=True, **kwargs)  # (B, P + new)
+
+    if kwargs:  # the first call compiles: timed apart from the steady state
+        start = time.perf_counter()
+        run()
+        COMPILE_WARMUP_S["generate-compiled"] = time.perf_counter() - start
+        print(f"demask compile warm-up (first call): {COMPILE_WARMUP_S['generate-compiled']:.1f} s")
     f = flops.ar_generate_flops(cfg.shape(), cfg.batch, cfg.prompt_len, cfg.new_tokens)
     return Workload(run, cfg.batch * cfg.new_tokens, f)
 
 
-WORKLOADS = {"generate": generate}
+WORKLOADS = {"generate": generate, "generate-compiled": partial(generate, compile=True)}
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -70,4 +87,6 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
     cfg = Config() if not args.smoke else SMOKE
-    return compare.run_suite(sys.modules[__name__], NAME, cfg, args)
+    record = compare.run_suite(sys.modules[__name__], NAME, cfg, args)
+    record["compile_warmup_s"] = dict(COMPILE_WARMUP_S)
+    return record

@@ -48,11 +48,11 @@ class BigramNet(nn.Module):
     def new_cache(self, batch_size: int, capacity: int | None = None) -> MockCache:
         return MockCache(batch_size, capacity or self.max_seq_len)
 
-    def forward(self, x, mask=None, cache=None, seq_start_pos=None):  # noqa: ARG002
+    def forward(self, x, mask=None, cache=None, seq_start_pos=None, input_pos=None):  # noqa: ARG002
         assert x.shape[1] <= self.max_seq_len or cache is not None
         assert not self.training, "generation must run in eval mode"
         self.widths.append(x.shape[1])
-        if cache is not None:
+        if cache is not None and input_pos is None:  # with input_pos the caller keeps the count
             cache.length += x.shape[1]
         return self.table[x]  # (B, N, V)
 

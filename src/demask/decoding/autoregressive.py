@@ -6,8 +6,9 @@ Layout of a decoding run (B rows, prompt length P, S new tokens):
   tokens into buf[:, P + i]. Nothing is concatenated or re-allocated per step.
 - `ModelStepper` feeds one model (the net, or the amateur of contrastive decoding) and returns
   next-token logits (B, V). With the key/value cache (the default) a step feeds only the newest
-  token to the static, preallocated `net.new_cache(B, capacity)`; without it a step re-runs the
-  last `max_seq_len` tokens. Past `max_seq_len` the window slides: with relative (rotary)
+  token, at an explicit position, to the static, preallocated `net.new_cache(B, capacity)`; its
+  shapes never change, so `compile=True` runs it through `torch.compile` (a CUDA graph on a GPU).
+  Without the cache a step re-runs the last `max_seq_len` tokens. Past `max_seq_len` the window slides: with relative (rotary)
   positions the cache becomes a ring over the last `max_seq_len` positions; with absolute
   positions only the no-cache path can slide, and asking for the cache raises a ValueError.
 - `select_tokens` turns logits into tokens: repetition penalty, contrastive scores, then greedy
@@ -23,7 +24,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import ExitStack
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, cast
@@ -32,15 +32,17 @@ import torch
 from torch import Tensor, nn
 
 from demask._checks import check_choice, check_float
-from demask.model.layers import packed_weights
 from demask.samplers.categorical import sample_categorical
 from demask.samplers.filters import min_p, top_a, top_k, top_k_compact, top_p
 
 __all__ = [
     "FILTER_FUNCTIONS",
     "ModelStepper",
+    "Running",
     "SamplingOptions",
+    "Stopping",
     "apply_repetition_penalty",
+    "compile_decode_step",
     "contrastive_logits",
     "iter_decode",
     "resolve_filter",
@@ -155,16 +157,59 @@ def select_tokens(
     return sample_categorical(logits, options.temperature, options.generator)
 
 
+def _decode_step(
+    net: nn.Module, tokens: Tensor, cache: Any, input_pos: Tensor, seq_start_pos: Tensor | None
+) -> Tensor:
+    """One cached step: tokens (B, 1) at absolute position input_pos (1,) -> logits (B, V).
+
+    Every shape is fixed (the cache is read whole, under a mask), so this is the function that
+    `compile_decode_step` compiles once and replays at every position."""
+    return cast(
+        Tensor, net(tokens, cache=cache, input_pos=input_pos, seq_start_pos=seq_start_pos)[:, -1]
+    )
+
+
+_COMPILED: dict[str, Callable[..., Tensor]] = {}
+
+
+def compile_decode_step(mode: str | bool = True, device_type: str = "cpu") -> Callable[..., Tensor]:
+    """`_decode_step` compiled with `torch.compile` (made once per mode, then shared).
+
+    mode True: "reduce-overhead" on CUDA (the step is captured in a CUDA graph) and inductor's
+    default mode elsewhere; a string is torch.compile's `mode`. Weights stay graph inputs (no
+    freezing), so a model trained further in place is seen by the compiled step. Compiling
+    happens at the first call for a given network, batch and cache capacity (seconds to minutes);
+    later calls replay the compiled step.
+    """
+    key = f"{mode}:{device_type}"
+    if key not in _COMPILED:
+        if mode is True:
+            mode = "reduce-overhead" if device_type == "cuda" else "default"
+        _COMPILED[key] = torch.compile(_decode_step, mode=str(mode), fullgraph=True, dynamic=False)
+    return _COMPILED[key]
+
+
+@dataclass
+class Running:
+    """How the model is run: with the static key/value cache (`cache_kv`), seeing at most
+    `window` tokens (default: its max_seq_len), with the cached step compiled (`compile`, see
+    `compile_decode_step`)."""
+
+    cache_kv: bool = True
+    window: int | None = None
+    compile: bool | str = False
+
+
 class ModelStepper:
     """Feeds one model the sequence held in `buf` and returns next-token logits (B, V).
 
     buf: (B, T) token buffer, shared with the loop; prompt_len: P, the prompt is buf[:, :P];
     start_pos: (B,) index of each row's first real token (None: no padding); cache_kv: use the
-    static key/value cache. `prefill()` runs the prompt; `step(cur)` runs after buf[:, cur - 1]
+    running: cache, window and compilation (see `Running`). `prefill()` runs the prompt; `step(cur)` runs after buf[:, cur - 1]
     was written and returns the logits that predict buf[:, cur].
 
-    Use it as a context manager: with the cache, its steps run from prepacked copies of the
-    weights (`demask.model.layers.packed_weights`), which exist until the block exits.
+    With the cache a step feeds the net one token per row at an explicit position (`input_pos`):
+    no host-side state, no token-range check (the loop wrote the ids itself), static shapes.
     """
 
     def __init__(
@@ -173,58 +218,60 @@ class ModelStepper:
         buf: Tensor,
         prompt_len: int,
         start_pos: Tensor | None,
-        cache_kv: bool,
+        running: Running,
         name: str = "net",
     ):
         batch, total = buf.shape
         self.net, self.buf, self.prompt_len, self.start_pos = net, buf, prompt_len, start_pos
-        self.window = cast(int, net.max_seq_len)
+        window = running.window
+        self.window = cast(int, net.max_seq_len) if window is None else window
         self.cache = None
         if start_pos is not None:  # (B, T): True at real tokens, allocated once
             cols = torch.arange(total, device=buf.device)
             self.real = cols[None, :] >= start_pos[:, None]
-            self.step_mask = torch.ones(batch, 1, dtype=torch.bool, device=buf.device)
-        if cache_kv:
-            if not getattr(net, "can_cache_kv", False):
-                raise ValueError(
-                    f"cache_kv=True needs a causal {name} (a Decoder) that supports a key/value "
-                    "cache; pass cache_kv=False"
-                )
-            if total > self.window and not net.can_cache_kv_outside_max_seq_len:
-                raise ValueError(
-                    f"prompt length {prompt_len} + seq_len {total - prompt_len} = {total} exceeds "
-                    f"the {name}'s max_seq_len={self.window}, and its absolute position embeddings "
-                    "cannot slide a key/value cache past max_seq_len: pass cache_kv=False (the "
-                    "window then slides by re-running the last max_seq_len tokens every step), "
-                    "or use rotary_pos_emb=True"
-                )
-            new_cache = cast(Callable[..., Any], net.new_cache)
-            self.cache = new_cache(batch, min(total, self.window))
+        compile = running.compile
+        self._compiled = bool(compile)
+        if running.cache_kv:
+            self.cache = self._new_cache(name, batch, total)
         # with the cache the model sees buf[:, offset:]; the prompt is cut to the window
         self.offset = max(0, prompt_len - self.window)
         self.cache_start = None
         if start_pos is not None:
             self.cache_start = (start_pos - self.offset).clamp(min=0)
-        self._resources = ExitStack()
+        self._step_fn: Callable[..., Tensor] = _decode_step
+        self._mark_step = False
+        if compile and self.cache is not None:
+            self._step_fn = compile_decode_step(compile, buf.device.type)
+            self._mark_step = buf.device.type == "cuda"
+        self._tokens = buf[:, :1].clone()  # (B, 1) the step's input, at a fixed address
+        self._input_pos = torch.zeros(1, dtype=torch.long, device=buf.device)
 
-    def __enter__(self) -> ModelStepper:
-        if self.cache is not None:  # one row per matmul and step: the layout that suits it
-            self._resources.enter_context(packed_weights(self.net, self.buf.shape[0]))
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._resources.close()
+    def _new_cache(self, name: str, batch: int, total: int) -> Any:
+        net = self.net
+        if not getattr(net, "can_cache_kv", False):
+            raise ValueError(
+                f"cache_kv=True needs a causal {name} (a Decoder) that supports a key/value "
+                "cache; pass cache_kv=False"
+            )
+        if total > self.window and not net.can_cache_kv_outside_max_seq_len:
+            raise ValueError(
+                f"prompt length {self.prompt_len} + seq_len {total - self.prompt_len} = {total} "
+                f"exceeds the {name}'s max_seq_len={self.window}, and its absolute position "
+                "embeddings cannot slide a key/value cache past max_seq_len: pass cache_kv=False "
+                "(the window then slides by re-running the last max_seq_len tokens every step), "
+                "or use rotary_pos_emb=True"
+            )
+        capacity = total
+        if self._compiled:  # a compiled step is specialised to the capacity: round it up to a
+            capacity = -(-total // 64) * 64  # multiple of 64, so most lengths reuse one compile
+        return cast(Callable[..., Any], net.new_cache)(batch, min(capacity, self.window))
 
     def _run(self, lo: int, hi: int, cache: Any) -> Tensor:
         x = self.buf[:, lo:hi]  # (B, n)
         kwargs: dict[str, Any] = {}
         if self.start_pos is not None:
-            if cache is not None and hi - lo == 1 and lo >= self.prompt_len:
-                kwargs["mask"] = self.step_mask  # keeps ring slots of old padding valid
-                kwargs["seq_start_pos"] = self.cache_start
-            else:
-                kwargs["mask"] = self.real[:, lo:hi]
-                kwargs["seq_start_pos"] = (self.start_pos - lo).clamp(min=0)
+            kwargs["mask"] = self.real[:, lo:hi]
+            kwargs["seq_start_pos"] = (self.start_pos - lo).clamp(min=0)
         if cache is not None:
             kwargs["cache"] = cache
         return self.net(x, **kwargs)[:, -1]  # (B, V)
@@ -233,9 +280,17 @@ class ModelStepper:
         return self._run(self.offset, self.prompt_len, self.cache)
 
     def step(self, cur: int) -> Tensor:
-        if self.cache is not None:
-            return self._run(cur - 1, cur, self.cache)
-        return self._run(max(0, cur - self.window), cur, None)
+        if self.cache is None:
+            return self._run(max(0, cur - self.window), cur, None)
+        self._tokens.copy_(self.buf[:, cur - 1 : cur])
+        self._input_pos.fill_(cur - 1 - self.offset)
+        if self._mark_step:  # a new CUDA-graph replay: the last step's outputs are consumed
+            torch.compiler.cudagraph_mark_step_begin()
+        logits = self._step_fn(
+            self.net, self._tokens, self.cache, self._input_pos, self.cache_start
+        )
+        self.cache.length += 1  # the count the host-side path would keep
+        return logits
 
     def reorder(self, index: Tensor) -> None:
         """Rows become old rows `index` (beam search); the caller reorders `buf` itself."""
@@ -254,6 +309,33 @@ def _prompt_seen(buf: Tensor, prompt_len: int, start_pos: Tensor | None, vocab: 
     return counts[:, :vocab] > 0
 
 
+@dataclass
+class Stopping:
+    """When a row stops: after `eos_token` or after completing one of `stop_sequences` ((L,) long
+    tensors); its later positions hold `pad_value`."""
+
+    eos_token: int | None = None
+    stop_sequences: Sequence[Tensor] = ()
+    pad_value: int = 0
+
+    @property
+    def active(self) -> bool:
+        return self.eos_token is not None or len(self.stop_sequences) > 0
+
+    def update(self, done: Tensor, buf: Tensor, cur: int, start_pos: Tensor | None) -> None:
+        """Mark in done (B,) the rows that stop with the token just written at buf[:, cur]."""
+        if self.eos_token is not None:
+            done |= buf[:, cur] == self.eos_token
+        for stop in self.stop_sequences:
+            first = cur + 1 - stop.shape[0]
+            if first < 0:
+                continue
+            hit = (buf[:, first : cur + 1] == stop).all(dim=-1)  # (B,)
+            if start_pos is not None:
+                hit &= start_pos <= first  # the match must lie inside the real tokens
+            done |= hit
+
+
 def iter_decode(
     net: nn.Module,
     buf: Tensor,
@@ -261,62 +343,51 @@ def iter_decode(
     *,
     start_pos: Tensor | None = None,
     options: SamplingOptions | None = None,
-    cache_kv: bool = True,
-    eos_token: int | None = None,
-    stop_sequences: Sequence[Tensor] = (),
-    pad_value: int = 0,
+    running: Running | None = None,
+    stopping: Stopping | None = None,
     amateur: nn.Module | None = None,
 ) -> Iterator[Tensor]:
     """Fill buf[:, prompt_len:] token by token, yielding each step's tokens (B,).
 
-    buf: (B, P + S) long with the left-aligned prompts in buf[:, :P]. A row stops after it emits
-    `eos_token` or completes one of `stop_sequences` ((L,) long tensors); its later positions
-    hold `pad_value`. The loop ends early once every row has stopped (the rest of buf stays
-    `pad_value`, so the caller should pre-fill buf with it). Arguments are assumed validated.
+    buf: (B, P + S) long with the left-aligned prompts in buf[:, :P]. A row stops as `stopping`
+    says. The loop ends early once every row has stopped (the rest of buf stays
+    `stopping.pad_value`, so the caller should pre-fill buf with it). Arguments are assumed
+    validated.
     """
     options = options or SamplingOptions()
-    with ExitStack() as resources:  # closed when the loop ends or the caller drops the iterator
-        expert = resources.enter_context(ModelStepper(net, buf, prompt_len, start_pos, cache_kv))
-        amateur_stepper = None
-        if amateur is not None:
-            amateur_stepper = resources.enter_context(
-                ModelStepper(amateur, buf, prompt_len, start_pos, cache_kv, name="amateur_model")
-            )
-        batch, total = buf.shape
-        seq_len = total - prompt_len
-        seen = None
-        if options.repetition_penalty != 1.0:
-            seen = _prompt_seen(buf, prompt_len, start_pos, cast(int, net.num_tokens))
-        track = eos_token is not None or len(stop_sequences) > 0
-        done = torch.zeros(batch, dtype=torch.bool, device=buf.device)
+    running = running or Running()
+    stopping = stopping or Stopping()
+    expert = ModelStepper(net, buf, prompt_len, start_pos, running)
+    amateur_stepper = None
+    if amateur is not None:
+        amateur_stepper = ModelStepper(
+            amateur, buf, prompt_len, start_pos, running, "amateur_model"
+        )
+    batch, total = buf.shape
+    seq_len = total - prompt_len
+    seen = None
+    if options.repetition_penalty != 1.0:
+        seen = _prompt_seen(buf, prompt_len, start_pos, cast(int, net.num_tokens))
+    done = torch.zeros(batch, dtype=torch.bool, device=buf.device)
 
-        logits = expert.prefill()  # (B, V)
-        amateur_logits = amateur_stepper.prefill() if amateur_stepper is not None else None
-        for i in range(seq_len):
-            cur = prompt_len + i
-            tokens = select_tokens(logits, options, seen, amateur_logits)  # (B,)
-            if track:
-                tokens = tokens.masked_fill(done, pad_value)
-            buf[:, cur] = tokens
-            if seen is not None:
-                seen.scatter_(1, tokens[:, None], True)
-            if track:
-                if eos_token is not None:
-                    done |= tokens == eos_token
-                for stop in stop_sequences:
-                    first = cur + 1 - stop.shape[0]
-                    if first < 0:
-                        continue
-                    hit = (buf[:, first : cur + 1] == stop).all(dim=-1)  # (B,)
-                    if start_pos is not None:
-                        hit &= start_pos <= first  # the match must lie inside the real tokens
-                    done |= hit
-            yield tokens
-            if (track and bool(done.all())) or i + 1 == seq_len:
-                return
-            logits = expert.step(cur + 1)
-            if amateur_stepper is not None:
-                amateur_logits = amateur_stepper.step(cur + 1)
+    logits = expert.prefill()  # (B, V)
+    amateur_logits = amateur_stepper.prefill() if amateur_stepper is not None else None
+    for i in range(seq_len):
+        cur = prompt_len + i
+        tokens = select_tokens(logits, options, seen, amateur_logits)  # (B,)
+        if stopping.active:
+            tokens = tokens.masked_fill(done, stopping.pad_value)
+        buf[:, cur] = tokens
+        if seen is not None:
+            seen.scatter_(1, tokens[:, None], True)
+        if stopping.active:
+            stopping.update(done, buf, cur, start_pos)
+        yield tokens
+        if (stopping.active and bool(done.all())) or i + 1 == seq_len:
+            return
+        logits = expert.step(cur + 1)
+        if amateur_stepper is not None:
+            amateur_logits = amateur_stepper.step(cur + 1)
 
 
 def check_sampling(temperature: Any, repetition_penalty: Any) -> tuple[float, float]:

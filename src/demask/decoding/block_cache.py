@@ -13,8 +13,10 @@ the loss as small). Exact where they cannot depend on the block: a one-layer net
 function of each position's own token), or a causal net (positions see only their left). The tests
 check both against the uncached decoder.
 
-This module drives the net's own layers (`net.attn_layers`, with a cache object that speaks the
-layers' `begin` / `layer(i).update(k, v)` / `commit` protocol); it changes nothing in demask.model.
+This module drives the net's own layers (`net.attn_layers`) with the model's static `KVCache` of
+capacity N (the canvas), built non-causal for a bidirectional net: the first call of a block
+writes every position's keys and values; a later call writes those of the positions it computes
+(the block, and for "prefix" the suffix too) and attends over all N slots, the others as recorded.
 """
 
 from __future__ import annotations
@@ -25,59 +27,11 @@ import torch
 from torch import Tensor, nn
 
 from demask.denoiser import Denoiser, self_cond_embeds
+from demask.model.kv_cache import KVCache
 
 __all__ = ["CACHES", "CachedDenoiser"]
 
 CACHES = ("prefix", "dual")
-
-
-class _Recorded:
-    """The duck-typed cache handed to `net.attn_layers` for one forward."""
-
-    def __init__(self, lo: int, hi: int, n: int, dual: bool, causal: bool) -> None:
-        self.lo, self.hi, self.n, self.dual, self.causal = lo, hi, n, dual, causal
-        self.k: dict[int, tuple[Tensor, Tensor]] = {}  # layer -> prefix keys, suffix keys
-        self.v: dict[int, tuple[Tensor, Tensor]] = {}
-        self.recording = True
-
-    def query_range(self) -> tuple[int, int]:
-        if self.recording:
-            return 0, self.n
-        return self.lo, (self.hi if self.dual else self.n)
-
-    def begin(self, n: int, key_mask: Tensor | None) -> None:
-        pass
-
-    def commit(self, n: int) -> None:
-        pass
-
-    def layer(self, i: int) -> _LayerView:
-        return _LayerView(self, i)
-
-    def mask(self, device: torch.device) -> Tensor | None:
-        """(Q, K) bool for a causal net (keys at positions <= the query's), else None. The keys
-        are always positions 0..N-1 in order (recorded, or recorded around the queries)."""
-        if not self.causal:
-            return None
-        q0, q1 = self.query_range()
-        q_pos = torch.arange(q0, q1, device=device)
-        return torch.arange(self.n, device=device)[None, :] <= q_pos[:, None]
-
-
-class _LayerView:
-    def __init__(self, cache: _Recorded, i: int) -> None:
-        self.cache, self.i = cache, i
-
-    def update(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
-        c, i = self.cache, self.i
-        if c.recording:  # k, v: (B, h, N, D) of the whole canvas
-            c.k[i] = (k[:, :, : c.lo], k[:, :, c.hi :])
-            c.v[i] = (v[:, :, : c.lo], v[:, :, c.hi :])
-            return k, v, c.mask(k.device)
-        (pk, sk), (pv, sv) = c.k[i], c.v[i]
-        if c.dual:  # k, v: the block's; the suffix's come from the record
-            return torch.cat([pk, k, sk], 2), torch.cat([pv, v, sv], 2), c.mask(k.device)
-        return torch.cat([pk, k], 2), torch.cat([pv, v], 2), c.mask(k.device)
 
 
 class CachedDenoiser(Denoiser):
@@ -96,7 +50,7 @@ class CachedDenoiser(Denoiser):
             raise ValueError("a block cache does not support cross-attending layers")
         self.dual = cache == "dual"
         self.block: tuple[int, int] | None = None
-        self.records: list[_Recorded | None] = [None, None]  # per branch (cond, uncond)
+        self.records: list[KVCache | None] = [None, None]  # per branch (cond, uncond)
         self.last: list[Tensor | None] = [None, None]
 
     def start_block(self, lo: int, hi: int) -> None:
@@ -107,19 +61,20 @@ class CachedDenoiser(Denoiser):
         if self.block is None:
             return super().hidden(seq, branch)
         rec = self.records[branch]
-        if rec is None:
-            causal = bool(getattr(self.net.attn_layers, "causal", False))
-            rec = _Recorded(*self.block, seq.shape[1], self.dual, causal)
+        n = seq.shape[1]
+        lo, hi = self.block
+        if rec is None:  # the block's first call: a full forward that records every position
+            rec = _new_cache(self.net, seq.shape[0], n, seq.device)
             self.records[branch] = rec
+            q0, q1, read = 0, n, False
         else:
-            rec.recording = False
-        q0, q1 = rec.query_range()
+            q0, q1, read = lo, (hi if self.dual else n), True
         prev = self.prev_emb[branch]
         sum_embeds = self_cond_embeds(self.to_self_cond, prev)
         if sum_embeds is not None:
             sum_embeds = sum_embeds[:, q0:q1]
-        part = _encode(self.net, seq[:, q0:q1], q0, sum_embeds, rec)  # (B, q1 - q0, dim)
-        rec.recording = False
+        pos = torch.arange(q0, q1, device=seq.device)
+        part = _encode(self.net, seq[:, q0:q1], pos, sum_embeds, (rec, pos, read))  # (B, Q, dim)
         self.forwards += 1
         full = self.last[branch]
         if full is None or q0 == 0 and q1 == seq.shape[1]:
@@ -139,20 +94,19 @@ def _pad(part: Tensor, q0: int, n: int) -> Tensor:
     return full
 
 
-def _encode(net: nn.Module, x: Tensor, start: int, sum_embeds: Tensor | None, cache: Any) -> Tensor:
-    """The net's embeddings (B, Q, dim) of tokens x (B, Q) at positions start.., through `cache`.
+def _new_cache(net: nn.Module, batch: int, n: int, device: torch.device) -> KVCache:
+    layers: Any = net.attn_layers
+    dtype = next(net.parameters()).dtype
+    causal = bool(getattr(layers, "causal", False))
+    return KVCache(layers.depth, batch, layers.kv_heads, layers.dim_head, n, device, dtype, causal)
 
-    The embedding steps of `TransformerWrapper.forward` (token, absolute position, sum_embeds,
-    norm, projection), then its attention layers; tests compare a full call with `net(x)`.
-    """
+
+def _encode(
+    net: nn.Module, x: Tensor, pos: Tensor, sum_embeds: Tensor | None, cache: Any
+) -> Tensor:
+    """The net's embeddings (B, Q, dim) of tokens x (B, Q) at positions pos (Q,), through
+    `cache` (the layers' (KVCache, input_pos, read) triple): the net's own embedding step, then
+    its attention layers; tests compare a full call with `net(x)`."""
     m: Any = net
-    pos = torch.arange(start, start + x.shape[1], device=x.device)
-    h = m.token_emb(x)
-    if m.abs_pos_emb is not None:
-        h = h + m.abs_pos_emb(pos)
-    if sum_embeds is not None:
-        h = h + sum_embeds
-    for step in (m.post_emb_norm, m.emb_dropout, m.project_emb):
-        if step is not None:
-            h = step(h)
+    h = m._embed(x, pos, int(pos[-1]), sum_embeds)  # (B, Q, dim)
     return m.attn_layers(h, pos, cache=cache)

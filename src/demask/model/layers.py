@@ -8,8 +8,8 @@ needs the attention logits themselves (PaLM, arXiv 2204.02311, section 5).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -18,79 +18,15 @@ from torch import Tensor, nn
 from demask._checks import check_int
 from demask.model.kv_cache import LayerCache
 
-
-def _onednn_pack(weight: Tensor, batch_size: int) -> Tensor | None:
-    """oneDNN's prepacked (blocked) layout of an (out, in) float32 CPU weight, or None where
-    this torch build or device has no oneDNN linear."""
-    if weight.device.type != "cpu" or weight.dtype != torch.float32:
-        return None
-    if not torch.backends.mkldnn.is_available():
-        return None
-    try:
-        return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), batch_size)
-    except (AttributeError, RuntimeError):  # op missing or unsupported here: plain F.linear
-        return None
+Linear = nn.Linear  # every weight matmul; backend tricks (compile, prepacking) come from outside
 
 
-class Linear(nn.Linear):
-    """`nn.Linear` that can run from a prepacked copy of its weight during inference.
+@dataclass
+class Record:
+    """What a forward pass collects beside its output, for `Intermediates`."""
 
-    Why: in cached decoding each matmul has only B rows (one new token per row). On CPU, oneDNN's
-    linear on a weight reordered once into its blocked layout, with the GELU fused into the same
-    kernel, makes the whole cached decoding step about 1.2x faster than `F.linear` at such shapes
-    (benchmarks/RESULTS.md, speed/ar-generate). The packed copy exists only inside
-    `packed_weights(...)` and is used only without autograd and outside CPU autocast, so
-    training, mixed precision, state dicts and gradients never see it. Without a pack, this is
-    exactly `nn.Linear`.
-    """
-
-    packed: Tensor | None = None  # set by packed_weights
-    _packed_users = 0
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self._apply_linear(x, gelu=False)
-
-    def forward_gelu(self, x: Tensor) -> Tensor:
-        """gelu(self(x)) (exact, erf form), fused into one kernel when the weight is packed."""
-        return self._apply_linear(x, gelu=True)
-
-    def _apply_linear(self, x: Tensor, gelu: bool) -> Tensor:
-        packed = self.packed
-        if packed is None or torch.is_grad_enabled() or torch.is_autocast_enabled("cpu"):
-            out = F.linear(x, self.weight, self.bias)
-            return F.gelu(out) if gelu else out
-        flat = x.reshape(-1, x.shape[-1])  # (M, in)
-        attr, algorithm = ("gelu", "none") if gelu else ("none", "")  # "none": the erf GELU
-        out = torch.ops.mkldnn._linear_pointwise(flat, packed, self.bias, attr, [], algorithm)
-        return out.view(*x.shape[:-1], self.out_features)
-
-
-@contextmanager
-def packed_weights(module: nn.Module, batch_size: int) -> Iterator[None]:
-    """Within the block, every demask `Linear` under `module` runs inference from a prepacked
-    copy of its weight (see `Linear`): made on entry, dropped on exit, shared by nested and
-    concurrent uses. For inference with few rows per matmul (cached decoding, `batch_size` rows):
-    packing costs one pass over the weights and as much memory again. Weights must not change
-    inside the block. Where oneDNN cannot pack a weight (other devices and dtypes), it does
-    nothing.
-    """
-    packed = []
-    for m in module.modules():
-        if not isinstance(m, Linear):
-            continue
-        if m._packed_users == 0:
-            m.packed = _onednn_pack(m.weight, batch_size)
-            if m.packed is None:
-                continue
-        m._packed_users += 1
-        packed.append(m)
-    try:
-        yield
-    finally:
-        for m in packed:
-            m._packed_users -= 1
-            if m._packed_users == 0:
-                m.packed = None
+    z_loss: list[Tensor] | None = None  # when a list: each layer's attention z-loss
+    kv: list[tuple[Tensor, Tensor]] | None = None  # when a list: each layer's (detached) k, v
 
 
 class Norm(nn.Module):
@@ -141,27 +77,29 @@ class Rotary(nn.Module):
         return torch.cat((out, x_pass), dim=-1) if x_pass.shape[-1] else out
 
 
+@dataclass(frozen=True)
+class AttnOptions:
+    """An attention layer's shape and options (see `AttentionLayers` for their meaning)."""
+
+    heads: int
+    dim_head: int
+    kv_heads: int
+    dropout: float = 0.0
+    qk_norm: bool = False
+    rms: bool = False  # RMSNorm (else LayerNorm) for the QK-norm
+
+
 class Attention(nn.Module):
     """Multi-head attention with grouped-query heads (`kv_heads` < `heads`), optional QK-norm.
 
     Self-attention uses one fused q/k/v projection; cross-attention projects the context for k/v.
     """
 
-    def __init__(
-        self,
-        dim: int,
-        heads: int,
-        dim_head: int,
-        kv_heads: int,
-        causal: bool,
-        dropout: float,
-        qk_norm: bool,
-        cross: bool = False,
-        rms: bool = False,
-    ):
+    def __init__(self, dim: int, opts: AttnOptions, causal: bool, cross: bool = False):
         super().__init__()
+        heads, kv_heads, dim_head = opts.heads, opts.kv_heads, opts.dim_head
         self.heads, self.kv_heads, self.dim_head = heads, kv_heads, dim_head
-        self.causal, self.cross, self.dropout = causal, cross, dropout
+        self.causal, self.cross, self.dropout = causal, cross, opts.dropout
         q_dim, kv_dim = heads * dim_head, kv_heads * dim_head
         if cross:
             self.to_q = Linear(dim, q_dim, bias=False)
@@ -171,10 +109,10 @@ class Attention(nn.Module):
         self.to_out = Linear(q_dim, dim, bias=False)
         # QK-norm (arXiv 2302.05442): normalised queries and keys keep attention logits bounded;
         # a learned scalar gain on q lets the model sharpen attention again.
-        self.qk_norm = qk_norm
-        if qk_norm:
-            self.q_norm = Norm(dim_head, rms=rms)
-            self.k_norm = Norm(dim_head, rms=rms)
+        self.qk_norm = opts.qk_norm
+        if opts.qk_norm:
+            self.q_norm = Norm(dim_head, rms=opts.rms)
+            self.k_norm = Norm(dim_head, rms=opts.rms)
             self.qk_gain = nn.Parameter(torch.ones(()))
 
     def _split(self, t: Tensor, h: int) -> Tensor:
@@ -189,7 +127,7 @@ class Attention(nn.Module):
         key_mask: Tensor | None,  # (B, K) bool, True = attend; None = all keys valid
         context: Tensor | None = None,  # (B, M, dim) for cross-attention
         cache: LayerCache | None = None,
-        z_loss: list[Tensor] | None = None,  # when a list: append this layer's z-loss
+        record: Record | None = None,
     ) -> Tensor:
         b, n, _ = x.shape
         q_dim, kv_dim = self.heads * self.dim_head, self.kv_heads * self.dim_head
@@ -206,11 +144,16 @@ class Attention(nn.Module):
         if rotary is not None and rot is not None and not self.cross:
             q, k = rotary.rotate(q, *rot), rotary.rotate(k, *rot)
 
+        if record is not None and record.kv is not None:  # (B, kv_heads, N, D) each
+            record.kv.append((k.detach(), v.detach()))
         attn_mask: Tensor | None = None
         is_causal = False
-        if cache is not None:
-            k, v, attn_mask = cache.update(k, v)  # all cached keys; mask is None for a plain step
-        else:
+        if cache is not None:  # write the new keys/values at their slots (in place)
+            cache.k.index_copy_(2, cache.slots, k.to(cache.k.dtype))
+            cache.v.index_copy_(2, cache.slots, v.to(cache.v.dtype))
+        if cache is not None and cache.mask is not None:  # attend over the whole buffer, masked
+            k, v, attn_mask = cache.k.to(q.dtype), cache.v.to(q.dtype), cache.mask
+        else:  # no cache, or the first step of a fresh one: the new keys are all there is
             if key_mask is not None:
                 attn_mask = key_mask[:, None, None, :]  # (B, 1, 1, K)
             if self.causal:
@@ -219,8 +162,8 @@ class Attention(nn.Module):
                 else:
                     tri = torch.ones(n, n, dtype=torch.bool, device=x.device).tril()
                     attn_mask = attn_mask & tri
-        if z_loss is not None:
-            out = self._attend_with_z_loss(q, k, v, attn_mask, is_causal, z_loss)
+        if record is not None and record.z_loss is not None:
+            out = self._attend_with_z_loss(q, k, v, attn_mask, is_causal, record.z_loss)
         else:
             out = F.scaled_dot_product_attention(
                 q,
@@ -278,10 +221,48 @@ class FeedForward(nn.Module):
         if self.glu:
             h, gate = self.proj_in(x).chunk(2, dim=-1)
             h = h * self.act(gate)
-        elif self.act is F.gelu:
-            h = self.proj_in.forward_gelu(x)
         else:
             h = self.act(self.proj_in(x))
         if self.dropout is not None:
             h = self.dropout(h)
         return self.proj_out(h)
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: self-attention, optional cross-attention, feed-forward."""
+
+    def __init__(self, dim: int, cfg: dict[str, Any], causal: bool, cross: bool):
+        super().__init__()
+        rms = cfg["use_rmsnorm"]
+        opts = AttnOptions(
+            heads=cfg["heads"],
+            dim_head=cfg["attn_dim_head"],
+            kv_heads=cfg["attn_kv_heads"],
+            dropout=cfg["attn_dropout"],
+            qk_norm=cfg["attn_qk_norm"],
+            rms=rms,
+        )
+        self.attn_norm = Norm(dim, rms)
+        self.attn = Attention(dim, opts, causal=causal)
+        self.cross_norm = Norm(dim, rms) if cross else None
+        self.cross_attn = Attention(dim, opts, causal=False, cross=True) if cross else None
+        self.ff_norm = Norm(dim, rms)
+        self.ff = FeedForward(
+            dim, cfg["ff_mult"], cfg["ff_glu"], cfg["ff_swish"], cfg["ff_dropout"]
+        )
+
+    def forward(
+        self,
+        x: Tensor,  # (B, N, dim)
+        rotary: Rotary | None,
+        rot: tuple[Tensor, Tensor] | None,
+        key_mask: Tensor | None,
+        context: Tensor | None,
+        context_mask: Tensor | None,
+        cache: LayerCache | None,
+        record: Record | None,
+    ) -> Tensor:
+        x = x + self.attn(self.attn_norm(x), rotary, rot, key_mask, cache=cache, record=record)
+        if self.cross_attn is not None and self.cross_norm is not None:
+            x = x + self.cross_attn(self.cross_norm(x), None, None, context_mask, context=context)
+        return x + self.ff(self.ff_norm(x))

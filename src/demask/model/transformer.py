@@ -6,7 +6,6 @@ sampling: those live in `demask.objectives`, `demask.samplers` and `demask.decod
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -14,58 +13,9 @@ from torch import Tensor, nn
 
 from demask._checks import check_float, check_int, check_tokens, reject_unknown_kwargs
 from demask.model.init import init_weights
+from demask.model.intermediates import Intermediates, resume
 from demask.model.kv_cache import KVCache, LayerCache
-from demask.model.layers import Attention, FeedForward, Linear, Norm, Rotary
-
-
-@dataclass
-class Intermediates:
-    """What `forward(..., return_intermediates=True)` returns beside its output."""
-
-    hiddens: list[Tensor] = field(default_factory=list)  # input of each block, (B, N, dim)
-    attn_z_loss: Tensor | None = None  # weighted mean logsumexp^2 of attention logits
-    cache: KVCache | None = None  # the cache that was updated in place, if any
-    continuous_pred: Tensor | None = None  # (B, N, emb_dim) next-embedding prediction
-
-
-class Block(nn.Module):
-    """Pre-norm residual block: self-attention, optional cross-attention, feed-forward."""
-
-    def __init__(self, dim: int, cfg: dict[str, Any], causal: bool, cross: bool):
-        super().__init__()
-        rms = cfg["use_rmsnorm"]
-        attn_args = dict(
-            heads=cfg["heads"],
-            dim_head=cfg["attn_dim_head"],
-            kv_heads=cfg["attn_kv_heads"],
-            dropout=cfg["attn_dropout"],
-            qk_norm=cfg["attn_qk_norm"],
-            rms=rms,
-        )
-        self.attn_norm = Norm(dim, rms)
-        self.attn = Attention(dim, causal=causal, **attn_args)
-        self.cross_norm = Norm(dim, rms) if cross else None
-        self.cross_attn = Attention(dim, causal=False, cross=True, **attn_args) if cross else None
-        self.ff_norm = Norm(dim, rms)
-        self.ff = FeedForward(
-            dim, cfg["ff_mult"], cfg["ff_glu"], cfg["ff_swish"], cfg["ff_dropout"]
-        )
-
-    def forward(
-        self,
-        x: Tensor,  # (B, N, dim)
-        rotary: Rotary | None,
-        rot: tuple[Tensor, Tensor] | None,
-        key_mask: Tensor | None,
-        context: Tensor | None,
-        context_mask: Tensor | None,
-        cache: LayerCache | None,
-        z_terms: list[Tensor] | None,
-    ) -> Tensor:
-        x = x + self.attn(self.attn_norm(x), rotary, rot, key_mask, cache=cache, z_loss=z_terms)
-        if self.cross_attn is not None and self.cross_norm is not None:
-            x = x + self.cross_attn(self.cross_norm(x), None, None, context_mask, context=context)
-        return x + self.ff(self.ff_norm(x))
+from demask.model.layers import Block, Linear, Norm, Record, Rotary
 
 
 class AttentionLayers(nn.Module):
@@ -160,27 +110,31 @@ class AttentionLayers(nn.Module):
     def forward(
         self,
         x: Tensor,  # (B, N, dim)
-        pos: Tensor,  # (N,) or (B, N) absolute positions
+        pos: Tensor,  # (N,) or (B, N) positions (relative to each row's start)
         key_mask: Tensor | None = None,  # (B, N) True = real token
         context: Tensor | None = None,
         context_mask: Tensor | None = None,
-        cache: KVCache | None = None,
+        cache: tuple[KVCache, Tensor, bool] | None = None,  # cache, absolute positions (N,), read?
         inter: Intermediates | None = None,
         z_loss: bool = False,
     ) -> Tensor:
         rot = self.rotary.angles(pos) if self.rotary is not None else None
-        z_terms: list[Tensor] | None = [] if z_loss else None
-        if cache is not None:
-            cache.begin(x.shape[1], key_mask)
-        for i, block in enumerate(self.blocks):
+        record = None
+        if inter is not None:
+            record = Record(
+                [] if z_loss else None, inter.kv if self.causal and cache is None else None
+            )
+        layer_caches: list[LayerCache | None] = [None] * self.depth
+        if cache is not None:  # slots and mask once per pass, shared by the layers
+            kv_cache, input_pos, read = cache
+            slots, mask = kv_cache.step(input_pos, key_mask, read)
+            layer_caches = [kv_cache.layer(i, slots, mask) for i in range(self.depth)]
+        for block, layer_cache in zip(self.blocks, layer_caches):
             if inter is not None:
                 inter.hiddens.append(x)
-            layer_cache = cache.layer(i) if cache is not None else None
-            x = block(x, self.rotary, rot, key_mask, context, context_mask, layer_cache, z_terms)
-        if cache is not None:
-            cache.commit(x.shape[1])
-        if inter is not None and z_terms:
-            inter.attn_z_loss = torch.stack(z_terms).mean() * self.attn_z_loss_weight
+            x = block(x, self.rotary, rot, key_mask, context, context_mask, layer_cache, record)
+        if inter is not None and record is not None and record.z_loss:
+            inter.attn_z_loss = torch.stack(record.z_loss).mean() * self.attn_z_loss_weight
         return self.final_norm(x)
 
 
@@ -297,58 +251,12 @@ class TransformerWrapper(nn.Module):
             dtype=dtype or ref.dtype,
         )
 
-    def _positions(
-        self, n: int, cache: KVCache | None, seq_start_pos: Tensor | None, device
-    ) -> Tensor:
-        pos = cache.positions(n) if cache is not None else torch.arange(n, device=device)
-        if seq_start_pos is not None:
-            pos = (pos[None, :] - seq_start_pos[:, None]).clamp(min=0)  # (B, N)
-        return pos
-
-    def forward(
-        self,
-        x: Tensor,
-        mask: Tensor | None = None,
-        return_embeddings: bool = False,
-        return_logits_and_embeddings: bool = False,
-        return_intermediates: bool = False,
-        return_attn_z_loss: bool = False,
-        sum_embeds: Tensor | None = None,
-        cache: KVCache | None = None,
-        seq_start_pos: Tensor | None = None,
-        context: Tensor | None = None,
-        context_mask: Tensor | None = None,
-        **kwargs: Any,
-    ) -> Any:
-        """x: (B, N) token ids. With `cache`, x holds only the new tokens (see KVCache)."""
-        reject_unknown_kwargs("TransformerWrapper.forward", kwargs)
-        # A continuing cached step feeds back tokens the decoder itself produced: skip the
-        # host-syncing range check there (nn.Embedding still refuses out-of-range ids).
-        continuing = cache is not None and cache.length > 0
-        if not continuing and not torch.compiler.is_compiling():
-            x = check_tokens("x", x, num_tokens=self.num_tokens)  # any integer dtype -> long
-        b, n = x.shape
-        if mask is not None and (mask.shape != x.shape or mask.dtype != torch.bool):
-            raise ValueError(
-                f"mask must be a bool tensor of shape {tuple(x.shape)}, "
-                f"got {mask.dtype} {tuple(mask.shape)}"
-            )
-        if cache is not None:
-            if not self.can_cache_kv:
-                raise ValueError("cache needs causal attention layers (a Decoder)")
-            if cache.batch_size != b:
-                raise ValueError(f"cache holds {cache.batch_size} rows, x has {b}")
-        if self.attn_layers.cross_attend and context is None:
-            raise ValueError("these layers were built with cross_attend=True: pass context")
-        pos = self._positions(n, cache, seq_start_pos, x.device)
-
+    def _embed(self, x: Tensor, pos: Tensor, top: int | None, sum_embeds: Tensor | None) -> Tensor:
+        """Token (+ absolute position) embeddings (B, N, dim); `top`: the largest position, when
+        known on the host (checked against max_seq_len)."""
         h = self.token_emb(x)  # (B, N, E)
         if self.abs_pos_emb is not None:
-            if seq_start_pos is None:  # the largest position, known without a host sync
-                top = (cache.length if cache is not None else 0) + n - 1
-            else:
-                top = int(pos.max()) if pos.numel() else 0
-            if top >= self.max_seq_len:
+            if top is not None and top >= self.max_seq_len:
                 raise ValueError(
                     f"position {top} is past max_seq_len={self.max_seq_len}; absolute position "
                     "embeddings cannot go further (use rotary_pos_emb=True, or a shorter input)"
@@ -362,20 +270,87 @@ class TransformerWrapper(nn.Module):
             h = self.emb_dropout(h)
         if self.project_emb is not None:
             h = self.project_emb(h)
+        return h
 
-        inter = Intermediates(cache=cache) if return_intermediates else None
+    def _check_call(
+        self, x: Tensor, mask: Tensor | None, cache: KVCache | None, context: Tensor | None
+    ) -> None:
+        if mask is not None and (mask.shape != x.shape or mask.dtype != torch.bool):
+            raise ValueError(
+                f"mask must be a bool tensor of shape {tuple(x.shape)}, "
+                f"got {mask.dtype} {tuple(mask.shape)}"
+            )
+        if cache is not None:
+            if not self.can_cache_kv:
+                raise ValueError("cache needs causal attention layers (a Decoder)")
+            if cache.batch_size != x.shape[0]:
+                raise ValueError(f"cache holds {cache.batch_size} rows, x has {x.shape[0]}")
+        if self.attn_layers.cross_attend and context is None:
+            raise ValueError("these layers were built with cross_attend=True: pass context")
+
+    def forward(  # noqa: PLR0913  (seed signature, plus input_pos)
+        self,
+        x: Tensor,
+        mask: Tensor | None = None,
+        return_embeddings: bool = False,
+        return_logits_and_embeddings: bool = False,
+        return_intermediates: bool = False,
+        return_attn_z_loss: bool = False,
+        sum_embeds: Tensor | None = None,
+        cache: KVCache | Intermediates | None = None,
+        seq_start_pos: Tensor | None = None,
+        context: Tensor | None = None,
+        context_mask: Tensor | None = None,
+        input_pos: Tensor | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """x: (B, N) token ids -> logits (B, N, V) (or what the return_* flags ask for).
+
+        With a KVCache, x holds only the new tokens: their positions continue from cache.length
+        (which then grows by N), or are `input_pos` (N,) (the compiled decoding step: static
+        shapes, no host-side state; the caller then keeps the count, and x is trusted to hold
+        valid ids). With cache=Intermediates (the seed's idiom), x holds the whole sequence and the
+        logits of its new positions are returned.
+        """
+        reject_unknown_kwargs("TransformerWrapper.forward", kwargs)
+        if input_pos is not None and not isinstance(cache, KVCache):
+            raise ValueError("input_pos needs cache=KVCache (it gives the new tokens' slots)")
+        if isinstance(cache, Intermediates):
+            x, mask, cache = resume(cache, x, mask, self.max_seq_len)
+        if input_pos is None:  # the decoding loop's own steps (input_pos) feed back valid ids
+            x = check_tokens("x", x, num_tokens=self.num_tokens)  # any integer dtype -> long
+        self._check_call(x, mask, cache, context)
+        n = x.shape[1]
+        host_cache = cache is not None and input_pos is None  # positions from cache.length
+        top: int | None = n - 1  # the largest position, when known without a host sync
+        read = True  # attend over the cache (not on a fresh cache's first step: write only)
+        if cache is not None and host_cache:
+            top, read = cache.length + n - 1, cache.length > 0
+            input_pos = cache.positions(n)
+        elif input_pos is not None:
+            top = None
+        pos = input_pos if input_pos is not None else torch.arange(n, device=x.device)
+        if seq_start_pos is not None:
+            pos = (pos[None, :] - seq_start_pos[:, None]).clamp(min=0)  # (B, N)
+
+        h = self._embed(x, pos, top, sum_embeds)
+        inter = Intermediates(cache=cache, key_mask=mask) if return_intermediates else None
         emb = self.attn_layers(
             h,
             pos,
             key_mask=mask,
             context=context,
             context_mask=context_mask,
-            cache=cache,
+            cache=None if cache is None or input_pos is None else (cache, input_pos, read),
             inter=inter,
             z_loss=return_attn_z_loss and return_intermediates,
         )  # (B, N, dim)
-        if inter is not None and self.continuous_pred_head is not None:
-            inter.continuous_pred = self.continuous_pred_head(emb)
+        if cache is not None and host_cache:
+            cache.length += n
+        if inter is not None:
+            inter.cache_length = cache.length if cache is not None else n
+            if self.continuous_pred_head is not None:
+                inter.continuous_pred = self.continuous_pred_head(emb)
 
         if return_embeddings:
             out: Any = emb

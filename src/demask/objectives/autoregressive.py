@@ -21,6 +21,7 @@ x[:, 1:] from x[:, :-1] with a causal `net`. Optional terms, each off by default
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, cast
 
 import torch
@@ -29,7 +30,7 @@ from torch import Tensor, nn
 
 from demask._checks import check_float, check_int, check_tokens
 
-__all__ = ["autoregressive_loss", "forgetful_causal_mask"]
+__all__ = ["LossOptions", "autoregressive_loss", "forgetful_causal_mask"]
 
 
 def forgetful_causal_mask(
@@ -59,15 +60,50 @@ def _has_continuous_head(net: nn.Module) -> bool:
     return getattr(net, "continuous_pred_head", None) is not None
 
 
+@dataclass(frozen=True)
+class LossOptions:
+    """The objective's settings (the wrapper's constructor arguments of the same names)."""
+
+    ignore_index: int = -100
+    pad_value: int = 0
+    mask_prob: float = 0.0  # forgetful causal masking; pass it only in training
+    add_attn_z_loss: bool = False
+    next_embed_loss_weight: float = 0.1
+
+
+def _check_input(x: Any, mask: Tensor | None, max_seq_len: int) -> None:
+    if not isinstance(x, Tensor) or x.ndim != 2:
+        shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+        raise ValueError(f"x must be a (batch, length) tensor of token ids, got {shape}")
+    check_int("x.shape[1]", x.shape[1], min=2)
+    if x.shape[1] - 1 > max_seq_len:
+        raise ValueError(
+            f"x has length {x.shape[1]}, so the model input x[:, :-1] has {x.shape[1] - 1} tokens, "
+            f"more than max_seq_len={max_seq_len}"
+        )
+    if mask is not None and (mask.shape != x.shape or mask.dtype != torch.bool):
+        raise ValueError(
+            f"mask must be a bool tensor of shape {tuple(x.shape)}, got {mask.dtype} {tuple(mask.shape)}"
+        )
+
+
+def _next_embed_loss(net: nn.Module, inter: Any, tokens: Tensor, counts: Tensor) -> Tensor:
+    """Mean cosine distance between the head's prediction at i and the embedding of token i + 1."""
+    pred = inter.continuous_pred if inter is not None else None  # (B, N-1, E)
+    if pred is None:
+        raise ValueError("the net has a continuous_pred_head but returned no continuous_pred")
+    next_tokens = tokens[:, 1:]  # (B, N-1); ignored targets are masked out below
+    target_emb = cast(nn.Module, net.token_emb)(next_tokens).detach()  # (B, N-1, E)
+    dist = 1 - F.cosine_similarity(pred.float(), target_emb.float(), dim=-1)  # (B, N-1)
+    weight = counts.to(dist.dtype)
+    return (dist * weight).sum() / weight.sum().clamp(min=1)
+
+
 def autoregressive_loss(
     net: nn.Module,
     x: Tensor,
+    options: LossOptions | None = None,
     *,
-    ignore_index: int = -100,
-    pad_value: int = 0,
-    mask_prob: float = 0.0,
-    add_attn_z_loss: bool = False,
-    next_embed_loss_weight: float = 0.1,
     mask: Tensor | None = None,
     generator: torch.Generator | None = None,
     **net_kwargs: Any,
@@ -83,22 +119,10 @@ def autoregressive_loss(
     metrics holds detached scalars: "ce" (nats per target token), "tokens" (number of targets),
     and "attn_z_loss" / "next_embed_loss" when those terms are on.
     """
+    opts = options or LossOptions()
+    ignore_index, pad_value = opts.ignore_index, opts.pad_value
     num_tokens = cast(int, net.num_tokens)
-    max_seq_len = cast(int, net.max_seq_len)
-    if not isinstance(x, Tensor) or x.ndim != 2:
-        shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
-        raise ValueError(f"x must be a (batch, length) tensor of token ids, got {shape}")
-    check_int("x.shape[1]", x.shape[1], min=2)
-    if x.shape[1] - 1 > max_seq_len:
-        raise ValueError(
-            f"x has length {x.shape[1]}, so the model input x[:, :-1] has {x.shape[1] - 1} tokens, "
-            f"more than max_seq_len={max_seq_len}"
-        )
-    if mask is not None and (mask.shape != x.shape or mask.dtype != torch.bool):
-        raise ValueError(
-            f"mask must be a bool tensor of shape {tuple(x.shape)}, got {mask.dtype} {tuple(mask.shape)}"
-        )
-
+    _check_input(x, mask, cast(int, net.max_seq_len))
     x = check_tokens("x", x, num_tokens=num_tokens, ignore_index=ignore_index, nonempty=True)
     ignored = x == ignore_index  # (B, N)
     ignore_is_token = 0 <= ignore_index < num_tokens
@@ -111,19 +135,19 @@ def autoregressive_loss(
     counts = target != ignore_index  # (B, N-1): the positions whose target counts
 
     attn_mask = None if mask is None else mask[:, :-1]
-    if mask_prob > 0:
+    if opts.mask_prob > 0:
         keep = forgetful_causal_mask(
-            inp.shape[0], inp.shape[1], mask_prob, device=x.device, generator=generator
+            inp.shape[0], inp.shape[1], opts.mask_prob, device=x.device, generator=generator
         )
         attn_mask = keep if attn_mask is None else attn_mask & keep
 
-    want_continuous = _has_continuous_head(net) and next_embed_loss_weight > 0
-    want_inter = add_attn_z_loss or want_continuous
+    want_continuous = _has_continuous_head(net) and opts.next_embed_loss_weight > 0
+    want_inter = opts.add_attn_z_loss or want_continuous
     out = net(
         inp,
         mask=attn_mask,
         return_intermediates=want_inter,
-        return_attn_z_loss=add_attn_z_loss,
+        return_attn_z_loss=opts.add_attn_z_loss,
         **net_kwargs,
     )
     logits, inter = out if want_inter else (out, None)  # logits (B, N-1, V)
@@ -136,7 +160,7 @@ def autoregressive_loss(
     loss = ce
     metrics: dict[str, Tensor] = {"ce": ce.detach(), "tokens": counts.sum()}
 
-    if add_attn_z_loss:
+    if opts.add_attn_z_loss:
         z = inter.attn_z_loss if inter is not None else None
         if z is None:
             raise ValueError(
@@ -146,15 +170,8 @@ def autoregressive_loss(
         metrics["attn_z_loss"] = z.detach()
 
     if want_continuous:
-        pred = inter.continuous_pred if inter is not None else None  # (B, N-1, E)
-        if pred is None:
-            raise ValueError("the net has a continuous_pred_head but returned no continuous_pred")
-        next_tokens = tokens[:, 1:]  # (B, N-1); ignored targets are masked out below
-        target_emb = cast(nn.Module, net.token_emb)(next_tokens).detach()  # (B, N-1, E)
-        dist = 1 - F.cosine_similarity(pred.float(), target_emb.float(), dim=-1)  # (B, N-1)
-        weight = counts.to(dist.dtype)
-        embed_loss = (dist * weight).sum() / weight.sum().clamp(min=1)
-        loss = loss + next_embed_loss_weight * embed_loss
+        embed_loss = _next_embed_loss(net, inter, tokens, counts)
+        loss = loss + opts.next_embed_loss_weight * embed_loss
         metrics["next_embed_loss"] = embed_loss.detach()
 
     return loss, metrics

@@ -21,12 +21,14 @@ from torch import Tensor, nn
 
 from demask._checks import check_float, check_int, reject_unknown_kwargs
 from demask.decoding.autoregressive import (
+    Running,
     SamplingOptions,
+    Stopping,
     check_sampling,
     iter_decode,
     resolve_filter,
 )
-from demask.decoding.beam import beam_search
+from demask.decoding.beam import BeamOptions, beam_search
 from demask.decoding.prompts import (
     PreparedPrompts,
     check_stop_sequences,
@@ -34,8 +36,8 @@ from demask.decoding.prompts import (
     prepare_prompts,
 )
 from demask.modes import eval_mode
-from demask.objectives.autoregressive import autoregressive_loss
-from demask.wrappers.contract import ModelContract, SampleOptions, Samples
+from demask.objectives.autoregressive import LossOptions, autoregressive_loss
+from demask.wrappers.contract import ModelContract, SampleOptions, Samples, prefix_of
 
 __all__ = ["AutoregressiveWrapper"]
 
@@ -101,16 +103,14 @@ class AutoregressiveWrapper(ModelContract):
         kwargs: `mask` (B, N) bool padding mask, `generator` for the masking draw, and anything
         the net's forward accepts (e.g. `context`). Forgetful masking applies in training only.
         """
-        loss, metrics = autoregressive_loss(
-            self.net,
-            x,
+        options = LossOptions(
             ignore_index=self.ignore_index,
             pad_value=self.pad_value,
             mask_prob=self.mask_prob if self.training else 0.0,
             add_attn_z_loss=self.add_attn_z_loss,
             next_embed_loss_weight=self.next_embed_loss_weight,
-            **kwargs,
         )
+        loss, metrics = autoregressive_loss(self.net, x, options, **kwargs)
         return (loss, metrics) if return_metrics else loss
 
     # ---------------------------------------------------------------- the model contract
@@ -133,7 +133,7 @@ class AutoregressiveWrapper(ModelContract):
         holes) or `options.start` (n, k); `options.length` new tokens (default: up to
         max_seq_len). filter_thres > 0 keeps the top ceil((1 - F) * vocab) logits."""
         self.check_sample_options(options)
-        start = self._sample_start(n, options)
+        start = prefix_of(n, options)
         limit = self.max_seq_len
         if options.length is None and start.shape[1] >= limit:
             raise ValueError(
@@ -158,22 +158,6 @@ class AutoregressiveWrapper(ModelContract):
         )
         return Samples(cast(Tensor, tokens).cpu(), None, {"filter_thres": thres})
 
-    @staticmethod
-    def _sample_start(n: int, options: SampleOptions) -> Tensor:
-        """(n, k) the prefix to continue."""
-        prompt = options.prompt
-        if prompt is None:
-            if options.start is None:
-                raise ValueError("prompt: an autoregressive model needs a prompt or start tokens")
-            return options.start
-        if any(t is None for t in prompt):
-            raise ValueError(
-                "prompt: holes need a masked model; an autoregressive model only continues a prefix"
-            )
-        if not prompt:
-            raise ValueError("prompt: an autoregressive model needs at least one prompt token")
-        return torch.tensor(prompt, dtype=torch.long).expand(n, len(prompt)).clone()
-
     @classmethod
     def from_config(cls, config: Any) -> AutoregressiveWrapper:
         """A Decoder backbone over the data's tokens, and the wrapper."""
@@ -192,7 +176,27 @@ class AutoregressiveWrapper(ModelContract):
         prepared = prepare_prompts(prompts, prompt_lens, num_tokens=vocab, pad_value=self.pad_value)
         return prepared, seq_len, eos
 
-    def _decode_iter(
+    def _running(
+        self, cache_kv: Any, restrict_to_max_seq_len: Any, compile: Any, total: int
+    ) -> Running:
+        """How the net runs. restrict_to_max_seq_len=False (the seed's option): the net sees the
+        whole sequence, which must then fit max_seq_len unless its positions are rotary."""
+        window = None
+        if not restrict_to_max_seq_len:
+            window = max(total, self.max_seq_len)
+            if total > self.max_seq_len and not getattr(
+                self.net, "can_cache_kv_outside_max_seq_len", False
+            ):
+                raise ValueError(
+                    f"restrict_to_max_seq_len=False: prompt + seq_len = {total} tokens exceed "
+                    f"max_seq_len={self.max_seq_len} and the net's absolute position embeddings "
+                    "cannot go further (use rotary_pos_emb=True, or restrict_to_max_seq_len=True)"
+                )
+        if not isinstance(compile, (bool, str)):
+            raise TypeError(f"compile must be a bool or a torch.compile mode, got {compile!r}")
+        return Running(bool(cache_kv), window, compile)
+
+    def _decode_iter(  # noqa: PLR0913  (seed signature: generate's keyword options)
         self,
         prompts: Any,
         seq_len: int,
@@ -203,6 +207,8 @@ class AutoregressiveWrapper(ModelContract):
         filter_kwargs: dict[str, Any] | None = None,
         prompt_lens: Tensor | Sequence[int] | None = None,
         cache_kv: bool = True,
+        restrict_to_max_seq_len: bool = True,
+        compile: bool | str = False,
         amateur_model: nn.Module | None = None,
         contrastive_decode_kwargs: dict[str, float] | None = None,
         repetition_penalty: float = 1.0,
@@ -247,10 +253,8 @@ class AutoregressiveWrapper(ModelContract):
             prompt_len,
             start_pos=prepared.start_pos,
             options=options,
-            cache_kv=bool(cache_kv),
-            eos_token=eos,
-            stop_sequences=stops,
-            pad_value=self.pad_value,
+            running=self._running(cache_kv, restrict_to_max_seq_len, compile, buf.shape[1]),
+            stopping=Stopping(eos, stops, self.pad_value),
             amateur=amateur_model,
         )
         return it, buf, prepared
@@ -282,6 +286,11 @@ class AutoregressiveWrapper(ModelContract):
           stop_sequences=None       list of token sequences; a row stops after completing one
           prompt_lens=None          (B,) real lengths of right-padded (B, P) prompts
           cache_kv=True             the static key/value cache (see decoding.autoregressive)
+          restrict_to_max_seq_len=True  False: the net sees the whole sequence, not a sliding
+                                    window of max_seq_len tokens (rotary nets may then go past it)
+          compile=False             True: the cached decoding step runs through torch.compile
+                                    (a CUDA graph on a GPU; the first call compiles: seconds to
+                                    minutes); or a torch.compile mode string
           repetition_penalty=1.0    CTRL penalty (> 1 discourages tokens already present)
           amateur_model=None        contrastive decoding (arXiv 2210.15097) against this model,
           contrastive_decode_kwargs {"alpha": 0.1, "beta": 1.0}
@@ -311,16 +320,24 @@ class AutoregressiveWrapper(ModelContract):
                 yield tokens[0] if prepared.kind == "vector" else tokens
 
     @torch.no_grad()
-    def beam_search(
+    def beam_search(  # noqa: PLR0913  (seed signature, plus demask's options)
         self,
         prompts: Tensor | Sequence[Tensor],
         seq_len: int,
         beams: int = 4,
-        *,
+        return_beams_and_scores: bool = False,
         eos_token: int | None = None,
-        length_penalty: float = 0.0,
+        temperature: float = 1.0,
+        stochastic: bool = False,
         prompt_lens: Tensor | Sequence[int] | None = None,
+        filter_logits_fn: str | Callable[..., Tensor] | None = None,
+        restrict_to_max_seq_len: bool = True,
+        filter_kwargs: dict[str, Any] | None = None,
         cache_kv: bool = True,
+        *,
+        length_penalty: float = 0.0,
+        generator: torch.Generator | None = None,
+        compile: bool | str = False,
         return_scores: bool = False,
         return_all_beams: bool = False,
         return_only_new: bool = False,
@@ -331,25 +348,39 @@ class AutoregressiveWrapper(ModelContract):
         a (B, beams, ...) tensor (a list of (beams, ...) tensors for list prompts), best first.
         With return_scores, (sequences, scores): total log-probabilities in nats, (B,) or
         (B, beams), divided by length ** length_penalty when length_penalty > 0.
+        return_beams_and_scores (the seed's): (all beams, scores) beams first, (beams, B, ...) and
+        (beams, B), best first. stochastic (the seed's): choose hypotheses by Gumbel-perturbed
+        scores, from softmax(filter_logits_fn(logits) / temperature) (no filter by default),
+        drawn with `generator`; the scores returned stay the model's log-probabilities.
         """
         prepared, seq_len, eos = self._setup(prompts, seq_len, prompt_lens, eos_token)
         beams = check_int("beams", beams, min=1)
         length_penalty = check_float("length_penalty", length_penalty, min=0.0)
+        temperature, _ = check_sampling(temperature, 1.0)
+        sampling = None
+        if stochastic:
+            filter_fn = resolve_filter(filter_logits_fn, filter_kwargs)
+            sampling = SamplingOptions(temperature, filter_fn, generator=generator)
+        total = prepared.tokens.shape[1] + seq_len
+        running = self._running(cache_kv, restrict_to_max_seq_len, compile, total)
         with eval_mode(self):
             seqs, scores = beam_search(
                 self.net,
                 prepared.tokens,
                 seq_len,
-                beams=beams,
+                BeamOptions(beams, length_penalty, sampling),
                 start_pos=prepared.start_pos,
-                eos_token=eos,
-                pad_value=self.pad_value,
-                cache_kv=bool(cache_kv),
-                length_penalty=length_penalty,
+                stopping=Stopping(eos, (), self.pad_value),
+                running=running,
             )  # (B, K, T), (B, K)
+        if return_beams_and_scores:
+            return_all_beams, return_scores = True, True
         if not return_all_beams:
             seqs, scores = seqs[:, 0], scores[:, 0]
         out = prepared.format(seqs, prepared.tokens.shape[1], return_only_new)
         if prepared.kind == "vector":
             scores = scores[0]
+        if return_beams_and_scores:  # the seed's layout: beams first
+            out = out.transpose(0, 1) if isinstance(out, Tensor) and out.ndim == 3 else out
+            scores = scores.transpose(0, 1) if scores.ndim == 2 else scores
         return (out, scores) if return_scores else out

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+import torch
 from torch import Tensor, nn
 
 __all__ = ["SAMPLE_OPTION_NAMES", "ModelContract", "SampleOptions", "Samples"]
@@ -67,6 +68,23 @@ class Samples:
     tokens: Tensor
     history: Tensor | None = None
     settings: dict[str, Any] = field(default_factory=dict)
+
+
+def prefix_of(n: int, options: SampleOptions) -> Tensor:
+    """(n, k) the prefix a left-to-right model continues: `options.prompt` (token ids, no holes)
+    repeated n times, or `options.start`."""
+    prompt = options.prompt
+    if prompt is None:
+        if options.start is None:
+            raise ValueError("prompt: an autoregressive model needs a prompt or start tokens")
+        return options.start
+    if any(t is None for t in prompt):
+        raise ValueError(
+            "prompt: holes need a masked model; an autoregressive model only continues a prefix"
+        )
+    if not prompt:
+        raise ValueError("prompt: an autoregressive model needs at least one prompt token")
+    return torch.tensor(prompt, dtype=torch.long).expand(n, len(prompt)).clone()
 
 
 class ModelContract(nn.Module):
