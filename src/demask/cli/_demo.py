@@ -27,10 +27,10 @@ DEMO_MODEL: dict[str, Any] = {
     "cond_drop_prob": 0.25, "no_replace_prob": 0.0, "random_token_prob": 0.0,
 }  # fmt: skip
 DEMO_TRAIN: dict[str, Any] = {
-    "max_steps": 1000,
+    "max_steps": 750,
     "batch_size": 64,
     "lr": 3e-3,
-    "warmup_steps": 100,
+    "warmup_steps": 75,
     "val_every": 250,
     "val_batches": 2,
     "checkpoint_every": 0,

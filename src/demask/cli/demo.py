@@ -15,7 +15,7 @@ with a classifier trained on the real digits, and writes into --out:
   samples.png           digits sampled without a class
   loss_curve.png        the training loss
   eval.json             the numbers printed at the end
-It needs no download and runs in about 6 minutes on 2 CPU cores.
+It needs no download and runs in about 4.5 minutes on 2 CPU cores.
 
 Example:
   demask demo --out runs/demo
@@ -48,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
 
 COMMAND = Command(
     name="demo",
-    help="train a class-conditional masked model on digits, sample, write PNGs (about 6 minutes on CPU)",
+    help="train a class-conditional masked model on digits, sample, write PNGs (about 4.5 minutes on CPU)",
     description=DESCRIPTION,
     add_arguments=add_arguments,
     run=run,
