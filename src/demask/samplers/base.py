@@ -25,6 +25,7 @@ __all__ = [
     "keep_masked_below",
     "mask_least_confident",
     "per_row_rank",
+    "row_order",
     "prediction_entropy",
 ]
 
@@ -133,13 +134,13 @@ def mask_least_confident(
         return torch.zeros_like(rows, dtype=torch.bool)
     if eligible is not None:
         confidence = confidence.masked_fill(~eligible, torch.inf)
-    order, rank = _row_order(confidence, rows, counts.numel())
+    order, rank = row_order(confidence, rows, counts.numel())
     out = torch.zeros_like(rows, dtype=torch.bool)
     out[order] = rank < counts[rows[order]]
     return out if eligible is None else out & eligible
 
 
-def _row_order(score: Tensor, rows: Tensor, batch: int) -> tuple[Tensor, Tensor]:
+def row_order(score: Tensor, rows: Tensor, batch: int) -> tuple[Tensor, Tensor]:
     """`order` (M,): candidates grouped by row, ascending score inside a row (ties: lower index);
     `rank` (M,): the place of order[i] inside its row."""
     order = score.argsort(stable=True)
@@ -152,7 +153,7 @@ def _row_order(score: Tensor, rows: Tensor, batch: int) -> tuple[Tensor, Tensor]
 
 def per_row_rank(score: Tensor, rows: Tensor, batch: int) -> Tensor:
     """(M,) long: 0 for the highest score of its row, 1 for the next, ... (ties: lower index)."""
-    order, rank = _row_order(-score, rows, batch)
+    order, rank = row_order(-score, rows, batch)
     out = torch.empty_like(rank)
     out[order] = rank
     return out

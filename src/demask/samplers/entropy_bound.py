@@ -16,7 +16,13 @@ import torch
 from torch import Tensor
 
 from demask._checks import check_float
-from demask.samplers.base import Proposal, StepInfo, keep_masked_below, prediction_entropy
+from demask.samplers.base import (
+    Proposal,
+    StepInfo,
+    keep_masked_below,
+    prediction_entropy,
+    row_order,
+)
 
 
 @dataclass
@@ -37,14 +43,12 @@ class EntropyBoundRule:
         entropy = prediction_entropy(proposal.probs).double().masked_fill(~masked, 0.0)
         if rows.numel() == 0:
             return torch.zeros_like(masked)
-        # sort by row, then by decreasing confidence; prefix sums and maxima inside each row
-        order = (-confidence).argsort(stable=True)
-        order = order[rows[order].argsort(stable=True)]
+        # by row, then by decreasing confidence; prefix sums and maxima inside each row
+        order, rank = row_order(-confidence, rows, info.batch_size)
         h, r = entropy[order], rows[order]
-        per_row = torch.bincount(rows, minlength=info.batch_size)
-        starts = per_row.cumsum(0) - per_row  # (B,) first index of each row
         total = h.cumsum(0)
-        running = total - torch.cat([total.new_zeros(1), total])[starts][r]  # sums inside a row
+        first = torch.arange(order.numel(), device=rows.device) - rank  # each row's first index
+        running = total - torch.cat([total.new_zeros(1), total])[first]  # sums inside a row
         offset = r.to(h.dtype) * (h.max() + 1.0)  # rows' values never mix in the running max
         running_max = (h + offset).cummax(0).values - offset
         reveal = torch.zeros_like(masked)
