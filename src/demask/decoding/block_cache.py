@@ -64,7 +64,9 @@ class CachedDenoiser(Denoiser):
         n = seq.shape[1]
         lo, hi = self.block
         if rec is None:  # the block's first call: a full forward that records every position
-            rec = _new_cache(self.net, seq.shape[0], n, seq.device)
+            net: Any = self.net
+            causal = bool(getattr(net.attn_layers, "causal", False))
+            rec = net.new_cache(seq.shape[0], n, seq.device, bidirectional=not causal)
             self.records[branch] = rec
             q0, q1, read = 0, n, False
         else:
@@ -92,13 +94,6 @@ def _pad(part: Tensor, q0: int, n: int) -> Tensor:
     full = part.new_zeros(part.shape[0], n, part.shape[2])
     full[:, q0 : q0 + part.shape[1]] = part
     return full
-
-
-def _new_cache(net: nn.Module, batch: int, n: int, device: torch.device) -> KVCache:
-    layers: Any = net.attn_layers
-    dtype = next(net.parameters()).dtype
-    causal = bool(getattr(layers, "causal", False))
-    return KVCache(layers.depth, batch, layers.kv_heads, layers.dim_head, n, device, dtype, causal)
 
 
 def _encode(

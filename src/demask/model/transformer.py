@@ -234,9 +234,14 @@ class TransformerWrapper(nn.Module):
         capacity: int | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        *,
+        bidirectional: bool = False,
     ) -> KVCache:
-        """A preallocated key/value cache for `batch_size` rows and `capacity` positions."""
-        if not self.can_cache_kv:
+        """A preallocated key/value cache for `batch_size` rows and `capacity` positions.
+
+        bidirectional=True: a query sees every written slot (block decoding of an Encoder, whose
+        recorded keys and values are reused); otherwise the cache is causal and needs a Decoder."""
+        if not bidirectional and not self.can_cache_kv:
             raise ValueError("a key/value cache needs causal attention layers (a Decoder)")
         capacity = self.max_seq_len if capacity is None else check_int("capacity", capacity, min=1)
         ref = self.token_emb.weight
@@ -249,6 +254,7 @@ class TransformerWrapper(nn.Module):
             capacity,
             device=device or ref.device,
             dtype=dtype or ref.dtype,
+            causal=not bidirectional,
         )
 
     def _embed(self, x: Tensor, pos: Tensor, top: int | None, sum_embeds: Tensor | None) -> Tensor:
