@@ -122,6 +122,14 @@ INITS: dict[str, Callable[[nn.Module], None]] = {
     "pos_unit_table": _pos_unit_table,
 }
 
+# demask's default since issue 11: counts k ~ k^-1/2 with importance weights, GPT-2 scaled resid
+_DEFAULT = Row(
+    init=("resid_scaled",),
+    estimator="count",
+    count_power=0.5,
+    note="count ~ k^-1/2 with importance weights, scaled resid",
+)
+
 ROWS: dict[str, Row] = {
     "reference-ce": Row(
         "reference",
@@ -154,47 +162,22 @@ ROWS: dict[str, Row] = {
         init=("resid_scaled",),
         note="mean CE, scaled resid",
     ),
-    "demask-count-resid-is": Row(
-        init=("resid_scaled",),
-        estimator="count",
-        count_power=0.5,
-        note="count ~ k^-1/2 with importance weights, scaled resid",
-    ),
+    "demask-count-resid-is": _DEFAULT,
     # one change against demask's default (count ~ k^-1/2 with importance weights, scaled resid)
-    "demask-is-rmsnorm": Row(
-        layers={"use_rmsnorm": True},
-        init=("resid_scaled",),
-        estimator="count",
-        count_power=0.5,
-        note="default + RMSNorm instead of LayerNorm",
+    "demask-is-rmsnorm": replace(
+        _DEFAULT, layers={"use_rmsnorm": True}, note="default + RMSNorm instead of LayerNorm"
     ),
-    "demask-is-qknorm": Row(
-        layers={"attn_qk_norm": True},
-        init=("resid_scaled",),
-        estimator="count",
-        count_power=0.5,
-        note="default + normalised queries and keys",
+    "demask-is-qknorm": replace(
+        _DEFAULT, layers={"attn_qk_norm": True}, note="default + normalised queries and keys"
     ),
-    "demask-is-wd0.1": Row(
-        init=("resid_scaled",),
-        estimator="count",
-        count_power=0.5,
-        train={"weight_decay": 0.1},
-        note="default, AdamW weight decay 0.1 (not 0.01)",
+    "demask-is-wd0.1": replace(
+        _DEFAULT, train={"weight_decay": 0.1}, note="default, AdamW weight decay 0.1 (not 0.01)"
     ),
-    "demask-is-warm100": Row(
-        init=("resid_scaled",),
-        estimator="count",
-        count_power=0.5,
-        train={"warmup": 100},
-        note="default, 100 warm-up steps (not 20)",
+    "demask-is-warm100": replace(
+        _DEFAULT, train={"warmup": 100}, note="default, 100 warm-up steps (not 20)"
     ),
-    "demask-is-lr3e-3": Row(
-        init=("resid_scaled",),
-        estimator="count",
-        count_power=0.5,
-        train={"lr": 3e-3},
-        note="default, peak lr 3e-3 (not 1e-3)",
+    "demask-is-lr3e-3": replace(
+        _DEFAULT, train={"lr": 3e-3}, note="default, peak lr 3e-3 (not 1e-3)"
     ),
     "reference-ce-lr3e-3": Row(
         "reference",
