@@ -89,6 +89,17 @@ def _sinusoids(n: int, d: int) -> Tensor:
     return (waves / waves.std()).float()
 
 
+def _pos_sinusoid_at(std: float) -> Callable[[nn.Module], None]:
+    """Learned absolute positions initialised as sinusoids at std `std`."""
+
+    def init(net: nn.Module) -> None:
+        table = net.abs_pos_emb.weight
+        with torch.no_grad():
+            table.copy_(_sinusoids(*table.shape) * std)
+
+    return init
+
+
 def _pos_sinusoid(net: nn.Module) -> None:
     """Learned absolute positions initialised as sinusoids at the token embeddings' scale."""
     table = net.abs_pos_emb.weight
@@ -114,7 +125,26 @@ def _pos_unit_table(net: nn.Module) -> None:
     net.abs_pos_emb = _UnitTable(n, d, float(net.token_emb.weight.std()))
 
 
+def _mimetic_qk(net: nn.Module) -> None:
+    """Mimetic attention (Trockman and Kolter 2023, arXiv 2305.09828): every head's key projection
+    starts equal to its query projection, at std 1/sqrt(dim), so that W_q^T W_k is near a scaled
+    identity and a query first attends to the inputs that resemble it (itself, and with smooth
+    positions, its neighbours)."""
+    for block in net.attn_layers.blocks:
+        attn = block.attn
+        w = attn.to_qkv.weight
+        q_dim = attn.heads * attn.dim_head
+        if attn.kv_heads != attn.heads:
+            raise ValueError("mimetic init needs one key head per query head")
+        with torch.no_grad():
+            w[:q_dim].normal_(std=w.shape[1] ** -0.5)
+            w[q_dim : 2 * q_dim].copy_(w[:q_dim])
+
+
 INITS: dict[str, Callable[[nn.Module], None]] = {
+    "mimetic_qk": _mimetic_qk,
+    "pos_sin_0.3": _pos_sinusoid_at(0.3),
+    "pos_sin_1": _pos_sinusoid_at(1.0),
     "resid_scaled": _resid_scaled,
     "emb_kaiming": _emb_kaiming,
     "emb_unit": _emb_unit,
@@ -190,6 +220,29 @@ ROWS: dict[str, Row] = {
         init=("resid_scaled", "pos_unit_table"),
         estimator="count",
         note="count, scaled resid, sinusoid positions stored at unit scale",
+    ),
+    "demask-abs-mimetic": replace(
+        _DEFAULT, init=("resid_scaled", "mimetic_qk"), note="default + mimetic q/k"
+    ),
+    "demask-abs-possin-mimetic": replace(
+        _DEFAULT,
+        init=("resid_scaled", "pos_sinusoid", "mimetic_qk"),
+        note="default + sinusoid-initialised positions + mimetic q/k",
+    ),
+    "demask-abs-postable-mimetic": replace(
+        _DEFAULT,
+        init=("resid_scaled", "pos_unit_table", "mimetic_qk"),
+        note="default + sinusoid positions at unit scale + mimetic q/k",
+    ),
+    "demask-abs-sin0.3-mimetic": replace(
+        _DEFAULT,
+        init=("resid_scaled", "pos_sin_0.3", "mimetic_qk"),
+        note="default + sinusoid positions at std 0.3 + mimetic q/k",
+    ),
+    "demask-abs-sin1-mimetic": replace(
+        _DEFAULT,
+        init=("resid_scaled", "pos_sin_1", "mimetic_qk"),
+        note="default + sinusoid positions at std 1 + mimetic q/k",
     ),
     "demask-count-resid-possin": Row(
         init=("resid_scaled", "pos_sinusoid"),

@@ -285,8 +285,10 @@ def test_a_format_1_checkpoint_loads_and_resumes(tmp_path):
     assert (ckpt / "config.json").is_file()  # the old layout
     ck = load_checkpoint(run_dir, with_state=True)
     # format 1 meant a head width of dim // heads; the migration records it (ModelConfig's own
-    # default is now the seed's 64)
-    old_model = ModelConfig(**MODEL, attn_dim_head=MODEL["dim"] // MODEL["heads"])
+    # default is now the seed's 64), and format 2's positions, added to the embeddings only
+    old_model = ModelConfig(
+        **MODEL, attn_dim_head=MODEL["dim"] // MODEL["heads"], abs_pos_attn_bias=False
+    )
     assert ck.step == 2 and ck.model_config == old_model
     assert ck.train_config == TrainConfig(**TRAIN, out=ck.train_config.out)
     assert "rng" in ck.state and "optimizer" in ck.state  # RNG states: saved, now ignored

@@ -23,10 +23,11 @@ from demask.config import (
     TrainConfig,
     build_model,
     configs_from_json,
+    configs_to_json,
 )
 from demask.evaluate import likelihood_bits_per_token, likelihood_sums
+from demask.model.attention_layers import AttentionLayers
 from demask.model.layers import Attention, FeedForward, Norm
-from demask.model.transformer import AttentionLayers
 from demask.wrappers.contract import SampleOptions
 
 param = pytest.mark.parametrize
@@ -147,7 +148,8 @@ def test_format_1_migrates_with_the_head_width_it_used():
     model, train = configs_from_json(_as_v1(TrainConfig(max_steps=7).to_dict()))
     assert model.attn_dim_head == 16 // 2  # v1: dim_head None meant dim // heads
     assert (model.max_seq_len, model.attn_dropout, model.ff_dropout) == (SEQ_LEN, 0.0, 0.0)
-    assert model == ModelConfig(**tiny_model())
+    # and format 2's positions: added to the embeddings only (abs_pos_attn_bias=False)
+    assert model == ModelConfig(**tiny_model(), abs_pos_attn_bias=False)
     assert train is not None and train.max_steps == 7
     v1 = dict(V1_MODEL, dim_head=4, dropout=0.1, rotary=True)
     text = json.dumps({"model": v1, "train": None})  # no version: written before versions
@@ -158,6 +160,21 @@ def test_format_1_migrates_with_the_head_width_it_used():
                                                           if k != "dim_head"}, "train": None})  # fmt: skip
     with pytest.raises(ValueError, match=r"missing \['dim_head'\]"):
         configs_from_json(broken)
+
+
+def test_format_2_keeps_the_positions_it_built():
+    """A version-2 config of an Encoder with absolute positions built them added to the tokens
+    only; version 3's default adds an attention bias, so the migration says False."""
+    model = ModelConfig(**tiny_model("masked"))
+    payload = json.loads(configs_to_json(model))
+    assert payload["format_version"] == CONFIG_FORMAT_VERSION == 3
+    del payload["model"]["abs_pos_attn_bias"]
+    payload["format_version"] = 2
+    old, _ = configs_from_json(json.dumps(payload))
+    assert old.abs_pos_attn_bias is False and model.abs_pos_attn_bias is None
+    assert old == dataclasses.replace(model, abs_pos_attn_bias=False)
+    built_old, built_new = build_model(old).net, build_model(model).net
+    assert built_old.abs_pos_attn is None and built_new.abs_pos_attn is not None
 
 
 def test_a_format_1_run_folder_loads_its_model_and_resumes(tmp_path):

@@ -304,7 +304,9 @@ def test_tiny_model_memorises_a_small_batch():
     w = NonAutoregressiveWrapper(net, mask_id=MASK, no_replace_prob=0.0, random_token_prob=0.0)
     opt = torch.optim.Adam(w.parameters(), lr=3e-3)
     before = float(w.nelbo(data, reduction="mean", generator=torch.Generator().manual_seed(0)))
-    for _ in range(150):
+    # 300 steps: with the Encoder's position bias (abs_pos_attn_bias) random rows are memorised
+    # more slowly than with positions added alone (NELBO 0.85 against 0.48 bits after 150 steps)
+    for _ in range(300):
         loss = w(data.repeat(8, 1)).loss
         opt.zero_grad()
         loss.backward()

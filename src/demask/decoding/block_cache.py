@@ -104,4 +104,4 @@ def _encode(
     its attention layers; tests compare a full call with `net(x)`."""
     m: Any = net
     h = m._embed(x, pos, int(pos[-1]), sum_embeds)  # (B, Q, dim)
-    return m.attn_layers(h, pos, cache=cache)
+    return m._layers(h, pos, cache=cache)

@@ -1,9 +1,10 @@
 """Initialisation of the seed backbone (`TransformerWrapper`): what every weight starts as, and why.
 
 Chosen by the ablation in benchmarks/RESULTS.md ("ablation"): GPT-2's small normal weights and its
-scaled residual projections. (Sinusoid-initialised absolute positions, at the embeddings' scale
-or stored at unit scale, were tried there and did not make the absolute-position masked model use
-its context; they were not kept.)
+scaled residual projections. The position table of an attention bias (`demask.model.positions`)
+starts as unit sinusoids, with equal query and key projections. (Sinusoids added to the embeddings, at their
+scale or larger, with or without equal query and key projections in the blocks, were tried there
+and did not make the absolute-position masked model use its context.)
 """
 
 from __future__ import annotations
@@ -11,7 +12,10 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import torch
 from torch import nn
+
+from demask.model.positions import sinusoids
 
 INIT_STD = 0.02  # std of the initial weights (GPT-2)
 
@@ -30,6 +34,11 @@ def init_weights(net: Any) -> None:
             nn.init.normal_(m.weight, std=INIT_STD)
         if isinstance(m, nn.Linear) and m.bias is not None:
             nn.init.zeros_(m.bias)
+    if net.abs_pos_attn is not None:
+        table = net.abs_pos_emb.weight
+        with torch.no_grad():
+            table.copy_(sinusoids(*table.shape))
+        net.abs_pos_attn.reset_parameters()
     layers = net.attn_layers
     std = INIT_STD / math.sqrt(2 * layers.depth)
     for block in layers.blocks:

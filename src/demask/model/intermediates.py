@@ -29,6 +29,7 @@ class Intermediates:
     kv: list[tuple[Tensor, Tensor]] = field(default_factory=list)
     key_mask: Tensor | None = None  # (B, N) the padding mask of the recorded positions
     cache_length: int = 0  # positions cached (in `cache`, or recorded in `kv`)
+    record_z_loss: bool = False  # asked of the pass: fill `attn_z_loss`
 
 
 def resume(

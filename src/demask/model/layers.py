@@ -78,6 +78,20 @@ class Rotary(nn.Module):
 
 
 @dataclass(frozen=True)
+class Positions:
+    """How one pass tells attention where its tokens are: rotary angles (`rotary`, with `rot` the
+    cos, sin of the query positions), and/or `bias` (H, Nq, Nk) or (B, H, Nq, Nk) added to every
+    self-attention logit (`demask.model.positions.UntiedPositions`)."""
+
+    rotary: Rotary | None = None
+    rot: tuple[Tensor, Tensor] | None = None
+    bias: Tensor | None = None
+
+
+NO_POSITIONS = Positions()
+
+
+@dataclass(frozen=True)
 class AttnOptions:
     """An attention layer's shape and options (see `AttentionLayers` for their meaning)."""
 
@@ -122,8 +136,7 @@ class Attention(nn.Module):
     def forward(
         self,
         x: Tensor,  # (B, N, dim)
-        rotary: Rotary | None,
-        rot: tuple[Tensor, Tensor] | None,  # cos, sin for the positions of x
+        positions: Positions,  # of x (cross-attention ignores them)
         key_mask: Tensor | None,  # (B, K) bool, True = attend; None = all keys valid
         context: Tensor | None = None,  # (B, M, dim) for cross-attention
         cache: LayerCache | None = None,
@@ -141,6 +154,7 @@ class Attention(nn.Module):
             q, k, v = qkv.transpose(1, 2).split((self.heads, self.kv_heads, self.kv_heads), dim=1)
         if self.qk_norm:
             q, k = self.q_norm(q) * self.qk_gain, self.k_norm(k)
+        rotary, rot = positions.rotary, positions.rot
         if rotary is not None and rot is not None and not self.cross:
             q, k = rotary.rotate(q, *rot), rotary.rotate(k, *rot)
 
@@ -162,6 +176,9 @@ class Attention(nn.Module):
                 else:
                     tri = torch.ones(n, n, dtype=torch.bool, device=x.device).tril()
                     attn_mask = attn_mask & tri
+        if positions.bias is not None and not self.cross:
+            attn_mask = _with_bias(positions.bias.to(q.dtype), attn_mask, is_causal, n)
+            is_causal = False
         if record is not None and record.z_loss is not None:
             out = self._attend_with_z_loss(q, k, v, attn_mask, is_causal, record.z_loss)
         else:
@@ -194,14 +211,25 @@ class Attention(nn.Module):
         n, kn = logits.shape[-2:]
         if is_causal:
             attn_mask = torch.ones(n, kn, dtype=torch.bool, device=q.device).tril(kn - n)
-        if attn_mask is not None:
+        if attn_mask is not None and attn_mask.dtype == torch.bool:
             logits = logits.masked_fill(~attn_mask, float("-inf"))
+        elif attn_mask is not None:  # a logit bias, -inf where masked
+            logits = logits + attn_mask
         lse = torch.logsumexp(logits, dim=-1)  # (B, H, N)
         finite = torch.isfinite(lse)
         z_loss.append((lse.where(finite, 0.0) ** 2).sum() / finite.sum().clamp(min=1))
         probs = (logits - lse.where(finite, 0.0).unsqueeze(-1)).exp()
         probs = F.dropout(probs, self.dropout, self.training)
         return probs @ v
+
+
+def _with_bias(bias: Tensor, attn_mask: Tensor | None, is_causal: bool, n: int) -> Tensor:
+    """The float attention mask: `bias` where a key is visible, -inf elsewhere."""
+    if is_causal:
+        attn_mask = torch.ones(n, bias.shape[-1], dtype=torch.bool, device=bias.device).tril()
+    if attn_mask is None:
+        return bias
+    return torch.where(attn_mask, bias, float("-inf"))  # broadcast: (B | 1, H | 1, Nq, Nk)
 
 
 class FeedForward(nn.Module):
@@ -254,15 +282,14 @@ class Block(nn.Module):
     def forward(
         self,
         x: Tensor,  # (B, N, dim)
-        rotary: Rotary | None,
-        rot: tuple[Tensor, Tensor] | None,
+        positions: Positions,
         key_mask: Tensor | None,
         context: Tensor | None,
         context_mask: Tensor | None,
         cache: LayerCache | None,
         record: Record | None,
     ) -> Tensor:
-        x = x + self.attn(self.attn_norm(x), rotary, rot, key_mask, cache=cache, record=record)
+        x = x + self.attn(self.attn_norm(x), positions, key_mask, cache=cache, record=record)
         if self.cross_attn is not None and self.cross_norm is not None:
-            x = x + self.cross_attn(self.cross_norm(x), None, None, context_mask, context=context)
+            x = x + self.cross_attn(self.cross_norm(x), NO_POSITIONS, context_mask, context=context)
         return x + self.ff(self.ff_norm(x))

@@ -6,148 +6,21 @@ sampling: those live in `demask.objectives`, `demask.samplers` and `demask.decod
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from demask._checks import check_float, check_int, check_tokens, reject_unknown_kwargs
+from demask.model.attention_layers import AttentionLayers, Decoder, Encoder
 from demask.model.init import init_weights
 from demask.model.intermediates import Intermediates, resume
-from demask.model.kv_cache import KVCache, LayerCache
-from demask.model.layers import Block, Linear, Norm, Record, Rotary
+from demask.model.kv_cache import KVCache
+from demask.model.layers import Linear, Norm
+from demask.model.positions import ADDED_SCALE, UntiedPositions
 
-
-class AttentionLayers(nn.Module):
-    """A stack of `depth` blocks. Use `Encoder` (bidirectional) or `Decoder` (causal).
-
-    Keyword options (the names follow the seed library's, so configs carry over):
-      dim, depth, heads                  model width, number of blocks, attention heads
-      attn_dim_head=64                   width of each head
-      attn_kv_heads=None                 grouped-query attention: fewer key/value heads (divides heads)
-      attn_qk_norm=False                 normalise queries and keys
-      attn_dropout=0., ff_dropout=0.     dropout on attention weights / inside the feed-forward
-      attn_flash=False                   accepted for compatibility: attention always runs through
-                                         scaled_dot_product_attention, which picks flash kernels itself
-      ff_glu=False, ff_swish=False       gated feed-forward: GEGLU, or SwiGLU with ff_swish
-      ff_mult=4                          feed-forward hidden width = ff_mult * dim
-      use_rmsnorm=False                  RMSNorm instead of LayerNorm
-      rotary_pos_emb=False               rotary positions (then no absolute position embedding)
-      rotary_emb_dim=None                channels rotated per head (default: all of attn_dim_head)
-      cross_attend=False                 cross-attention to `context` in every block
-      attn_z_loss_weight=1e-4            weight of the attention z-loss when it is asked for
-    """
-
-    causal: bool = False
-
-    def __init__(  # noqa: PLR0913  (the seed's keyword options, one parameter each)
-        self,
-        dim: int,
-        depth: int,
-        heads: int = 8,
-        *,
-        attn_dim_head: int = 64,
-        attn_kv_heads: int | None = None,
-        attn_qk_norm: bool = False,
-        attn_dropout: float = 0.0,
-        ff_dropout: float = 0.0,
-        attn_flash: bool = False,
-        ff_glu: bool = False,
-        ff_swish: bool = False,
-        ff_mult: float = 4,
-        use_rmsnorm: bool = False,
-        rotary_pos_emb: bool = False,
-        rotary_emb_dim: int | None = None,
-        cross_attend: bool = False,
-        attn_z_loss_weight: float = 1e-4,
-        **kwargs: Any,
-    ):
-        super().__init__()
-        check_int("dim", dim, min=1)
-        check_int("depth", depth, min=1)
-        check_int("heads", heads, min=1)
-        cfg: dict[str, Any] = dict(
-            heads=heads,
-            attn_dim_head=attn_dim_head,
-            attn_kv_heads=attn_kv_heads or heads,
-            attn_qk_norm=attn_qk_norm,
-            attn_dropout=attn_dropout,
-            ff_dropout=ff_dropout,
-            ff_glu=ff_glu,
-            ff_swish=ff_swish,
-            ff_mult=ff_mult,
-            use_rmsnorm=use_rmsnorm,
-        )
-        del attn_flash  # always on: see the docstring
-        rotary, rotary_dim, cross = rotary_pos_emb, rotary_emb_dim, cross_attend
-        self.attn_z_loss_weight = check_float("attn_z_loss_weight", attn_z_loss_weight, min=0.0)
-        reject_unknown_kwargs(type(self).__name__, kwargs)
-        check_int("attn_dim_head", cfg["attn_dim_head"], min=1)
-        check_int("attn_kv_heads", cfg["attn_kv_heads"], min=1, max=heads)
-        if heads % cfg["attn_kv_heads"]:
-            raise ValueError(f"attn_kv_heads must divide heads={heads}, got {cfg['attn_kv_heads']}")
-        check_float("attn_dropout", cfg["attn_dropout"], min=0.0, max=1.0, max_inclusive=False)
-        check_float("ff_dropout", cfg["ff_dropout"], min=0.0, max=1.0, max_inclusive=False)
-        check_float("ff_mult", cfg["ff_mult"], min=0.0, min_inclusive=False)
-
-        self.dim, self.depth, self.heads = dim, depth, heads
-        self.dim_head, self.kv_heads = cfg["attn_dim_head"], cfg["attn_kv_heads"]
-        self.cross_attend = bool(cross)
-        self.rotary: Rotary | None = None
-        if rotary:
-            rot = rotary_dim if rotary_dim is not None else self.dim_head
-            check_int("rotary_emb_dim", rot, min=2, max=self.dim_head)
-            self.rotary = Rotary(rot)
-        self.blocks = nn.ModuleList(
-            Block(dim, cfg, causal=self.causal, cross=self.cross_attend) for _ in range(depth)
-        )
-        self.final_norm = Norm(dim, cfg["use_rmsnorm"])
-
-    @property
-    def rotary_pos_emb(self) -> bool:
-        return self.rotary is not None
-
-    def forward(
-        self,
-        x: Tensor,  # (B, N, dim)
-        pos: Tensor,  # (N,) or (B, N) positions (relative to each row's start)
-        key_mask: Tensor | None = None,  # (B, N) True = real token
-        context: Tensor | None = None,
-        context_mask: Tensor | None = None,
-        cache: tuple[KVCache, Tensor, bool] | None = None,  # cache, absolute positions (N,), read?
-        inter: Intermediates | None = None,
-        z_loss: bool = False,
-    ) -> Tensor:
-        rot = self.rotary.angles(pos) if self.rotary is not None else None
-        record = None
-        if inter is not None:
-            record = Record(
-                [] if z_loss else None, inter.kv if self.causal and cache is None else None
-            )
-        layer_caches: list[LayerCache | None] = [None] * self.depth
-        if cache is not None:  # slots and mask once per pass, shared by the layers
-            kv_cache, input_pos, read = cache
-            slots, mask = kv_cache.step(input_pos, key_mask, read)
-            layer_caches = [kv_cache.layer(i, slots, mask) for i in range(self.depth)]
-        for block, layer_cache in zip(self.blocks, layer_caches):
-            if inter is not None:
-                inter.hiddens.append(x)
-            x = block(x, self.rotary, rot, key_mask, context, context_mask, layer_cache, record)
-        if inter is not None and record is not None and record.z_loss:
-            inter.attn_z_loss = torch.stack(record.z_loss).mean() * self.attn_z_loss_weight
-        return self.final_norm(x)
-
-
-class Encoder(AttentionLayers):
-    """Bidirectional attention layers: every position sees every other (masked models)."""
-
-    causal = False
-
-
-class Decoder(AttentionLayers):
-    """Causal attention layers: position i sees positions <= i (autoregressive models)."""
-
-    causal = True
+__all__ = ["AttentionLayers", "Decoder", "Encoder", "TransformerWrapper"]
 
 
 class TransformerWrapper(nn.Module):
@@ -161,6 +34,12 @@ class TransformerWrapper(nn.Module):
       emb_dropout: dropout on the input embeddings.
       tie_embedding: share the embedding table with the output projection.
       use_abs_pos_emb: learned absolute positions (ignored when the layers use rotary positions).
+      abs_pos_attn_bias: False: the positions are added to the token embeddings (the seed
+        library's form). True: they also give every attention logit a bias shared by the layers
+        (`demask.model.positions`; bidirectional layers only). None (default): True for an
+        Encoder, False for a Decoder. An Encoder with added positions alone does not learn to use
+        its context at seq 256 in a small budget (benchmarks/RESULTS.md); checkpoints from before
+        config format 3 load with False, as they were trained.
       logits_dim: output width (default num_tokens; 1 for a token critic).
       add_continuous_pred_head: a linear head predicting the next token's embedding.
       post_emb_norm: normalise the embeddings before the layers.
@@ -179,10 +58,13 @@ class TransformerWrapper(nn.Module):
         logits_dim: int | None = None,
         add_continuous_pred_head: bool = False,
         post_emb_norm: bool = False,
+        abs_pos_attn_bias: bool | None = None,
         **kwargs: Any,
     ):
         super().__init__()
         reject_unknown_kwargs("TransformerWrapper", kwargs)
+        if abs_pos_attn_bias is not None and not isinstance(abs_pos_attn_bias, bool):
+            raise TypeError(f"abs_pos_attn_bias must be a bool or None, got {abs_pos_attn_bias!r}")
         check_int("num_tokens", num_tokens, min=1)
         check_int("max_seq_len", max_seq_len, min=1)
         if not isinstance(attn_layers, AttentionLayers):
@@ -209,6 +91,17 @@ class TransformerWrapper(nn.Module):
         self.abs_pos_emb = (
             nn.Embedding(max_seq_len, emb_dim)
             if use_abs_pos_emb and not attn_layers.rotary_pos_emb
+            else None
+        )
+        if abs_pos_attn_bias and attn_layers.causal:
+            raise ValueError(
+                "abs_pos_attn_bias=True needs bidirectional layers (an Encoder); a Decoder adds its "
+                "positions to the embeddings (abs_pos_attn_bias=None or False)"
+            )
+        biased = (not attn_layers.causal) if abs_pos_attn_bias is None else abs_pos_attn_bias
+        self.abs_pos_attn = (
+            UntiedPositions(emb_dim, attn_layers.heads, attn_layers.dim_head)
+            if biased and self.abs_pos_emb is not None
             else None
         )
         self.post_emb_norm = Norm(emb_dim) if post_emb_norm else None
@@ -267,7 +160,9 @@ class TransformerWrapper(nn.Module):
                     f"position {top} is past max_seq_len={self.max_seq_len}; absolute position "
                     "embeddings cannot go further (use rotary_pos_emb=True, or a shorter input)"
                 )
-            h = h + self.abs_pos_emb(pos)
+            p = self.abs_pos_emb(pos)
+            # with the attention bias (`_layers`), the unit-scale table is added scaled down
+            h = h + (p if self.abs_pos_attn is None else p * ADDED_SCALE)
         if sum_embeds is not None:
             h = h + sum_embeds
         if self.post_emb_norm is not None:
@@ -277,6 +172,16 @@ class TransformerWrapper(nn.Module):
         if self.project_emb is not None:
             h = self.project_emb(h)
         return h
+
+    def _layers(self, h: Tensor, pos: Tensor, **kwargs: Any) -> Tensor:
+        """The attention layers on embeddings h (B, N, dim) at positions pos, with this net's
+        positional logit bias when its absolute positions give one."""
+        bias = None if self.abs_pos_attn is None else partial(self._untied_bias, pos)
+        return self.attn_layers(h, pos, pos_bias=bias, **kwargs)
+
+    def _untied_bias(self, query_pos: Tensor, key_pos: Tensor) -> Tensor:
+        assert self.abs_pos_emb is not None and self.abs_pos_attn is not None
+        return self.abs_pos_attn(self.abs_pos_emb(query_pos), self.abs_pos_emb(key_pos))
 
     def _check_call(
         self, x: Tensor, mask: Tensor | None, cache: KVCache | None, context: Tensor | None
@@ -340,8 +245,10 @@ class TransformerWrapper(nn.Module):
             pos = (pos[None, :] - seq_start_pos[:, None]).clamp(min=0)  # (B, N)
 
         h = self._embed(x, pos, top, sum_embeds)
-        inter = Intermediates(cache=cache, key_mask=mask) if return_intermediates else None
-        emb = self.attn_layers(
+        inter = None
+        if return_intermediates:
+            inter = Intermediates(cache=cache, key_mask=mask, record_z_loss=return_attn_z_loss)
+        emb = self._layers(
             h,
             pos,
             key_mask=mask,
@@ -349,7 +256,6 @@ class TransformerWrapper(nn.Module):
             context_mask=context_mask,
             cache=None if cache is None or input_pos is None else (cache, input_pos, read),
             inter=inter,
-            z_loss=return_attn_z_loss and return_intermediates,
         )  # (B, N, dim)
         if cache is not None and host_cache:
             cache.length += n
