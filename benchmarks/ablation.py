@@ -41,6 +41,7 @@ class Row:
     lib: str = "demask"
     wrapper: dict[str, Any] = field(default_factory=dict)
     layers: dict[str, Any] = field(default_factory=dict)
+    net: dict[str, Any] = field(default_factory=dict)  # TransformerWrapper options
     init: tuple[str, ...] = ()  # keys of INITS, applied in order after the net is built
     estimator: str | None = None  # demask's NonAutoregressiveWrapper.mdlm_estimator
     count_power: float | None = None  # its mdlm_count_power (importance-sampled mask counts)
@@ -80,13 +81,10 @@ def _emb_unit(net: nn.Module) -> None:
 
 
 def _sinusoids(n: int, d: int) -> Tensor:
-    """(n, d) sinusoids (Vaswani et al. 2017) at unit std."""
-    pos = torch.arange(n, dtype=torch.float64)[:, None]
-    inv_freq = 1.0 / 10000 ** (torch.arange(0, d, 2, dtype=torch.float64) / d)
-    waves = torch.zeros(n, d, dtype=torch.float64)
-    waves[:, 0::2] = torch.sin(pos * inv_freq)
-    waves[:, 1::2] = torch.cos(pos * inv_freq[: d // 2])
-    return (waves / waves.std()).float()
+    """(n, d) unit-std sinusoids: demask's own (`demask.model.positions.sinusoids`)."""
+    from demask.model.positions import sinusoids
+
+    return sinusoids(n, d)
 
 
 def _pos_sinusoid_at(std: float) -> Callable[[nn.Module], None]:
@@ -153,6 +151,7 @@ INITS: dict[str, Callable[[nn.Module], None]] = {
 }
 
 # demask's default since issue 11: counts k ~ k^-1/2 with importance weights, GPT-2 scaled resid
+# (and with absolute positions, since 2026-11-29 22:00, the Encoder's position bias)
 _DEFAULT = Row(
     init=("resid_scaled",),
     estimator="count",
@@ -217,34 +216,48 @@ ROWS: dict[str, Row] = {
     ),
     # absolute positions only
     "demask-count-resid-postable": Row(
+        net={"abs_pos_attn_bias": False},
         init=("resid_scaled", "pos_unit_table"),
         estimator="count",
         note="count, scaled resid, sinusoid positions stored at unit scale",
     ),
+    "demask-abs-added": replace(
+        _DEFAULT,
+        net={"abs_pos_attn_bias": False},
+        note="default, positions only added to the tokens (demask before the position bias)",
+    ),
     "demask-abs-mimetic": replace(
-        _DEFAULT, init=("resid_scaled", "mimetic_qk"), note="default + mimetic q/k"
+        _DEFAULT,
+        net={"abs_pos_attn_bias": False},
+        init=("resid_scaled", "mimetic_qk"),
+        note="default + mimetic q/k",
     ),
     "demask-abs-possin-mimetic": replace(
         _DEFAULT,
+        net={"abs_pos_attn_bias": False},
         init=("resid_scaled", "pos_sinusoid", "mimetic_qk"),
         note="default + sinusoid-initialised positions + mimetic q/k",
     ),
     "demask-abs-postable-mimetic": replace(
         _DEFAULT,
+        net={"abs_pos_attn_bias": False},
         init=("resid_scaled", "pos_unit_table", "mimetic_qk"),
         note="default + sinusoid positions at unit scale + mimetic q/k",
     ),
     "demask-abs-sin0.3-mimetic": replace(
         _DEFAULT,
+        net={"abs_pos_attn_bias": False},
         init=("resid_scaled", "pos_sin_0.3", "mimetic_qk"),
         note="default + sinusoid positions at std 0.3 + mimetic q/k",
     ),
     "demask-abs-sin1-mimetic": replace(
         _DEFAULT,
+        net={"abs_pos_attn_bias": False},
         init=("resid_scaled", "pos_sin_1", "mimetic_qk"),
         note="default + sinusoid positions at std 1 + mimetic q/k",
     ),
     "demask-count-resid-possin": Row(
+        net={"abs_pos_attn_bias": False},
         init=("resid_scaled", "pos_sinusoid"),
         estimator="count",
         note="count, scaled resid, sinusoid-initialised positions",
@@ -268,10 +281,13 @@ def build(row: Row, cfg: Config) -> nn.Module:
     if cfg.positions == "rotary":
         layers["rotary_pos_emb"] = True
     net = build_net(lib, causal=False, num_tokens=257, max_seq_len=cfg.seq_len, dim=cfg.dim,
-                    depth=cfg.depth, heads=cfg.heads, **layers)  # fmt: skip
+                    depth=cfg.depth, heads=cfg.heads, net_kwargs=row.net, **layers)  # fmt: skip
     torch.manual_seed(cfg.seed + 1)
     if row.lib == "demask":
+        from demask.model.init import init_position_bias
+
         _baseline_init(net)
+        init_position_bias(net)  # the position bias's own start (no-op without one)
     for name in row.init:
         INITS[name](net)
     model = lib.NonAutoregressiveWrapper(net, mask_id=256, **row.wrapper)

@@ -87,14 +87,17 @@ def build_net(
     dim: int,
     depth: int,
     heads: int,
+    net_kwargs: dict[str, Any] | None = None,
     **layer_kwargs: Any,
 ) -> Any:
-    """TransformerWrapper(num_tokens, max_seq_len, attn_layers=Encoder|Decoder(dim, depth, heads))."""
+    """TransformerWrapper(num_tokens, max_seq_len, attn_layers=Encoder|Decoder(dim, depth, heads)),
+    `net_kwargs` to the TransformerWrapper, the rest to the layers."""
     layers_cls = lib.Decoder if causal else lib.Encoder
     return lib.TransformerWrapper(
         num_tokens=num_tokens,
         max_seq_len=max_seq_len,
         attn_layers=layers_cls(dim=dim, depth=depth, heads=heads, **layer_kwargs),
+        **(net_kwargs or {}),
     )
 
 

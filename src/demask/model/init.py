@@ -34,11 +34,7 @@ def init_weights(net: Any) -> None:
             nn.init.normal_(m.weight, std=INIT_STD)
         if isinstance(m, nn.Linear) and m.bias is not None:
             nn.init.zeros_(m.bias)
-    if net.abs_pos_attn is not None:
-        table = net.abs_pos_emb.weight
-        with torch.no_grad():
-            table.copy_(sinusoids(*table.shape))
-        net.abs_pos_attn.reset_parameters()
+    init_position_bias(net)
     layers = net.attn_layers
     std = INIT_STD / math.sqrt(2 * layers.depth)
     for block in layers.blocks:
@@ -47,3 +43,13 @@ def init_weights(net: Any) -> None:
             outs.append(block.cross_attn.to_out)
         for lin in outs:
             nn.init.normal_(lin.weight, std=std)
+
+
+def init_position_bias(net: Any) -> None:
+    """The position table of an attention bias as unit sinusoids, its query and key projections
+    equal (`demask.model.positions`); nothing when the net has no such bias."""
+    if net.abs_pos_attn is None:
+        return
+    with torch.no_grad():
+        net.abs_pos_emb.weight.copy_(sinusoids(*net.abs_pos_emb.weight.shape))
+    net.abs_pos_attn.reset_parameters()
