@@ -6,6 +6,7 @@ Suites (one module each; `python -m benchmarks <suite> --help` for its options):
   speed/ar-generate      AutoregressiveWrapper.generate tokens/s with the key/value cache
   quality                validation NELBO / NLL in bits per byte at an equal training budget
   ablation               one change per row vs the reference, several seeds (masked models)
+  positions              does a masked Encoder use its context at seq 256? (a fast probe)
   frontier               masked generation steps vs generative perplexity vs wall time (+ PNG)
   gpu                    bf16 / compile / fused AdamW / SDPA: MFU and generation (CUDA only)
 """
@@ -25,6 +26,7 @@ SUITES: dict[str, str] = {
     "speed/ar-generate": "benchmarks.speed_ar_generate",
     "quality": "benchmarks.quality",
     "ablation": "benchmarks.ablation",
+    "positions": "benchmarks.positions",
     "frontier": "benchmarks.frontier",
     "gpu": "benchmarks.gpu",
 }

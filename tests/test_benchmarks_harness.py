@@ -300,3 +300,19 @@ def test_ablation_smoke_one_record_per_row_and_seed(tmp_path, capsys):
     assert (
         ablation.build(ablation.ROWS["demask-ce-resid"], cfg).use_simple_mdlm_loss_weight is False
     )
+
+
+def test_positions_smoke_one_record_per_row_and_source(tmp_path, capsys):
+    from benchmarks import positions
+    from benchmarks.__main__ import main
+
+    out = tmp_path / "positions.json"
+    assert main(["positions", "--smoke", "--sources", "chain", "--out", str(out)]) == 0
+    rec = json.loads(out.read_text())
+    assert [r["row"] for r in rec["results"]] == list(positions.ROWS)
+    assert all(0 < r["ce_t005_bits"] < 20 for r in rec["results"])
+    assert "| chain  | bias" in capsys.readouterr().out
+    # the chain: the next symbol is (5 * prev + 1) % 64 in about 90% of the steps
+    x = positions.chain_batch(64, 100, torch.Generator().manual_seed(0))
+    follows = ((5 * x[:, :-1] + 1) % 64 == x[:, 1:]).double().mean()
+    assert 0.88 < float(follows) < 0.92
