@@ -224,7 +224,9 @@ class Attention(nn.Module):
 
 
 def _with_bias(bias: Tensor, attn_mask: Tensor | None, is_causal: bool, n: int) -> Tensor:
-    """The float attention mask: `bias` where a key is visible, -inf elsewhere."""
+    """The float attention mask (4-D): `bias` where a key is visible, -inf elsewhere."""
+    if bias.dim() == 3:  # (H, Nq, Nk): a 3-D mask sends CPU SDPA down a path 3x slower
+        bias = bias.unsqueeze(0)
     if is_causal:
         attn_mask = torch.ones(n, bias.shape[-1], dtype=torch.bool, device=bias.device).tril()
     if attn_mask is None:
