@@ -159,6 +159,13 @@ _DEFAULT = Row(
     note="count ~ k^-1/2 with importance weights, scaled resid",
 )
 
+# the default with absolute positions only added to the tokens (demask before the position bias)
+_ADDED = replace(
+    _DEFAULT,
+    net={"abs_pos_attn_bias": False},
+    note="default, positions only added to the tokens (demask before the position bias)",
+)
+
 ROWS: dict[str, Row] = {
     "reference-ce": Row(
         "reference",
@@ -221,38 +228,29 @@ ROWS: dict[str, Row] = {
         estimator="count",
         note="count, scaled resid, sinusoid positions stored at unit scale",
     ),
-    "demask-abs-added": replace(
-        _DEFAULT,
-        net={"abs_pos_attn_bias": False},
-        note="default, positions only added to the tokens (demask before the position bias)",
-    ),
+    "demask-abs-added": _ADDED,
     "demask-abs-mimetic": replace(
-        _DEFAULT,
-        net={"abs_pos_attn_bias": False},
+        _ADDED,
         init=("resid_scaled", "mimetic_qk"),
         note="default + mimetic q/k",
     ),
     "demask-abs-possin-mimetic": replace(
-        _DEFAULT,
-        net={"abs_pos_attn_bias": False},
+        _ADDED,
         init=("resid_scaled", "pos_sinusoid", "mimetic_qk"),
         note="default + sinusoid-initialised positions + mimetic q/k",
     ),
     "demask-abs-postable-mimetic": replace(
-        _DEFAULT,
-        net={"abs_pos_attn_bias": False},
+        _ADDED,
         init=("resid_scaled", "pos_unit_table", "mimetic_qk"),
         note="default + sinusoid positions at unit scale + mimetic q/k",
     ),
     "demask-abs-sin0.3-mimetic": replace(
-        _DEFAULT,
-        net={"abs_pos_attn_bias": False},
+        _ADDED,
         init=("resid_scaled", "pos_sin_0.3", "mimetic_qk"),
         note="default + sinusoid positions at std 0.3 + mimetic q/k",
     ),
     "demask-abs-sin1-mimetic": replace(
-        _DEFAULT,
-        net={"abs_pos_attn_bias": False},
+        _ADDED,
         init=("resid_scaled", "pos_sin_1", "mimetic_qk"),
         note="default + sinusoid positions at std 1 + mimetic q/k",
     ),
