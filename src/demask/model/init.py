@@ -2,9 +2,9 @@
 
 Chosen by the ablation in benchmarks/RESULTS.md ("ablation"): GPT-2's small normal weights and its
 scaled residual projections. The position table of an attention bias (`demask.model.positions`)
-starts as unit sinusoids, with equal query and key projections. (Sinusoids added to the embeddings, at their
-scale or larger, with or without equal query and key projections in the blocks, were tried there
-and did not make the absolute-position masked model use its context.)
+starts as unit sinusoids, with equal query and key projections. (Sinusoids added to the
+embeddings, at their scale or larger, with or without equal query and key projections in the
+blocks, were tried there and did not make the absolute-position masked model use its context.)
 """
 
 from __future__ import annotations

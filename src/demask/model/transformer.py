@@ -181,7 +181,9 @@ class TransformerWrapper(nn.Module):
 
     def _untied_bias(self, query_pos: Tensor, key_pos: Tensor) -> Tensor:
         assert self.abs_pos_emb is not None and self.abs_pos_attn is not None
-        return self.abs_pos_attn(self.abs_pos_emb(query_pos), self.abs_pos_emb(key_pos))
+        p_query = self.abs_pos_emb(query_pos)
+        p_key = p_query if key_pos is query_pos else self.abs_pos_emb(key_pos)  # no cache: same
+        return self.abs_pos_attn(p_query, p_key)
 
     def _check_call(
         self, x: Tensor, mask: Tensor | None, cache: KVCache | None, context: Tensor | None
