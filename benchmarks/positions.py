@@ -7,7 +7,8 @@ sources, and reports the cross-entropy (bits) of the symbols when exactly 5% of 
 masked, so every masked symbol has visible neighbours:
   chain        an order-1 chain on 64 symbols: the next is (5 * prev + 1) % 64 with probability
                0.9, else uniform (context-free: 6 bits; given the neighbours: near 0.5)
-  shakespeare  bytes of the plays (context-free: the unigram entropy, about 4.8 bits)
+  shakespeare  bytes of the plays: trained on the train plays, scored on windows of the validation
+               plays (context-free: the unigram entropy, about 4.8 bits)
 """
 
 from __future__ import annotations
@@ -63,24 +64,29 @@ def chain_batch(n: int, length: int, g: torch.Generator, vocab: int = 64) -> Ten
     return x
 
 
-def _source(name: str, data: str | None, length: int) -> tuple[int, Callable[..., Tensor]]:
-    """(vocabulary, batch(n, generator)) of a source."""
+Source = tuple[int, Callable[[int], Tensor], Callable[[torch.Generator], Tensor]]
+
+
+def _source(name: str, data: str | None, cfg: Config) -> Source:
+    """(vocabulary, the training batch at a step, the evaluation rows drawn with a generator) of
+    a source. Shakespeare trains on the train plays (`demask.data`, as `quality`
+    does) and is scored on the validation plays' windows."""
     if name == "chain":
-        return 64, lambda n, g: chain_batch(n, length, g)
-    raw = b"".join(p.read_bytes() for p in sorted(quality.data_folder(data).glob("*.txt")))
-    text = torch.frombuffer(bytearray(raw), dtype=torch.uint8).long()
-
-    def batch(n: int, g: torch.Generator) -> Tensor:
-        starts = torch.randint(len(text) - length, (n,), generator=g).tolist()
-        return torch.stack([text[s : s + length] for s in starts])
-
-    return 256, batch
+        g = torch.Generator().manual_seed(cfg.seed)
+        return (64, lambda step: chain_batch(cfg.batch, cfg.seq_len, g),
+                lambda gen: chain_batch(cfg.eval_rows, cfg.seq_len, gen))  # fmt: skip
+    _, get_batch, get_dataset = quality._demask_modules()
+    folder = str(quality.data_folder(data))
+    train_ds = get_dataset(folder, split="train", seq_len=cfg.seq_len)
+    val_ds = get_dataset(folder, split="val", seq_len=cfg.seq_len)
+    rows = torch.stack(quality.eval_windows(val_ds, cfg.eval_rows))
+    return 256, lambda step: get_batch(train_ds, step, cfg.batch, cfg.seed), lambda gen: rows
 
 
 def run_row(row: str, source: str, cfg: Config, data: str | None) -> dict[str, Any]:
     from demask import Encoder, NonAutoregressiveWrapper, TransformerWrapper
 
-    vocab, batch = _source(source, data, cfg.seq_len)
+    vocab, batch, eval_rows = _source(source, data, cfg)
     layers, net_kw, inits = ROWS[row]
     torch.manual_seed(cfg.seed)
     net = TransformerWrapper(num_tokens=vocab + 1, max_seq_len=cfg.seq_len,
@@ -90,10 +96,9 @@ def run_row(row: str, source: str, cfg: Config, data: str | None) -> dict[str, A
         INITS[name](net)
     model = NonAutoregressiveWrapper(net, mask_id=vocab)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
-    g = torch.Generator().manual_seed(cfg.seed)
     start = time.perf_counter()
-    for _ in range(cfg.steps):
-        loss = model(batch(cfg.batch, g)).loss
+    for step in range(cfg.steps):
+        loss = model(batch(step)).loss
         opt.zero_grad()
         loss.backward()
         nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -101,7 +106,7 @@ def run_row(row: str, source: str, cfg: Config, data: str | None) -> dict[str, A
     train_s = time.perf_counter() - start
     model.eval()
     gv = torch.Generator().manual_seed(123)
-    x = batch(cfg.eval_rows, gv)
+    x = eval_rows(gv)
     count = max(1, round(0.05 * cfg.seq_len))
     mask = torch.rand(x.shape, generator=gv).argsort(-1).argsort(-1) < count
     with torch.no_grad():
