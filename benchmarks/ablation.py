@@ -212,6 +212,20 @@ ROWS: dict[str, Row] = {
     "demask-is-warm100": replace(
         _DEFAULT, train={"warmup": 100}, note="default, 100 warm-up steps (not 20)"
     ),
+    "demask-is-p0.25": replace(
+        _DEFAULT, count_power=0.25, note="default, counts k ~ k^-1/4 (importance-weighted)"
+    ),
+    "demask-is-p0.75": replace(
+        _DEFAULT, count_power=0.75, note="default, counts k ~ k^-3/4 (importance-weighted)"
+    ),
+    "demask-is-p1": replace(
+        _DEFAULT, count_power=1.0, note="default, counts k ~ 1/k: every masked token weighs alike"
+    ),
+    "demask-is-posbias": replace(
+        _DEFAULT,
+        net={"abs_pos_attn_bias": True},
+        note="default + the absolute position bias (with rotary: both)",
+    ),
     "demask-is-lr3e-3": replace(
         _DEFAULT, train={"lr": 3e-3}, note="default, peak lr 3e-3 (not 1e-3)"
     ),

@@ -74,6 +74,7 @@ SMOKE = Config(seq_len=32, dim=32, depth=1, heads=2, batch=4, steps=3, warmup=1,
 MODELS: dict[str, tuple[str, bool]] = {
     "demask-masked": ("demask", True),
     "demask-masked-absorb": ("demask", True),
+    "demask-masked-ce": ("demask", True),
     "reference-masked": ("reference", True),
     "reference-masked-mdlm": ("reference", True),
     "demask-masked-rotary": ("demask", True),
@@ -90,6 +91,7 @@ WRAPPER_KWARGS: dict[str, dict[str, Any]] = {
     # unchanged / 10% random tokens), so training optimises exactly the NELBO that is evaluated
     "demask-masked-absorb": {"no_replace_prob": 0.0, "random_token_prob": 0.0},
     "reference-masked-mdlm-rotary": {"use_simple_mdlm_loss_weight": False},
+    "demask-masked-ce": {"use_simple_mdlm_loss_weight": False},
     # demask's own switch means the same: MaskGIT's mean cross-entropy over masked positions
     "demask-masked-ce-rotary": {"use_simple_mdlm_loss_weight": False},
 }

@@ -219,7 +219,7 @@ def test_quality_smoke_trains_and_evaluates_every_model(tmp_path, capsys):
     assert model.loss_weight_fn is None  # the reference's switch took effect
     assert quality.build_model("reference-masked", quality.SMOKE).loss_weight_fn is not None
     rotary = quality.build_model("demask-masked-rotary", quality.SMOKE).net
-    assert rotary.attn_layers.rotary is not None and rotary.abs_pos_emb is None
+    assert rotary.attn_layers.rotary is not None and rotary.abs_pos_attn is not None  # + bias
     assert rec["results"]["demask-masked-rotary"]["layer_kwargs"] == {"rotary_pos_emb": True}
     absorb = quality.build_model("demask-masked-absorb", quality.SMOKE)
     assert (absorb.no_replace_prob, absorb.random_token_prob) == (0.0, 0.0)

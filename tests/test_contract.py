@@ -167,7 +167,7 @@ def test_format_2_keeps_the_positions_it_built():
     only; version 3's default adds an attention bias, so the migration says False."""
     model = ModelConfig(**tiny_model("masked"))
     payload = json.loads(configs_to_json(model))
-    assert payload["format_version"] == CONFIG_FORMAT_VERSION == 3
+    assert payload["format_version"] == CONFIG_FORMAT_VERSION == 4
     del payload["model"]["abs_pos_attn_bias"]
     payload["format_version"] = 2
     old, _ = configs_from_json(json.dumps(payload))
@@ -175,6 +175,23 @@ def test_format_2_keeps_the_positions_it_built():
     assert old == dataclasses.replace(model, abs_pos_attn_bias=False)
     built_old, built_new = build_model(old).net, build_model(model).net
     assert built_old.abs_pos_attn is None and built_new.abs_pos_attn is not None
+
+
+def test_format_3_keeps_a_rotary_encoder_without_absolute_positions():
+    """Version 3's default gave a rotary Encoder no absolute positions; version 4's gives it the
+    position bias too, so the migration says False for rotary configs (and leaves the rest)."""
+    rotary = ModelConfig(**tiny_model("masked"), rotary_pos_emb=True)
+    plain = ModelConfig(**tiny_model("masked"))
+    migrated = []
+    for model in (rotary, plain):
+        payload = json.loads(configs_to_json(model))
+        payload["format_version"] = 3
+        migrated.append(configs_from_json(json.dumps(payload))[0])
+    assert migrated[0] == dataclasses.replace(rotary, abs_pos_attn_bias=False)
+    assert migrated[1] == plain  # absolute positions: format 3 built the bias already
+    built_old, built_new = build_model(migrated[0]).net, build_model(rotary).net
+    assert built_old.abs_pos_emb is None and built_old.abs_pos_attn is None
+    assert built_new.abs_pos_emb is not None and built_new.abs_pos_attn is not None
 
 
 def test_a_format_1_run_folder_loads_its_model_and_resumes(tmp_path):

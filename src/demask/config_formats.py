@@ -10,7 +10,8 @@ from typing import Any
 # (`MIGRATIONS`). Files written before versions existed have no "format_version" and are read as
 # version 1. Version 2 named the fields after the constructors' parameters. Version 3 added
 # `abs_pos_attn_bias`, whose default (None) changed what an Encoder with absolute positions builds.
-CONFIG_FORMAT_VERSION = 3
+# Version 4: the same default gives a rotary Encoder the bias as well.
+CONFIG_FORMAT_VERSION = 4
 
 # format version 1: the model fields, and what it built for the options it did not record
 V1_MODEL_FIELDS = (
@@ -60,8 +61,21 @@ def _migrate_v2(payload: dict[str, Any]) -> dict[str, Any]:
     return {**payload, "model": model, "format_version": 3}
 
 
+def _migrate_v3(payload: dict[str, Any]) -> dict[str, Any]:
+    """Format 3 -> 4: rotary layers without absolute positions, as version 3 built them."""
+    model = payload.get("model")
+    if (
+        isinstance(model, dict)
+        and model.get("rotary_pos_emb")
+        and model.get("abs_pos_attn_bias", False) is None
+    ):
+        model = {**model, "abs_pos_attn_bias": False}
+    return {**payload, "model": model, "format_version": 4}
+
+
 # format version v -> the function that turns a payload of version v into one of version v + 1
 MIGRATIONS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {
     1: _migrate_v1,
     2: _migrate_v2,
+    3: _migrate_v3,
 }

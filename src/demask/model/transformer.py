@@ -33,13 +33,17 @@ class TransformerWrapper(nn.Module):
       emb_dim: token embedding width (default: attn_layers.dim; projected when different).
       emb_dropout: dropout on the input embeddings.
       tie_embedding: share the embedding table with the output projection.
-      use_abs_pos_emb: learned absolute positions (ignored when the layers use rotary positions).
+      use_abs_pos_emb: learned absolute positions. With rotary layers they are kept only for the
+        attention bias below (False: rotary positions alone).
       abs_pos_attn_bias: False: the positions are added to the token embeddings (the seed
-        library's form). True: they also give every attention logit a bias shared by the layers
-        (`demask.model.positions`; bidirectional layers only). None (default): True for an
-        Encoder, False for a Decoder. An Encoder with added positions alone does not learn to use
-        its context at seq 256 in a small budget (benchmarks/RESULTS.md); checkpoints from before
-        config format 3 load with False, as they were trained.
+        library's form), and rotary layers have no absolute positions. True: the learned table
+        also gives every attention logit a bias shared by the layers (`demask.model.positions`;
+        bidirectional layers only; with rotary layers, on top of the rotations, and the input
+        then cannot pass max_seq_len). None (default): True for an Encoder, False for a Decoder.
+        An Encoder with added positions alone does not learn to use its context at seq 256 in a
+        small budget, and the bias improves a rotary Encoder too (benchmarks/RESULTS.md);
+        checkpoints from before config format 3 (4 for rotary layers) load with False, as they
+        were trained.
       logits_dim: output width (default num_tokens; 1 for a token critic).
       add_continuous_pred_head: a linear head predicting the next token's embedding.
       post_emb_norm: normalise the embeddings before the layers.
@@ -88,21 +92,22 @@ class TransformerWrapper(nn.Module):
         self.attn_layers = attn_layers
         self.output_is_log_prob = False
         self.token_emb = nn.Embedding(num_tokens, emb_dim)
-        self.abs_pos_emb = (
-            nn.Embedding(max_seq_len, emb_dim)
-            if use_abs_pos_emb and not attn_layers.rotary_pos_emb
-            else None
-        )
         if abs_pos_attn_bias and attn_layers.causal:
             raise ValueError(
                 "abs_pos_attn_bias=True needs bidirectional layers (an Encoder); a Decoder adds its "
                 "positions to the embeddings (abs_pos_attn_bias=None or False)"
             )
-        biased = (not attn_layers.causal) if abs_pos_attn_bias is None else abs_pos_attn_bias
-        self.abs_pos_attn = (
-            UntiedPositions(emb_dim, attn_layers.heads, attn_layers.dim_head)
-            if biased and self.abs_pos_emb is not None
+        biased = use_abs_pos_emb and (
+            (not attn_layers.causal) if abs_pos_attn_bias is None else abs_pos_attn_bias
+        )
+        # rotary layers keep a learned table only for the bias (with it, on top of the rotations)
+        self.abs_pos_emb = (
+            nn.Embedding(max_seq_len, emb_dim)
+            if use_abs_pos_emb and (biased or not attn_layers.rotary_pos_emb)
             else None
+        )
+        self.abs_pos_attn = (
+            UntiedPositions(emb_dim, attn_layers.heads, attn_layers.dim_head) if biased else None
         )
         self.post_emb_norm = Norm(emb_dim) if post_emb_norm else None
         self.emb_dropout = nn.Dropout(emb_dropout) if emb_dropout > 0 else None
