@@ -226,6 +226,14 @@ ROWS: dict[str, Row] = {
         net={"abs_pos_attn_bias": True},
         note="default + the absolute position bias (with rotary: both)",
     ),
+    "demask-ce-posbias": replace(
+        _DEFAULT,
+        wrapper={"use_simple_mdlm_loss_weight": False},
+        estimator=None,
+        count_power=None,
+        net={"abs_pos_attn_bias": True},
+        note="mean CE, scaled resid, the absolute position bias (with rotary: both)",
+    ),
     "demask-is-lr3e-3": replace(
         _DEFAULT, train={"lr": 3e-3}, note="default, peak lr 3e-3 (not 1e-3)"
     ),
@@ -289,11 +297,13 @@ class Config(quality.Config):
 def build(row: Row, cfg: Config) -> nn.Module:
     lib = load(row.lib)
     torch.manual_seed(cfg.seed)
-    layers = dict(row.layers)
+    layers, net_kwargs = dict(row.layers), dict(row.net)
     if cfg.positions == "rotary":
         layers["rotary_pos_emb"] = True
+        if row.lib == "demask":  # rotary alone, as every rotary row was screened, unless asked
+            net_kwargs.setdefault("abs_pos_attn_bias", False)
     net = build_net(lib, causal=False, num_tokens=257, max_seq_len=cfg.seq_len, dim=cfg.dim,
-                    depth=cfg.depth, heads=cfg.heads, net_kwargs=row.net, **layers)  # fmt: skip
+                    depth=cfg.depth, heads=cfg.heads, net_kwargs=net_kwargs, **layers)  # fmt: skip
     torch.manual_seed(cfg.seed + 1)
     if row.lib == "demask":
         from demask.model.init import init_position_bias

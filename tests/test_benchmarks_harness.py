@@ -4,6 +4,7 @@ reference library or the Shakespeare data)."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import sys
@@ -300,6 +301,14 @@ def test_ablation_smoke_one_record_per_row_and_seed(tmp_path, capsys):
     assert (
         ablation.build(ablation.ROWS["demask-ce-resid"], cfg).use_simple_mdlm_loss_weight is False
     )
+    # rotary rows are rotary alone unless the row asks for the position bias; absolute rows get
+    # the Encoder's default (the bias)
+    assert ablation.build(ablation.ROWS["demask-count-resid-is"], cfg).net.abs_pos_attn is None
+    both = ablation.build(ablation.ROWS["demask-is-posbias"], cfg).net
+    assert both.attn_layers.rotary is not None and both.abs_pos_attn is not None
+    absolute = dataclasses.replace(cfg, positions="absolute")
+    assert ablation.build(ablation.ROWS["demask-count-resid-is"], absolute).net.abs_pos_attn
+    assert ablation.build(ablation.ROWS["demask-is-p1"], absolute).mdlm_count_power == 1.0
 
 
 def test_positions_smoke_one_record_per_row_and_source(tmp_path, capsys):
