@@ -159,6 +159,15 @@ def _score(ar_net: nn.Module, x: Tensor) -> dict[str, Any]:
             "first_sample": sample}  # fmt: skip
 
 
+def _saved_net_kwargs(name: str, state: dict[str, Any]) -> dict[str, Any] | None:
+    """A demask Encoder saved without absolute positions (rotary nets before config format 4)
+    is rebuilt as it was trained: rotary alone (`abs_pos_attn_bias=False`)."""
+    if quality.MODELS[name] == ("demask", True) and "net.abs_pos_emb.weight" not in state:
+        print(f"{name}: saved without absolute positions; built with abs_pos_attn_bias=False")
+        return {"abs_pos_attn_bias": False}
+    return None
+
+
 def _load_models(
     qcfg: quality.Config,
     folder: Path | None,
@@ -182,8 +191,9 @@ def _load_models(
             train_ds = get_dataset(qcfg.data, split="train", seq_len=qcfg.seq_len)
             quality.train(model, qcfg, train_ds, get_batch)
         elif path is not None and path.exists():
-            model = quality.build_model(name, qcfg)
-            model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            model = quality.build_model(name, qcfg, net_kwargs=_saved_net_kwargs(name, state))
+            model.load_state_dict(state)
         elif lib_name == "reference":
             print(f"{name}: no state dict at {path}; skipped", flush=True)
             continue

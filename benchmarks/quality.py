@@ -152,13 +152,14 @@ def _demask_modules() -> tuple[Any, Any, Any]:
     return evaluate, get_batch, get_dataset
 
 
-def build_model(name: str, cfg: Config) -> nn.Module:
+def build_model(name: str, cfg: Config, net_kwargs: dict[str, Any] | None = None) -> nn.Module:
+    """The wrapper of model `name`; `net_kwargs` go to its TransformerWrapper."""
     lib_name, masked = MODELS[name]
     lib = load(lib_name)
     torch.manual_seed(cfg.seed)
     num_tokens = 257 if masked else 256
     net = build_net(lib, causal=not masked, num_tokens=num_tokens, max_seq_len=cfg.seq_len,
-                    dim=cfg.dim, depth=cfg.depth, heads=cfg.heads,
+                    dim=cfg.dim, depth=cfg.depth, heads=cfg.heads, net_kwargs=net_kwargs,
                     **LAYER_KWARGS.get(name, {}))  # fmt: skip
     kwargs = WRAPPER_KWARGS.get(name, {})
     if masked:

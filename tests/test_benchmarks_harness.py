@@ -325,3 +325,20 @@ def test_positions_smoke_one_record_per_row_and_source(tmp_path, capsys):
     x = positions.chain_batch(64, 100, torch.Generator().manual_seed(0))
     follows = ((5 * x[:, :-1] + 1) % 64 == x[:, 1:]).double().mean()
     assert 0.88 < float(follows) < 0.92
+
+
+def test_frontier_rebuilds_a_rotary_net_saved_without_absolute_positions():
+    """Rotary masked nets saved before config format 4 had no position table: frontier builds
+    them rotary alone so that their state dict loads; newer ones (and the AR net) as they are."""
+    from benchmarks import frontier, quality
+
+    cfg = quality.SMOKE
+    old = quality.build_model("demask-masked-rotary", cfg, {"abs_pos_attn_bias": False})
+    new = quality.build_model("demask-masked-rotary", cfg)
+    for saved, expected in ((old, {"abs_pos_attn_bias": False}), (new, None)):
+        state = saved.state_dict()
+        kwargs = frontier._saved_net_kwargs("demask-masked-rotary", state)
+        assert kwargs == expected
+        quality.build_model("demask-masked-rotary", cfg, kwargs).load_state_dict(state)
+    ar = quality.build_model("demask-ar", cfg).state_dict()
+    assert frontier._saved_net_kwargs("demask-ar", ar) is None
