@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from benchmarks import harness, quality
 from benchmarks.ablation import INITS
+from benchmarks.libs import build_net, load
 
 NAME = "positions"
 
@@ -84,17 +85,15 @@ def _source(name: str, data: str | None, cfg: Config) -> Source:
 
 
 def run_row(row: str, source: str, cfg: Config, data: str | None) -> dict[str, Any]:
-    from demask import Encoder, NonAutoregressiveWrapper, TransformerWrapper
-
+    lib = load("demask")
     vocab, batch, eval_rows = _source(source, data, cfg)
     layers, net_kw, inits = ROWS[row]
     torch.manual_seed(cfg.seed)
-    net = TransformerWrapper(num_tokens=vocab + 1, max_seq_len=cfg.seq_len,
-                             attn_layers=Encoder(dim=cfg.dim, depth=cfg.depth, heads=cfg.heads,
-                                                 **layers), **net_kw)  # fmt: skip
+    net = build_net(lib, causal=False, num_tokens=vocab + 1, max_seq_len=cfg.seq_len, dim=cfg.dim,
+                    depth=cfg.depth, heads=cfg.heads, net_kwargs=net_kw, **layers)  # fmt: skip
     for name in inits:
         INITS[name](net)
-    model = NonAutoregressiveWrapper(net, mask_id=vocab)
+    model = lib.NonAutoregressiveWrapper(net, mask_id=vocab)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
     start = time.perf_counter()
     for step in range(cfg.steps):
