@@ -84,6 +84,10 @@ def test_which_nets_build_the_bias():
         build(Decoder(dim=16, depth=1, heads=2), abs_pos_attn_bias=True)
     with pytest.raises(TypeError, match="abs_pos_attn_bias must be a bool or None, got 1"):
         build(Encoder(dim=16, depth=1, heads=2), abs_pos_attn_bias=1)
+    for layers in (Encoder(dim=16, depth=1, heads=2),
+                   Encoder(dim=16, depth=1, heads=2, rotary_pos_emb=True)):  # fmt: skip
+        with pytest.raises(ValueError, match="needs the learned position table, but use_abs_pos"):
+            build(layers, use_abs_pos_emb=False, abs_pos_attn_bias=True)  # not silently bias-free
 
 
 def test_the_bias_changes_the_output_only_through_attention_and_is_position_dependent():

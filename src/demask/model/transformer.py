@@ -97,6 +97,12 @@ class TransformerWrapper(nn.Module):
                 "abs_pos_attn_bias=True needs bidirectional layers (an Encoder); a Decoder adds its "
                 "positions to the embeddings (abs_pos_attn_bias=None or False)"
             )
+        if abs_pos_attn_bias and not use_abs_pos_emb:
+            raise ValueError(
+                "abs_pos_attn_bias=True needs the learned position table, but "
+                "use_abs_pos_emb=False: pass use_abs_pos_emb=True, or abs_pos_attn_bias=None or "
+                "False for a net without absolute positions"
+            )
         biased = use_abs_pos_emb and (
             (not attn_layers.causal) if abs_pos_attn_bias is None else abs_pos_attn_bias
         )
