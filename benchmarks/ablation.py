@@ -328,26 +328,6 @@ def scored_wrapper(row: Row, model: nn.Module, cfg: Config) -> nn.Module:
     return nar(quality.LogitsAsEmbeddings(model.net, 257, cfg.seq_len), mask_id=256)
 
 
-@torch.no_grad()
-def ce_at_rate(scored: Any, windows: list[Tensor], count: int, draws: int, seed: int) -> float:
-    """Mean CE (bits) of the masked bytes with exactly `count` of every window's bytes masked."""
-    from demask.objectives.masked import augment_masked  # noqa: F401  (demask on the path)
-
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.stack(windows)  # (W, N)
-    total, n = 0.0, 0
-    scored.eval()
-    for _ in range(draws):
-        ranks = torch.rand(x.shape, generator=gen).argsort(-1).argsort(-1)
-        mask = ranks < count
-        inp = x.masked_fill(mask, 256)
-        for i in range(0, len(x), 16):
-            ce, *_ = scored._masked_ce(x[i : i + 16], inp[i : i + 16], mask[i : i + 16], False)
-            total += float(ce.sum())
-            n += ce.numel()
-    return total / n / math.log(2)
-
-
 def run_job(job: tuple[str, int, dict[str, Any]]) -> dict[str, Any]:
     name, seed, cfg_dict = job
     torch.set_num_threads(1)
@@ -361,7 +341,10 @@ def run_job(job: tuple[str, int, dict[str, Any]]) -> dict[str, Any]:
     run = quality.train(model, cfg, train_ds, get_batch)
     scored = scored_wrapper(row, model, cfg)
     bits = evaluate.likelihood_bits_per_token(scored, windows, cfg.eval_batch, seed=0)
-    ce5 = ce_at_rate(scored, windows[: cfg.ce_windows], round(0.05 * cfg.seq_len), cfg.ce_draws, 0)
+    ce5 = evaluate.masked_cross_entropy_bits(
+        scored.net, torch.stack(windows[: cfg.ce_windows]), round(0.05 * cfg.seq_len), 256,
+        torch.Generator().manual_seed(0), draws=cfg.ce_draws,
+    )  # fmt: skip
     out = {"row": name, "seed": seed, "nelbo": bits, "ce_t005": ce5, "train_s": run["train_s"]}
     out["final_loss_mean10"] = sum(run["losses"][-10:]) / 10
     print(f"{name} seed {seed}: NELBO {bits:.4f}, CE@5% {ce5:.3f} ({run['train_s']:.0f} s)",

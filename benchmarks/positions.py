@@ -14,7 +14,6 @@ masked, so every masked symbol has visible neighbours:
 from __future__ import annotations
 
 import argparse
-import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -55,16 +54,6 @@ ROWS: dict[str, tuple[dict[str, Any], dict[str, Any], tuple[str, ...]]] = {
 }
 
 
-def chain_batch(n: int, length: int, g: torch.Generator, vocab: int = 64) -> Tensor:
-    x = torch.empty(n, length, dtype=torch.long)
-    x[:, 0] = torch.randint(vocab, (n,), generator=g)
-    for i in range(1, length):
-        stay = torch.rand(n, generator=g) < 0.9
-        jump = torch.randint(vocab, (n,), generator=g)
-        x[:, i] = torch.where(stay, (5 * x[:, i - 1] + 1) % vocab, jump)
-    return x
-
-
 Source = tuple[int, Callable[[int], Tensor], Callable[[torch.Generator], Tensor]]
 
 
@@ -74,8 +63,11 @@ def _source(name: str, data: str | None, cfg: Config) -> Source:
     does) and is scored on the validation plays' windows."""
     if name == "chain":
         g = torch.Generator().manual_seed(cfg.seed)
-        return (64, lambda step: chain_batch(cfg.batch, cfg.seq_len, g),
-                lambda gen: chain_batch(cfg.eval_rows, cfg.seq_len, gen))  # fmt: skip
+        load("demask")  # puts src/ on the path when demask is not installed
+        from demask.data import shift_chain
+
+        return (64, lambda step: shift_chain(cfg.batch, cfg.seq_len, g),
+                lambda gen: shift_chain(cfg.eval_rows, cfg.seq_len, gen))  # fmt: skip
     _, get_batch, get_dataset = quality._demask_modules()
     folder = str(quality.data_folder(data))
     train_ds = get_dataset(folder, split="train", seq_len=cfg.seq_len)
@@ -106,11 +98,9 @@ def run_row(row: str, source: str, cfg: Config, data: str | None) -> dict[str, A
     model.eval()
     gv = torch.Generator().manual_seed(123)
     x = eval_rows(gv)
+    evaluate, _, _ = quality._demask_modules()
     count = max(1, round(0.05 * cfg.seq_len))
-    mask = torch.rand(x.shape, generator=gv).argsort(-1).argsort(-1) < count
-    with torch.no_grad():
-        logits = net(x.masked_fill(mask, vocab))
-    ce = float(nn.functional.cross_entropy(logits[mask], x[mask])) / math.log(2)
+    ce = evaluate.masked_cross_entropy_bits(net, x, count, vocab, gv, batch_size=len(x))
     print(f"{source} {row} seed {cfg.seed}: CE@5% {ce:.3f} bits ({train_s:.0f} s)", flush=True)
     return {"row": row, "source": source, "seed": cfg.seed, "ce_t005_bits": ce, "train_s": train_s}
 

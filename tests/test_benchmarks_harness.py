@@ -320,11 +320,7 @@ def test_positions_smoke_one_record_per_row_and_source(tmp_path, capsys):
     rec = json.loads(out.read_text())
     assert [r["row"] for r in rec["results"]] == list(positions.ROWS)
     assert all(0 < r["ce_t005_bits"] < 20 for r in rec["results"])
-    assert "| chain  | bias" in capsys.readouterr().out
-    # the chain: the next symbol is (5 * prev + 1) % 64 in about 90% of the steps
-    x = positions.chain_batch(64, 100, torch.Generator().manual_seed(0))
-    follows = ((5 * x[:, :-1] + 1) % 64 == x[:, 1:]).double().mean()
-    assert 0.88 < float(follows) < 0.92
+    assert "| chain  | bias" in capsys.readouterr().out  # the chain's law: tests/test_data.py
 
 
 def test_frontier_rebuilds_a_rotary_net_saved_without_absolute_positions():

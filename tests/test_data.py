@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -279,3 +280,70 @@ def test_byte_tokenizer_round_trips_the_empty_string():
     ids = tok.encode("")
     assert ids.dtype == torch.long and ids.shape == (0,)
     assert tok.decode(ids) == ""
+
+
+def test_shift_chain_follows_its_law_and_entropy_rate():
+    """Empirical transitions of a long sample match the chain's law: the shifted symbol with
+    probability keep + (1 - keep) / V, every other symbol (1 - keep) / V; the first column is
+    uniform; the stated entropy rate equals the entropy of that conditional law; a fixed
+    generator repeats."""
+    from demask.data import shift_chain, shift_chain_entropy_rate
+
+    vocab, keep = 8, 0.75
+    x = shift_chain(4000, 50, torch.Generator().manual_seed(0), vocab, keep)
+    assert x.shape == (4000, 50) and int(x.min()) >= 0 and int(x.max()) < vocab
+    prev, nxt = x[:, :-1].reshape(-1), x[:, 1:].reshape(-1)
+    hit = (nxt == (5 * prev + 1) % vocab).double().mean()
+    assert float(hit) == pytest.approx(keep + (1 - keep) / vocab, abs=0.005)  # 196,000 draws
+    first = torch.bincount(x[:, 0], minlength=vocab).double() / 4000
+    assert float((first - 1 / vocab).abs().max()) < 0.025
+    law = torch.full((vocab,), (1 - keep) / vocab, dtype=torch.float64)
+    law[0] += keep
+    assert shift_chain_entropy_rate(vocab, keep) == pytest.approx(float(-(law * law.log2()).sum()))
+    assert shift_chain_entropy_rate(vocab, 1.0) == 0.0
+    again = shift_chain(4000, 50, torch.Generator().manual_seed(0), vocab, keep)
+    assert torch.equal(x, again)
+    with pytest.raises(ValueError, match="keep"):
+        shift_chain(2, 3, torch.Generator(), vocab, 1.5)
+
+
+def test_masked_cross_entropy_bits_equals_a_hand_computation():
+    """Exactly `count` positions per row are masked and scored: a net whose logits at a masked
+    position put probability p on the true token (a lookup that sees the mask id) scores
+    -log2 p; a net that ignores its input scores the cross-entropy of its fixed law."""
+    from torch import nn
+
+    from demask.evaluate import masked_cross_entropy_bits
+
+    vocab, mask_id = 4, 4
+    x = torch.randint(vocab, (6, 10), generator=torch.Generator().manual_seed(1))
+
+    class Fixed(nn.Module):
+        def __init__(self, logits):
+            super().__init__()
+            self.logits = logits
+
+        def forward(self, tokens):
+            return self.logits.expand(*tokens.shape, vocab)
+
+    law = torch.tensor([0.1, 0.2, 0.3, 0.4])
+    got = masked_cross_entropy_bits(Fixed(law.log()), x, 3, mask_id,
+                                    torch.Generator().manual_seed(2), draws=2, batch_size=4)  # fmt: skip
+    # the scored positions are drawn from the generator: repeat the draws by hand
+    gen = torch.Generator().manual_seed(2)
+    masks = [torch.rand(x.shape, generator=gen).argsort(-1).argsort(-1) < 3 for _ in range(2)]
+    assert all(int(m.sum(-1).min()) == 3 == int(m.sum(-1).max()) for m in masks)
+    want = torch.cat([-law.log2()[x[m]] for m in masks]).mean()
+    assert got == pytest.approx(float(want), rel=1e-6)
+
+    class Oracle(nn.Module):  # sees the true row: p = 0.7 on the truth where masked
+        def forward(self, tokens):
+            assert int((tokens == mask_id).sum()) == 3 * len(tokens)
+            out = torch.full((*tokens.shape, vocab), math.log(0.1))
+            return out.scatter(-1, x[: len(tokens), :, None], math.log(0.7))
+
+    assert masked_cross_entropy_bits(Oracle(), x, 3, mask_id, batch_size=6) == pytest.approx(
+        -math.log2(0.7), rel=1e-6
+    )
+    with pytest.raises(ValueError, match="count"):
+        masked_cross_entropy_bits(Oracle(), x, 11, mask_id)

@@ -8,9 +8,10 @@ import math
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from demask import Encoder, NonAutoregressiveWrapper, TransformerWrapper
+from demask.data import shift_chain, shift_chain_entropy_rate
+from demask.evaluate import masked_cross_entropy_bits
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -136,18 +137,6 @@ def test_markov_chain_nelbo_stays_above_the_entropy_and_approaches_it():
     assert late - per_token < 0.25 * (iid - per_token), (late, per_token, iid)
 
 
-def _shift_chain(n, length, vocab, keep, g):
-    """(n, length) rows of an order-1 chain on `vocab` symbols: the next symbol is
-    (5 * prev + 1) % vocab with probability `keep`, else uniform; uniform start (stationary)."""
-    x = torch.empty(n, length, dtype=torch.long)
-    x[:, 0] = torch.randint(vocab, (n,), generator=g)
-    for i in range(1, length):
-        jump = torch.randint(vocab, (n,), generator=g)
-        stay = torch.rand(n, generator=g) < keep
-        x[:, i] = torch.where(stay, (5 * x[:, i - 1] + 1) % vocab, jump)
-    return x
-
-
 @pytest.mark.slow
 def test_the_seed_configuration_learns_context_at_seq_256():
     """`TransformerWrapper(..., attn_layers=Encoder(dim, depth, heads))` with its default learned
@@ -155,10 +144,8 @@ def test_the_seed_configuration_learns_context_at_seq_256():
     falls far below what any context-free model gets (log2 16 = 4 bits, the chain's stationary law
     being uniform). With the positions only added to the tokens (`abs_pos_attn_bias=False`, the
     seed library's form) the same budget stays at 4 bits (benchmarks/RESULTS.md)."""
-    vocab, length, keep = 16, 256, 0.9
-    # given both neighbours a symbol is nearly determined; the chain's entropy rate, for scale
-    p = keep + (1 - keep) / vocab
-    rate = -(p * math.log2(p) + (vocab - 1) * (1 - p) / vocab * math.log2((1 - keep) / vocab))
+    vocab, length = 16, 256
+    rate = shift_chain_entropy_rate(vocab)  # given the previous symbol, for scale
 
     def ce_at_5_percent(bias):
         torch.manual_seed(0)
@@ -167,13 +154,10 @@ def test_the_seed_configuration_learns_context_at_seq_256():
                                  abs_pos_attn_bias=bias)  # fmt: skip
         w = NonAutoregressiveWrapper(net, mask_id=vocab)
         g = torch.Generator().manual_seed(1)
-        _train(w, lambda s: _shift_chain(16, length, vocab, keep, g), 200, 3e-3)
-        x = _shift_chain(64, length, vocab, keep, torch.Generator().manual_seed(2))
+        _train(w, lambda s: shift_chain(16, length, g, vocab), 200, 3e-3)
+        x = shift_chain(64, length, torch.Generator().manual_seed(2), vocab)
         gen = torch.Generator().manual_seed(3)
-        mask = torch.rand(x.shape, generator=gen).argsort(-1).argsort(-1) < round(0.05 * length)
-        with torch.no_grad():
-            logits = net(x.masked_fill(mask, vocab))
-        return float(F.cross_entropy(logits[mask], x[mask])) / math.log(2)
+        return masked_cross_entropy_bits(net, x, round(0.05 * length), vocab, gen, batch_size=64)
 
     learned, added = ce_at_5_percent(None), ce_at_5_percent(False)
     print(f"CE@5%: position bias {learned:.3f}, added only {added:.3f} bits; rate {rate:.3f}")

@@ -125,3 +125,42 @@ def likelihood_bits_per_token(
         seed=seed, num_times=num_times,
     )  # fmt: skip
     return bits / count
+
+
+@torch.no_grad()
+def masked_cross_entropy_bits(
+    net: nn.Module,
+    x: Tensor,
+    count: int,
+    mask_id: int,
+    generator: torch.Generator | None = None,
+    draws: int = 1,
+    batch_size: int = 16,
+) -> float:
+    """Mean cross-entropy (bits) of the masked tokens when exactly `count` positions of every row
+    of x (B, N) are replaced by `mask_id`, the positions drawn uniformly without replacement
+    (`draws` independent draws per row).
+
+    With few masked positions this shows whether a masked model uses its context: one that
+    ignores it scores its unigram entropy. net: tokens (B, N) -> logits (B, N, V), run in
+    eval mode.
+    """
+    if not isinstance(x, Tensor) or x.ndim != 2 or x.dtype != torch.long:
+        raise TypeError(f"x must be a (B, N) long tensor, got {x!r:.80}")
+    check_int("count", count, min=1, max=x.shape[1])
+    check_int("draws", draws, min=1)
+    check_int("batch_size", batch_size, min=1)
+    total, scored = 0.0, 0
+    with eval_mode(net):
+        for _ in range(draws):
+            ranks = torch.rand(x.shape, generator=generator).argsort(-1).argsort(-1)
+            mask = (ranks < count).to(x.device)
+            for i in range(0, len(x), batch_size):
+                rows, where = x[i : i + batch_size], mask[i : i + batch_size]
+                logits = net(rows.masked_fill(where, mask_id))  # (b, N, V)
+                ce = nn.functional.cross_entropy(
+                    logits[where].float(), rows[where], reduction="sum"
+                )
+                total += float(ce)
+                scored += int(where.sum())
+    return total / scored / math.log(2)

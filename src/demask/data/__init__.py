@@ -11,6 +11,7 @@ from demask.data.datasets import (
     get_dataset,
     stdlib_files,
 )
+from demask.data.synthetic import shift_chain, shift_chain_entropy_rate
 from demask.data.tokenizers import (
     TOKENIZERS,
     ByteTokenizer,
@@ -34,6 +35,8 @@ __all__ = [
     "get_batch",
     "get_dataset",
     "get_tokenizer",
+    "shift_chain",
+    "shift_chain_entropy_rate",
     "step_seed",
     "stdlib_files",
 ]
