@@ -76,6 +76,31 @@ def test_decode_step_reads_the_whole_capacity_under_a_mask():
         assert mask[0, 0, 0].tolist() == [i <= p and i < 4 or i == p for i in range(10)]
 
 
+@torch.no_grad()
+def test_reads_grow_by_buckets_and_equal_the_full_forward():
+    """Attention reads the smallest power-of-two bucket (>= 64) holding every written slot: one
+    token at a time through positions 0..149 (buckets 64, 128, 256 -> capacity 200), the host
+    path and the decoding loop's explicit positions give the full forward's logits."""
+    net = make(max_seq_len=200)
+    cache = net.new_cache(2, capacity=200)
+    bounds = {p: cache.read_bound(p) for p in (0, 62, 63, 64, 127, 128, 198, 199, 250)}
+    assert bounds == {0: 64, 62: 64, 63: 64, 64: 128, 127: 128, 128: 200, 198: 200, 199: 200,
+                      250: 200}  # fmt: skip
+    small = net.new_cache(2, capacity=40)
+    assert [small.read_bound(p) for p in (0, 38, 39, 80)] == [40, 40, 40, 40]
+    x = torch.randint(0, 29, (2, 150))
+    full = net(x)
+    host = torch.cat([net(x[:, i : i + 1], cache=cache) for i in range(150)], dim=1)
+    torch.testing.assert_close(host, full, atol=1e-5, rtol=1e-5)
+    _, mask = cache.step(torch.tensor([150]), None, read_slots=cache.read_bound(150))
+    assert mask is not None and mask.shape == (2, 1, 1, 200)
+    model = AutoregressiveWrapper(net)
+    kw = dict(temperature=0.0, filter_logits_fn=None)
+    cached = model.generate(x[:, :3], 140, cache_kv=True, **kw)  # the loop sets read_slots
+    plain = model.generate(x[:, :3], 140, cache_kv=False, **kw)
+    assert torch.equal(cached, plain)
+
+
 def test_token_range_is_still_checked():
     net = make()
     with pytest.raises(ValueError, match="x"):

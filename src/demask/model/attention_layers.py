@@ -110,7 +110,8 @@ class AttentionLayers(nn.Module):
         key_mask: Tensor | None = None,  # (B, N) True = real token
         context: Tensor | None = None,
         context_mask: Tensor | None = None,
-        cache: tuple[KVCache, Tensor, bool] | None = None,  # cache, absolute positions (N,), read?
+        # cache, absolute positions (N,), read?, slots read
+        cache: tuple[KVCache, Tensor, bool, int] | None = None,
         inter: Intermediates | None = None,
         pos_bias: Callable[[Tensor], Tensor] | None = None,  # key positions -> logit bias
     ) -> Tensor:
@@ -124,11 +125,11 @@ class AttentionLayers(nn.Module):
         layer_caches: list[LayerCache | None] = [None] * self.depth
         key_pos = pos  # the positions of the keys attention reads
         if cache is not None:  # slots and mask once per pass, shared by the layers
-            kv_cache, input_pos, read = cache
-            slots, mask = kv_cache.step(input_pos, key_mask, read)
+            kv_cache, input_pos, read, read_slots = cache
+            slots, mask = kv_cache.step(input_pos, key_mask, read, read_slots)
             layer_caches = [kv_cache.layer(i, slots, mask) for i in range(self.depth)]
-            if mask is not None:  # every slot (-1: never written, masked out)
-                key_pos = kv_cache.slot_pos.clamp(min=0)
+            if mask is not None:  # the slots read (-1: never written, masked out)
+                key_pos = kv_cache.slot_pos[:read_slots].clamp(min=0)
         bias = pos_bias(key_pos) if pos_bias is not None else None
         positions = Positions(self.rotary, rot, bias)
         for block, layer_cache in zip(self.blocks, layer_caches):

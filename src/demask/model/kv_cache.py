@@ -11,6 +11,12 @@ model refuses it with absolute position embeddings.
 Which slots a query sees is data, not shape: `slot_pos` (C,) holds the position each slot holds
 (-1 = never written), `key_valid` (B, C) marks padding slots of left-padded prompts, and a query at
 position p sees slot s when 0 <= slot_pos[s] <= p and key_valid[b, s].
+
+Reading all C slots at every step costs memory traffic for slots not yet written. So until the
+ring wraps, attention reads only the first `read_slots` slots: the smallest power of two >= 64
+that holds every written position (`read_bound`), at most C. The shapes then change only at
+those few bounds (64, 128, 256, ...), so a compiled step is compiled once per bound, not per
+position.
 """
 
 from __future__ import annotations
@@ -62,6 +68,16 @@ class KVCache(nn.Module):
         self.capacity = capacity
         self.batch_size = batch_size
         self.length = 0
+        # slots a step with explicit `input_pos` reads (see `read_bound`); the host-side path
+        # computes its own from `length`. A decoding loop that knows its position sets it.
+        self.read_slots = capacity
+
+    def read_bound(self, top: int) -> int:
+        """Slots to read when the largest position held is `top`: the smallest power of two
+        >= max(64, top + 1), at most the capacity; the capacity once the ring has wrapped."""
+        if top + 1 >= self.capacity:
+            return self.capacity
+        return min(self.capacity, max(64, 1 << top.bit_length()))
 
     @classmethod
     def from_keys_values(
@@ -117,10 +133,16 @@ class KVCache(nn.Module):
         return torch.arange(start, end, device=self.key_valid.device)
 
     def step(
-        self, input_pos: Tensor, key_valid: Tensor | None, read: bool = True
+        self,
+        input_pos: Tensor,
+        key_valid: Tensor | None,
+        read: bool = True,
+        read_slots: int | None = None,
     ) -> tuple[Tensor, Tensor | None]:
         """Record a step's new positions input_pos (n,) (key_valid (B, n) marks padding among
-        them); return their slots (n,) and, when `read`, the attention mask (B, 1, n, C).
+        them); return their slots (n,) and, when `read`, the attention mask (B, 1, n, R) over
+        the first R = read_slots slots (default: all; every slot written so far and by this step
+        must lie below it).
 
         The n positions must not share a slot (n <= capacity, no wrap inside the step)."""
         slots = input_pos % self.capacity  # (n,)
@@ -131,16 +153,20 @@ class KVCache(nn.Module):
             self.key_valid.index_copy_(1, slots, key_valid)
         if not read:
             return slots, None
-        sp = self.slot_pos
+        sp = self.slot_pos[:read_slots]
         visible = sp >= 0  # (C,) the written slots
         if self.causal:  # (n, C): causal over the held positions
             visible = visible & (sp <= input_pos[:, None])
         else:
             visible = visible.expand(input_pos.shape[0], -1)
-        return slots, visible[None, None] & self.key_valid[:, None, None, :]  # (B, 1, n, C)
+        return slots, visible[None, None] & self.key_valid[:, None, None, :read_slots]
 
     def layer(self, i: int, slots: Tensor, mask: Tensor | None) -> LayerCache:
-        return LayerCache(self.k[i], self.v[i], slots, mask)
+        """Layer i's buffers, cut to the R slots that the step's mask (B, 1, n, R) reads."""
+        if mask is None:
+            return LayerCache(self.k[i], self.v[i], slots, mask)
+        r = mask.shape[-1]
+        return LayerCache(self.k[i][:, :, :r], self.v[i][:, :, :r], slots, mask)
 
     def reorder(self, index: Tensor) -> None:
         """Select/permute batch rows in place (beam search): row b becomes old row index[b]."""

@@ -23,6 +23,18 @@ from demask.model.positions import ADDED_SCALE, UntiedPositions
 __all__ = ["AttentionLayers", "Decoder", "Encoder", "TransformerWrapper"]
 
 
+def _cache_step(cache: KVCache, input_pos: Tensor | None, n: int) -> tuple[Tensor, bool, int]:
+    """(positions (n,), whether attention reads the cache, the slots it reads) of a pass of n
+    new tokens. Without input_pos the positions continue from cache.length (the host-side path):
+    a fresh cache is only written, and reads stop at the bucket of written slots
+    (`KVCache.read_bound`). With input_pos (a decoding loop's step) the reads cover
+    cache.read_slots, all slots unless the loop set it."""
+    if input_pos is not None:
+        return input_pos, True, cache.read_slots
+    top = cache.length + n - 1
+    return cache.positions(n), cache.length > 0, cache.read_bound(top)
+
+
 class TransformerWrapper(nn.Module):
     """Token embedding + attention layers + output head: tokens (B, N) -> logits (B, N, V).
 
@@ -247,12 +259,10 @@ class TransformerWrapper(nn.Module):
         n = x.shape[1]
         host_cache = cache is not None and input_pos is None  # positions from cache.length
         top: int | None = n - 1  # the largest position, when known without a host sync
-        read = True  # attend over the cache (not on a fresh cache's first step: write only)
-        if cache is not None and host_cache:
-            top, read = cache.length + n - 1, cache.length > 0
-            input_pos = cache.positions(n)
-        elif input_pos is not None:
-            top = None
+        step = None  # (the new positions, read the cache?, slots read) of a cached pass
+        if cache is not None:
+            step = _cache_step(cache, input_pos, n)
+            input_pos, top = step[0], (cache.length + n - 1 if host_cache else None)
         pos = input_pos if input_pos is not None else torch.arange(n, device=x.device)
         if seq_start_pos is not None:
             pos = (pos[None, :] - seq_start_pos[:, None]).clamp(min=0)  # (B, N)
@@ -267,7 +277,7 @@ class TransformerWrapper(nn.Module):
             key_mask=mask,
             context=context,
             context_mask=context_mask,
-            cache=None if cache is None or input_pos is None else (cache, input_pos, read),
+            cache=None if step is None else (cache, *step),
             inter=inter,
         )  # (B, N, dim)
         if cache is not None and host_cache:
