@@ -221,6 +221,14 @@ ROWS: dict[str, Row] = {
     "demask-is-p1": replace(
         _DEFAULT, count_power=1.0, note="default, counts k ~ 1/k: every masked token weighs alike"
     ),
+    # negative powers draw the heavily masked (harder) counts more often, with smaller weights
+    # (the direction of P-POTS, Jia et al. 2025, arXiv 2511.18159)
+    "demask-is-pm0.5": replace(
+        _DEFAULT, count_power=-0.5, note="default, counts k ~ k^1/2 (importance-weighted)"
+    ),
+    "demask-is-pm1": replace(
+        _DEFAULT, count_power=-1.0, note="default, counts k ~ k (importance-weighted)"
+    ),
     "demask-is-posbias": replace(
         _DEFAULT,
         net={"abs_pos_attn_bias": True},

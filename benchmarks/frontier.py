@@ -107,6 +107,17 @@ SAMPLERS: dict[str, dict[str, Any]] = {
     "block8-entropy_bound-1-t0.8-prefix": _proper(
         "entropy_bound", 0.8, block_size=8, cache="prefix", rule={"gamma": 1.0}
     ),
+    # the seed's sampling (annealed temperature, top-k, cosine) with the threshold rule: every
+    # candidate at probability >= tau is revealed, at least the schedule's count (steps: a cap)
+    **{
+        f"threshold-{tau}-seed-cosine": {
+            **SEED_DEFAULT,
+            "schedule": "cosine",
+            "sampler": "threshold",
+            "rule": {"tau": tau},
+        }
+        for tau in (0.7, 0.8, 0.9)
+    },
     # the seed's sampling (confidence, annealed temperature, top-k, cosine) in cached blocks
     **{
         f"block{k}-seed-cosine-dual": {
