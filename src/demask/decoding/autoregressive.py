@@ -6,9 +6,10 @@ Layout of a decoding run (B rows, prompt length P, S new tokens):
   tokens into buf[:, P + i]. Nothing is concatenated or re-allocated per step.
 - `ModelStepper` feeds one model (the net, or the amateur of contrastive decoding) and returns
   next-token logits (B, V). With the key/value cache (the default) a step feeds only the newest
-  token, at an explicit position, to the static, preallocated `net.new_cache(B, capacity)`; its
-  shapes never change, so `compile=True` runs it through `torch.compile` (a CUDA graph on a GPU).
-  Without the cache a step re-runs the last `max_seq_len` tokens. Past `max_seq_len` the window slides: with relative (rotary)
+  token, at an explicit position, to the preallocated `net.new_cache(B, capacity)`. An eager step
+  reads the power-of-two bucket of written slots; with `compile=True` it reads the whole capacity,
+  so its shapes never change (`torch.compile`; a CUDA graph on a GPU). Without the cache a step
+  re-runs the last `max_seq_len` tokens. Past `max_seq_len` the window slides: with rotary
   positions the cache becomes a ring over the last `max_seq_len` positions; with absolute
   positions only the no-cache path can slide, and asking for the cache raises a ValueError.
 - `select_tokens` turns logits into tokens: repetition penalty, contrastive scores, then greedy
@@ -31,7 +32,7 @@ from typing import Any, cast
 import torch
 from torch import Tensor, nn
 
-from demask._checks import check_choice, check_float
+from demask._checks import check_choice
 from demask.model.kv_cache import KVCache
 from demask.samplers.categorical import sample_categorical
 from demask.samplers.filters import min_p, top_a, top_k, top_k_compact, top_p
@@ -244,10 +245,8 @@ class ModelStepper:
         if compile and self.cache is not None:
             self._step_fn = compile_decode_step(compile, buf.device.type)
             self._mark_step = buf.device.type == "cuda"
-        # Eager steps read only the bucket of written cache slots (KVCache.read_bound: 13% faster
-        # generation at batch 8, 272 positions, benchmarks/RESULTS.md). A compiled step reads the
-        # whole capacity: buckets would cost one compile each and gained 2% on the CPU.
-        self._bounded = isinstance(self.cache, KVCache) and not self._compiled
+        # eager steps read only the written slots' bucket (KVCache.read_bound); a compiled one
+        self._bounded = isinstance(self.cache, KVCache) and not self._compiled  # reads them all
         self._tokens = buf[:, :1].clone()  # (B, 1) the step's input, at a fixed address
         self._input_pos = torch.zeros(1, dtype=torch.long, device=buf.device)
 
@@ -289,7 +288,7 @@ class ModelStepper:
             return self._run(max(0, cur - self.window), cur, None)
         self._tokens.copy_(self.buf[:, cur - 1 : cur])
         self._input_pos.fill_(cur - 1 - self.offset)
-        if self._bounded:  # eager: read only the bucket of written slots
+        if self._bounded:
             self.cache.read_slots = self.cache.read_bound(cur - 1 - self.offset)
         if self._mark_step:  # a new CUDA-graph replay: the last step's outputs are consumed
             torch.compiler.cudagraph_mark_step_begin()
@@ -395,10 +394,3 @@ def iter_decode(
         logits = expert.step(cur + 1)
         if amateur_stepper is not None:
             amateur_logits = amateur_stepper.step(cur + 1)
-
-
-def check_sampling(temperature: Any, repetition_penalty: Any) -> tuple[float, float]:
-    """Validate the scalar sampling arguments (named in the error)."""
-    temperature = check_float("temperature", temperature, min=0.0)
-    penalty = check_float("repetition_penalty", repetition_penalty, min=0.0, min_inclusive=False)
-    return temperature, penalty

@@ -24,7 +24,6 @@ from demask.decoding.autoregressive import (
     Running,
     SamplingOptions,
     Stopping,
-    check_sampling,
     iter_decode,
     resolve_filter,
 )
@@ -40,6 +39,13 @@ from demask.objectives.autoregressive import LossOptions, autoregressive_loss
 from demask.wrappers.contract import ModelContract, SampleOptions, Samples, prefix_of
 
 __all__ = ["AutoregressiveWrapper"]
+
+
+def check_sampling(temperature: Any, repetition_penalty: Any) -> tuple[float, float]:
+    """Validate the scalar sampling arguments (named in the error)."""
+    temperature = check_float("temperature", temperature, min=0.0)
+    penalty = check_float("repetition_penalty", repetition_penalty, min=0.0, min_inclusive=False)
+    return temperature, penalty
 
 
 class AutoregressiveWrapper(ModelContract):
