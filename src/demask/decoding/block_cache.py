@@ -76,7 +76,7 @@ class CachedDenoiser(Denoiser):
         if sum_embeds is not None:
             sum_embeds = sum_embeds[:, q0:q1]
         pos = torch.arange(q0, q1, device=seq.device)
-        part = _encode(self.net, seq[:, q0:q1], pos, sum_embeds, (rec, pos, read))  # (B, Q, dim)
+        part = _encode(self.net, seq[:, q0:q1], pos, sum_embeds, (rec, pos, read, n))  # (B, Q, dim)
         self.forwards += 1
         full = self.last[branch]
         if full is None or q0 == 0 and q1 == seq.shape[1]:
@@ -100,7 +100,7 @@ def _encode(
     net: nn.Module, x: Tensor, pos: Tensor, sum_embeds: Tensor | None, cache: Any
 ) -> Tensor:
     """The net's embeddings (B, Q, dim) of tokens x (B, Q) at positions pos (Q,), through
-    `cache` (the layers' (KVCache, input_pos, read) triple): the net's own embedding step, then
+    `cache` (the layers' (KVCache, input_pos, read?, slots read) tuple): the net's own embedding step, then
     its attention layers; tests compare a full call with `net(x)`."""
     m: Any = net
     h = m._embed(x, pos, int(pos[-1]), sum_embeds)  # (B, Q, dim)
