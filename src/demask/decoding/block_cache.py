@@ -100,8 +100,8 @@ def _encode(
     net: nn.Module, x: Tensor, pos: Tensor, sum_embeds: Tensor | None, cache: Any
 ) -> Tensor:
     """The net's embeddings (B, Q, dim) of tokens x (B, Q) at positions pos (Q,), through
-    `cache` (the layers' (KVCache, input_pos, read?, slots read) tuple): the net's own embedding step, then
-    its attention layers; tests compare a full call with `net(x)`."""
+    `cache` (the layers' (KVCache, input_pos, read?, slots read) tuple): the net's own embedding
+    step, then its attention layers; tests compare a full call with `net(x)`."""
     m: Any = net
     h = m._embed(x, pos, int(pos[-1]), sum_embeds)  # (B, Q, dim)
     return m._layers(h, pos, cache=cache)

@@ -13,10 +13,9 @@ Which slots a query sees is data, not shape: `slot_pos` (C,) holds the position 
 position p sees slot s when 0 <= slot_pos[s] <= p and key_valid[b, s].
 
 Reading all C slots at every step costs memory traffic for slots not yet written. So until the
-ring wraps, attention reads only the first `read_slots` slots: the smallest power of two >= 64
-that holds every written position (`read_bound`), at most C. The shapes then change only at
-those few bounds (64, 128, 256, ...), so a compiled step is compiled once per bound, not per
-position.
+ring wraps, the host-side path and the decoding loop's eager steps read only the first
+`read_slots` slots: the smallest power of two >= 64 that holds every written position
+(`read_bound`), at most C. The compiled decode step reads all C (one shape, one compile).
 """
 
 from __future__ import annotations
