@@ -76,7 +76,8 @@ class CachedDenoiser(Denoiser):
         if sum_embeds is not None:
             sum_embeds = sum_embeds[:, q0:q1]
         pos = torch.arange(q0, q1, device=seq.device)
-        part = _encode(self.net, seq[:, q0:q1], pos, sum_embeds, (rec, pos, read, n))  # (B, Q, dim)
+        step = (rec, pos, read, rec.capacity)  # every slot: the first call wrote them all
+        part = _encode(self.net, seq[:, q0:q1], pos, sum_embeds, step)  # (B, Q, dim)
         self.forwards += 1
         full = self.last[branch]
         if full is None or q0 == 0 and q1 == seq.shape[1]:

@@ -23,16 +23,18 @@ from demask.model.positions import ADDED_SCALE, UntiedPositions
 __all__ = ["AttentionLayers", "Decoder", "Encoder", "TransformerWrapper"]
 
 
-def _cache_step(cache: KVCache, input_pos: Tensor | None, n: int) -> tuple[Tensor, bool, int]:
-    """(positions (n,), whether attention reads the cache, the slots it reads) of a pass of n
-    new tokens. Without input_pos the positions continue from cache.length (the host-side path):
-    a fresh cache is only written, and reads stop at the bucket of written slots
-    (`KVCache.read_bound`). With input_pos (a decoding loop's step) the reads cover
-    cache.read_slots, all slots unless the loop set it."""
+def _cache_step(
+    cache: KVCache, input_pos: Tensor | None, n: int
+) -> tuple[tuple[Tensor, bool, int], int | None]:
+    """((positions (n,), whether attention reads the cache, the slots it reads), the largest
+    position when known without a host sync) of a pass of n new tokens. Without input_pos the
+    positions continue from cache.length (the host-side path): a fresh cache is only written,
+    and reads stop at the bucket of written slots (`KVCache.read_bound`). With input_pos (a
+    decoding loop's step) the reads cover cache.read_slots, all slots unless the loop set it."""
     if input_pos is not None:
-        return input_pos, True, cache.read_slots
+        return (input_pos, True, cache.read_slots), None
     top = cache.length + n - 1
-    return cache.positions(n), cache.length > 0, cache.read_bound(top)
+    return (cache.positions(n), cache.length > 0, cache.read_bound(top)), top
 
 
 class TransformerWrapper(nn.Module):
@@ -261,8 +263,8 @@ class TransformerWrapper(nn.Module):
         top: int | None = n - 1  # the largest position, when known without a host sync
         step = None  # (the new positions, read the cache?, slots read) of a cached pass
         if cache is not None:
-            step = _cache_step(cache, input_pos, n)
-            input_pos, top = step[0], (cache.length + n - 1 if host_cache else None)
+            step, top = _cache_step(cache, input_pos, n)
+            input_pos = step[0]
         pos = input_pos if input_pos is not None else torch.arange(n, device=x.device)
         if seq_start_pos is not None:
             pos = (pos[None, :] - seq_start_pos[:, None]).clamp(min=0)  # (B, N)
