@@ -139,7 +139,45 @@ def _mimetic_qk(net: nn.Module) -> None:
             w[q_dim : 2 * q_dim].copy_(w[:q_dim])
 
 
+def _head_zero(net: nn.Module) -> None:
+    """The output projection to the logits at zero (untied heads only): every first prediction is
+    exactly uniform, and the head learns from the stream's first useful features (modded-nanogpt's
+    start)."""
+    if net.to_logits.weight is net.token_emb.weight:
+        raise ValueError("head_zero needs an untied output projection")
+    nn.init.zeros_(net.to_logits.weight)
+
+
+def _resid_zero(net: nn.Module) -> None:
+    """Every block's output projections (attention and feed-forward) at zero: each block starts as
+    the identity on the residual stream."""
+    for block in net.attn_layers.blocks:
+        for lin in (block.attn.to_out, block.ff.proj_out):
+            nn.init.zeros_(lin.weight)
+
+
+def _fan_in_at(gain: float) -> Callable[[nn.Module], None]:
+    """Every block's projections at std gain / sqrt(fan_in) (width-aware, as PyTorch's default
+    and the reference scale theirs), the residual outputs further by 1 / sqrt(2 * depth);
+    embeddings and the logit projection as they were."""
+
+    def init(net: nn.Module) -> None:
+        depth = net.attn_layers.depth
+        for block in net.attn_layers.blocks:
+            for lin in (block.attn.to_qkv, block.ff.proj_in, block.attn.to_out, block.ff.proj_out):
+                std = gain / math.sqrt(lin.weight.shape[1])
+                if lin is block.attn.to_out or lin is block.ff.proj_out:
+                    std /= math.sqrt(2 * depth)
+                nn.init.normal_(lin.weight, std=std)
+
+    return init
+
+
 INITS: dict[str, Callable[[nn.Module], None]] = {
+    "fan_in_1": _fan_in_at(1.0),
+    "fan_in_0.5": _fan_in_at(0.5),
+    "head_zero": _head_zero,
+    "resid_zero": _resid_zero,
     "mimetic_qk": _mimetic_qk,
     "pos_sin_0.3": _pos_sinusoid_at(0.3),
     "pos_sin_1": _pos_sinusoid_at(1.0),
@@ -241,6 +279,37 @@ ROWS: dict[str, Row] = {
         count_power=None,
         net={"abs_pos_attn_bias": True},
         note="mean CE, scaled resid, the absolute position bias (with rotary: both)",
+    ),
+    # one change against the rotary default as it is now (rotary + the position bias)
+    "demask-pb-headzero": replace(
+        _DEFAULT,
+        net={"abs_pos_attn_bias": True},
+        init=("resid_scaled", "head_zero"),
+        note="rotary default (with the position bias) + the logit projection at zero",
+    ),
+    "demask-pb-residzero": replace(
+        _DEFAULT,
+        net={"abs_pos_attn_bias": True},
+        init=("resid_zero",),
+        note="rotary default (with the position bias), output projections at zero",
+    ),
+    "demask-pb-qknorm": replace(
+        _DEFAULT,
+        net={"abs_pos_attn_bias": True},
+        layers={"attn_qk_norm": True},
+        note="rotary default (with the position bias) + QK-norm",
+    ),
+    "demask-pb-fanin1": replace(
+        _DEFAULT,
+        net={"abs_pos_attn_bias": True},
+        init=("fan_in_1",),
+        note="rotary default (with the position bias), projections at 1/sqrt(fan_in)",
+    ),
+    "demask-pb-fanin0.5": replace(
+        _DEFAULT,
+        net={"abs_pos_attn_bias": True},
+        init=("fan_in_0.5",),
+        note="rotary default (with the position bias), projections at 0.5/sqrt(fan_in)",
     ),
     "demask-is-lr3e-3": replace(
         _DEFAULT, train={"lr": 3e-3}, note="default, peak lr 3e-3 (not 1e-3)"

@@ -309,6 +309,18 @@ def test_ablation_smoke_one_record_per_row_and_seed(tmp_path, capsys):
     absolute = dataclasses.replace(cfg, positions="absolute")
     assert ablation.build(ablation.ROWS["demask-count-resid-is"], absolute).net.abs_pos_attn
     assert ablation.build(ablation.ROWS["demask-is-p1"], absolute).mdlm_count_power == 1.0
+    # the initialisation rows: zero heads and outputs, projections at gain / sqrt(fan_in)
+    wide = dataclasses.replace(cfg, dim=256)
+    head = ablation.build(ablation.ROWS["demask-pb-headzero"], wide).net.to_logits.weight
+    assert int(head.count_nonzero()) == 0
+    blocks = ablation.build(ablation.ROWS["demask-pb-residzero"], wide).net.attn_layers.blocks
+    assert all(int(b.ff.proj_out.weight.count_nonzero()) == 0 for b in blocks)
+    assert all(int(b.attn.to_out.weight.count_nonzero()) == 0 for b in blocks)
+    block = ablation.build(ablation.ROWS["demask-pb-fanin0.5"], wide).net.attn_layers.blocks[0]
+    qkv_std = float(block.attn.to_qkv.weight.detach().std())
+    out_std = float(block.ff.proj_out.weight.detach().std())
+    assert abs(qkv_std - 0.5 / 16) < 0.002  # fan_in 256
+    assert abs(out_std - 0.5 / 32 / 2) < 0.001  # fan_in 1024, and 1 / sqrt(2 * depth 2)
 
 
 def test_positions_smoke_one_record_per_row_and_source(tmp_path, capsys):
