@@ -204,6 +204,10 @@ _ADDED = replace(
     note="default, positions only added to the tokens (demask before the position bias)",
 )
 
+# the rotary default as it is now: rotary and the Encoder's position bias (the ablation's rotary
+# rows are rotary alone unless they ask for the bias)
+_POSBIAS = replace(_DEFAULT, net={"abs_pos_attn_bias": True})
+
 ROWS: dict[str, Row] = {
     "reference-ce": Row(
         "reference",
@@ -282,35 +286,28 @@ ROWS: dict[str, Row] = {
     ),
     # one change against the rotary default as it is now (rotary + the position bias)
     "demask-pb-headzero": replace(
-        _DEFAULT,
-        net={"abs_pos_attn_bias": True},
+        _POSBIAS,
         init=("resid_scaled", "head_zero"),
         note="rotary default (with the position bias) + the logit projection at zero",
     ),
     "demask-pb-residzero": replace(
-        _DEFAULT,
-        net={"abs_pos_attn_bias": True},
+        _POSBIAS,
         init=("resid_zero",),
         note="rotary default (with the position bias), output projections at zero",
     ),
     "demask-pb-qknorm": replace(
-        _DEFAULT,
-        net={"abs_pos_attn_bias": True},
+        _POSBIAS,
         layers={"attn_qk_norm": True},
         note="rotary default (with the position bias) + QK-norm",
     ),
-    "demask-pb-fanin1": replace(
-        _DEFAULT,
-        net={"abs_pos_attn_bias": True},
-        init=("fan_in_1",),
-        note="rotary default (with the position bias), projections at 1/sqrt(fan_in)",
-    ),
-    "demask-pb-fanin0.5": replace(
-        _DEFAULT,
-        net={"abs_pos_attn_bias": True},
-        init=("fan_in_0.5",),
-        note="rotary default (with the position bias), projections at 0.5/sqrt(fan_in)",
-    ),
+    **{
+        f"demask-pb-fanin{gain}": replace(
+            _POSBIAS,
+            init=(f"fan_in_{gain}",),
+            note=f"rotary default (with the position bias), projections at {gain}/sqrt(fan_in)",
+        )
+        for gain in (1, 0.5)
+    },
     "demask-is-lr3e-3": replace(
         _DEFAULT, train={"lr": 3e-3}, note="default, peak lr 3e-3 (not 1e-3)"
     ),
