@@ -300,6 +300,16 @@ ROWS: dict[str, Row] = {
         layers={"attn_qk_norm": True},
         note="rotary default (with the position bias) + QK-norm",
     ),
+    "demask-pb-embk": replace(
+        _POSBIAS,
+        init=("resid_scaled", "emb_kaiming"),
+        note="rotary default (with the position bias), token embeddings at std sqrt(2/d)",
+    ),
+    "demask-pb-embk-noresid": replace(
+        _POSBIAS,
+        init=("emb_kaiming",),
+        note="rotary default (with the position bias), embeddings at sqrt(2/d), outputs at 0.02",
+    ),
     **{
         f"demask-pb-fanin{gain}": replace(
             _POSBIAS,
@@ -310,6 +320,15 @@ ROWS: dict[str, Row] = {
     },
     "demask-is-lr3e-3": replace(
         _DEFAULT, train={"lr": 3e-3}, note="default, peak lr 3e-3 (not 1e-3)"
+    ),
+    "demask-ce-lr3e-3": Row(
+        wrapper={"use_simple_mdlm_loss_weight": False},
+        init=("resid_scaled",),
+        train={"lr": 3e-3},
+        note="mean CE, scaled resid, peak lr 3e-3",
+    ),
+    "demask-pb-lr3e-3": replace(
+        _POSBIAS, train={"lr": 3e-3}, note="rotary default (with the position bias), lr 3e-3"
     ),
     "reference-ce-lr3e-3": Row(
         "reference",
