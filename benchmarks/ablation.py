@@ -62,11 +62,16 @@ def _baseline_init(net: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
+def _outputs(block: nn.Module) -> tuple[nn.Linear, nn.Linear]:
+    """A block's projections that write into the residual stream (attention, feed-forward)."""
+    return block.attn.to_out, block.ff.proj_out
+
+
 def _resid_scaled(net: nn.Module) -> None:
     """GPT-2's scaled residual init: the output projections of every block at 0.02 / sqrt(2L)."""
     depth = net.attn_layers.depth
     for block in net.attn_layers.blocks:
-        for lin in (block.attn.to_out, block.ff.proj_out):
+        for lin in _outputs(block):
             nn.init.normal_(lin.weight, std=0.02 / math.sqrt(2 * depth))
 
 
@@ -152,7 +157,7 @@ def _resid_zero(net: nn.Module) -> None:
     """Every block's output projections (attention and feed-forward) at zero: each block starts as
     the identity on the residual stream."""
     for block in net.attn_layers.blocks:
-        for lin in (block.attn.to_out, block.ff.proj_out):
+        for lin in _outputs(block):
             nn.init.zeros_(lin.weight)
 
 
@@ -162,13 +167,13 @@ def _fan_in_at(gain: float) -> Callable[[nn.Module], None]:
     embeddings and the logit projection as they were."""
 
     def init(net: nn.Module) -> None:
-        depth = net.attn_layers.depth
+        out_scale = 1 / math.sqrt(2 * net.attn_layers.depth)
         for block in net.attn_layers.blocks:
-            for lin in (block.attn.to_qkv, block.ff.proj_in, block.attn.to_out, block.ff.proj_out):
-                std = gain / math.sqrt(lin.weight.shape[1])
-                if lin is block.attn.to_out or lin is block.ff.proj_out:
-                    std /= math.sqrt(2 * depth)
-                nn.init.normal_(lin.weight, std=std)
+            for lins, scale in (((block.attn.to_qkv, block.ff.proj_in), 1.0),
+                                (_outputs(block), out_scale)):  # fmt: skip
+                for lin in lins:
+                    std = gain * scale / math.sqrt(lin.weight.shape[1])
+                    nn.init.normal_(lin.weight, std=std)
 
     return init
 
@@ -208,6 +213,13 @@ _ADDED = replace(
 # rows are rotary alone unless they ask for the bias)
 _POSBIAS = replace(_DEFAULT, net={"abs_pos_attn_bias": True})
 
+# mean CE (the reference's better objective) with GPT-2's scaled residual init
+_CE_RESID = Row(
+    wrapper={"use_simple_mdlm_loss_weight": False},
+    init=("resid_scaled",),
+    note="mean CE, scaled resid",
+)
+
 ROWS: dict[str, Row] = {
     "reference-ce": Row(
         "reference",
@@ -235,11 +247,7 @@ ROWS: dict[str, Row] = {
     "demask-count-resid-embk": Row(
         init=("resid_scaled", "emb_kaiming"), estimator="count", note="count, resid + emb"
     ),
-    "demask-ce-resid": Row(
-        wrapper={"use_simple_mdlm_loss_weight": False},
-        init=("resid_scaled",),
-        note="mean CE, scaled resid",
-    ),
+    "demask-ce-resid": _CE_RESID,
     "demask-count-resid-is": _DEFAULT,
     # one change against demask's default (count ~ k^-1/2 with importance weights, scaled resid)
     "demask-is-rmsnorm": replace(
@@ -272,15 +280,10 @@ ROWS: dict[str, Row] = {
         _DEFAULT, count_power=-1.0, note="default, counts k ~ k (importance-weighted)"
     ),
     "demask-is-posbias": replace(
-        _DEFAULT,
-        net={"abs_pos_attn_bias": True},
-        note="default + the absolute position bias (with rotary: both)",
+        _POSBIAS, note="default + the absolute position bias (with rotary: both)"
     ),
     "demask-ce-posbias": replace(
-        _DEFAULT,
-        wrapper={"use_simple_mdlm_loss_weight": False},
-        estimator=None,
-        count_power=None,
+        _CE_RESID,
         net={"abs_pos_attn_bias": True},
         note="mean CE, scaled resid, the absolute position bias (with rotary: both)",
     ),
@@ -321,11 +324,8 @@ ROWS: dict[str, Row] = {
     "demask-is-lr3e-3": replace(
         _DEFAULT, train={"lr": 3e-3}, note="default, peak lr 3e-3 (not 1e-3)"
     ),
-    "demask-ce-lr3e-3": Row(
-        wrapper={"use_simple_mdlm_loss_weight": False},
-        init=("resid_scaled",),
-        train={"lr": 3e-3},
-        note="mean CE, scaled resid, peak lr 3e-3",
+    "demask-ce-lr3e-3": replace(
+        _CE_RESID, train={"lr": 3e-3}, note="mean CE, scaled resid, peak lr 3e-3"
     ),
     "demask-pb-lr3e-3": replace(
         _POSBIAS, train={"lr": 3e-3}, note="rotary default (with the position bias), lr 3e-3"
