@@ -22,6 +22,7 @@ from demask.samplers import (
     get_rule,
     mask_least_confident,
 )
+from demask.samplers.dilated import DilatedRule, dilated_order
 from demask.samplers.halton import halton_order
 from demask.schedules import get_schedule
 
@@ -333,6 +334,31 @@ def test_halton_spreads_the_first_tokens_over_the_image():
         StepInfo(1, torch.tensor([60]), 1.0, 60 / 64, seq_len=64),
     )
     assert torch.equal(~stay, (rank < 4).flatten())
+
+
+@param("n", [1, 2, 7, 16, 100, 256])
+def test_dilated_order_is_a_permutation(n):
+    assert sorted(dilated_order(n).tolist()) == list(range(n))
+
+
+def test_dilated_order_halves_the_gaps():
+    rank = dilated_order(64)
+    for k in (1, 2, 4, 8, 16, 32):  # the first k positions are every (64 / k)-th one
+        assert sorted((rank < k).nonzero().flatten().tolist()) == list(range(0, 64, 64 // k))
+
+
+def test_dilated_rule_reveals_the_earliest_fillable_positions_in_every_row():
+    # row 0: all 16 positions masked; row 1: positions 0..7 given (only 8..15 are candidates)
+    rows = torch.cat([torch.zeros(16, dtype=torch.long), torch.ones(8, dtype=torch.long)])
+    cols = torch.cat([torch.arange(16), torch.arange(8, 16)])
+    m = rows.numel()
+    proposal = Proposal(rows, cols, torch.ones(m, dtype=torch.bool),
+                        torch.zeros(m, dtype=torch.long), torch.ones(m, 1), torch.ones(m))  # fmt: skip
+    stay = DilatedRule().select(proposal, StepInfo(2, torch.tensor([12, 5]), 1.0, 0.75, seq_len=16))
+    revealed = [sorted(cols[(rows == b) & ~stay].tolist()) for b in (0, 1)]
+    assert revealed == [[0, 4, 8, 12], [8, 10, 12]]  # row 1: 8, 12, 10 are first in the order
+    assert get_rule("dilated").select(proposal, StepInfo(2, torch.tensor([12, 5]), 1.0, 0.75,
+                                                          seq_len=16)).equal(stay)  # fmt: skip
 
 
 def test_step_times_anneal_and_counts():

@@ -171,7 +171,7 @@ def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--sampler",
         help="masked models: confidence | low_confidence | random | margin | entropy | halton | "
-        "ancestral | remdm | threshold | factor | entropy_bound (default: ancestral)",
+        "dilated | ancestral | remdm | threshold | factor | entropy_bound (default: ancestral)",
     )
     p.add_argument(
         "--decode-steps",

@@ -22,6 +22,7 @@ from demask.samplers.base import (
 )
 from demask.samplers.categorical import gumbel_noise, sample_categorical
 from demask.samplers.confidence import ConfidenceRule
+from demask.samplers.dilated import DilatedRule
 from demask.samplers.entropy import EntropyRule
 from demask.samplers.entropy_bound import EntropyBoundRule
 from demask.samplers.factor import FactorRule
@@ -54,6 +55,7 @@ RULES: dict[str, type] = {
     "entropy_bound": EntropyBoundRule,
     "remdm": ReMDMRule,
     "halton": HaltonRule,
+    "dilated": DilatedRule,
 }
 
 
@@ -73,6 +75,7 @@ __all__ = [
     "AncestralRule",
     "ConfidenceRule",
     "Critic",
+    "DilatedRule",
     "EntropyBoundRule",
     "EntropyRule",
     "FactorRule",

@@ -72,8 +72,18 @@ class HaltonRule:
         return self._cache[key].to(device)
 
     def select(self, proposal: Proposal, info: StepInfo) -> Tensor:
-        seq_len = info.seq_len or (int(proposal.cols.max()) + 1 if proposal.cols.numel() else 1)
-        rank = self._rank(seq_len, proposal.cols.device)[proposal.cols]  # (M,)
-        return mask_least_confident(
-            -rank.double(), proposal.rows, info.num_masked_after, proposal.was_masked
-        )
+        rank = self._rank(canvas_length(proposal, info), proposal.cols.device)
+        return reveal_in_order(rank, proposal, info)
+
+
+def canvas_length(proposal: Proposal, info: StepInfo) -> int:
+    """N, the canvas length: the step's, else one past the last candidate position."""
+    return info.seq_len or (int(proposal.cols.max()) + 1 if proposal.cols.numel() else 1)
+
+
+def reveal_in_order(rank: Tensor, proposal: Proposal, info: StepInfo) -> Tensor:
+    """(M,) bool, True = masked after the step: of the still-masked candidates, those latest in
+    `rank` (N,) (rank[p]: when position p is revealed), as many as the schedule says."""
+    return mask_least_confident(
+        -rank[proposal.cols].double(), proposal.rows, info.num_masked_after, proposal.was_masked
+    )

@@ -298,7 +298,7 @@ class NonAutoregressiveWrapper(MaskedContract):
         prompt, if any, is 1-D). `prompt` (seq_len,) or (B, seq_len): mask_id marks the positions
         to fill (prefix, suffix, holes); its other tokens are kept as given. `sampler`: a reveal
         rule's name (demask.samplers.RULES: "confidence", the seed's, ..., "threshold",
-        "entropy_bound", "remdm", "halton"), a rule object with its settings
+        "entropy_bound", "remdm", "halton", "dilated"), a rule object with its settings
         (`ThresholdRule(tau=0.8)`), or a whole `MaskedSampler` (then used as given: the sampling
         arguments here do not apply). The seed's arguments map onto `MaskedSampler`:
         start_temperature -> temperature (annealed to 0 unless `anneal_temperature=False`),

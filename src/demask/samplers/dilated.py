@@ -1,0 +1,42 @@
+"""Dilated order for text: each step reveals positions spread evenly along the sequence.
+
+Luxembourg et al. 2025, "Plan for Speed: Dilated Scheduling for Masked Diffusion Language
+Models" (DUS), https://arxiv.org/abs/2506.19037. Neighbouring tokens depend on each other most,
+so the tokens sampled together in one step (independently, given the context) should lie far
+apart. Positions are revealed in the 1-D low-discrepancy order (van der Corput, base 2: 0, N/2,
+N/4, 3N/4, ...), so every step's tokens fall between those already revealed and halve the gaps.
+The count per step is the schedule's; the predictions play no part in which positions are
+revealed. It is the Halton order of a canvas with one row (the `halton` rule lays a square canvas
+for images).
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from demask.samplers.base import Proposal, StepInfo
+from demask.samplers.halton import canvas_length, halton_order, reveal_in_order
+
+
+class DilatedRule:
+    exact_counts = True
+    uses_critic = False
+    can_remask = False
+    always_remask = False
+
+    def __init__(self) -> None:
+        self._orders: dict[int, Tensor] = {}  # canvas length -> rank of every position
+
+    def __repr__(self) -> str:
+        return "DilatedRule()"
+
+    def select(self, proposal: Proposal, info: StepInfo) -> Tensor:
+        n = canvas_length(proposal, info)
+        if n not in self._orders:
+            self._orders[n] = dilated_order(n)
+        return reveal_in_order(self._orders[n].to(proposal.cols.device), proposal, info)
+
+
+def dilated_order(seq_len: int) -> Tensor:
+    """(seq_len,) long: rank[p] = the step order of position p (0 first)."""
+    return halton_order(seq_len, seq_len)
