@@ -47,8 +47,11 @@ from __future__ import annotations
 
 import argparse
 import math
+import statistics
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +88,7 @@ SAMPLERS: dict[str, dict[str, Any]] = {
     "seed-default": SEED_DEFAULT,
     "seed-cosine": {**SEED_DEFAULT, "schedule": "cosine"},
     "reference-cosine": {**SEED_DEFAULT, "schedule": "cosine", "loop": "reference"},
+    "reference-linear": {**SEED_DEFAULT, "loop": "reference"},
     "ancestral": ANCESTRAL,
     **{
         name: {"sampler": name, **SEED_DEFAULT}
@@ -118,6 +122,32 @@ SAMPLERS: dict[str, dict[str, Any]] = {
         }
         for tau in (0.7, 0.8, 0.9)
     },
+    # the seed's sampling with another order of revealing (cosine schedule)
+    **{
+        f"{rule}-seed-cosine": {**SEED_DEFAULT, "schedule": "cosine", "sampler": rule}
+        for rule in ("margin", "entropy", "low_confidence", "halton")
+    },
+    # the dilated order (DUS): the seed's sampling (annealed temperature, top-k), cosine schedule
+    **{
+        f"dilated-seed-cosine-t{t}-f{f}": {
+            **SEED_DEFAULT,
+            "start_temperature": t,
+            "filter_thres": f,
+            "schedule": "cosine",
+            "sampler": "dilated",
+        }
+        for t in (0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.2, 1.5)
+        for f in (0.7, 0.5)
+    },
+    **{
+        f"dilated-seed-linear-t{t}": {**SEED_DEFAULT, "start_temperature": t, "sampler": "dilated"}
+        for t in (0.6, 0.8, 1.0)
+    },
+    # the dilated order on the full distribution at a fixed temperature (no top-k, no annealing)
+    **{
+        f"dilated-proper-t{t}": {**_proper("dilated", t), "schedule": "cosine"}
+        for t in (1.0, 0.9, 0.8)
+    },
     # the seed's sampling (confidence, annealed temperature, top-k, cosine) in cached blocks
     **{
         f"block{k}-seed-cosine-dual": {
@@ -137,6 +167,7 @@ ALL_MASKED = tuple(name for name, (_, masked) in quality.MODELS.items() if maske
 class Config:
     steps: tuple[int, ...] = (8, 16, 32, 64, 128, 256)
     samples: int = 8
+    repeats: int = 1  # calls per setting (each `samples` sequences)
     seed: int = 0
     samplers: tuple[str, ...] = ("seed-default", "ancestral")
 
@@ -220,6 +251,10 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--models", type=Path, default=harness.REPO / "runs/bench/quality_models",
                    help="folder of the state dicts saved by the quality suite")  # fmt: skip
     p.add_argument("--samples", type=int, default=None, help="sequences per generate call")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed (default 0)")
+    p.add_argument("--repeats", type=int, default=None,
+                   help="generate calls per setting (default 1): the wall time is their median, "
+                   "the quality is scored on all their samples")  # fmt: skip
     p.add_argument("--steps", type=int, nargs="+", default=None, help="masked steps to measure")
     p.add_argument("--samplers", nargs="+", default=None, choices=list(SAMPLERS),
                    help="masked samplers to measure, one line each per model "
@@ -237,6 +272,21 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help=f"the Shakespeare folder (default {quality.DATA})")  # fmt: skip
     p.add_argument("--png", type=Path, default=None, help="plot path (default beside the JSON)")
     p.add_argument("--threads", type=int, default=2)
+
+
+def _repeat(
+    call: Callable[[], tuple[Tensor, float]], repeats: int
+) -> tuple[Tensor, list[float], float]:
+    """`repeats` timed calls of `call` () -> ((S, N) tokens, calls per token): all their
+    tokens (repeats * S, N), the wall time of each call, and the mean calls per token."""
+    outs, walls, calls = [], [], []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        out, c = call()
+        walls.append(time.perf_counter() - start)
+        outs.append(out)
+        calls.append(c)
+    return torch.cat(outs), walls, sum(calls) / len(calls)
 
 
 def masked_generator(name: str, net: Any, sampler: str) -> tuple[Any, str]:
@@ -271,8 +321,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     cfg = SMOKE if args.smoke else Config()
     if args.steps:
         cfg = replace(cfg, steps=tuple(args.steps))
-    if args.samples is not None:
-        cfg = replace(cfg, samples=args.samples)
+    for k in ("samples", "repeats", "seed"):
+        if getattr(args, k) is not None:
+            cfg = replace(cfg, **{k: getattr(args, k)})
     if args.samplers:
         cfg = replace(cfg, samplers=tuple(dict.fromkeys(args.samplers)))
     qcfg = quality.SMOKE if args.smoke else quality.Config()
@@ -290,11 +341,10 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     prompt = torch.full((cfg.samples, 1), 10, dtype=torch.long)  # a newline
     ar.generate(prompt[:, :1], 2)  # warm
     torch.manual_seed(cfg.seed)
-    start = time.perf_counter()
-    out = ar.generate(prompt, qcfg.seq_len - 1)  # (S, 256)
+    out, walls, _ = _repeat(lambda: (ar.generate(prompt, qcfg.seq_len - 1), 1.0), cfg.repeats)
     rows.append({"model": "demask-ar", "sampler": "ar-default", "sampler_kwargs": {},
                  "decoder": "demask", "steps": qcfg.seq_len - 1,
-                 "wall_s": time.perf_counter() - start, "calls_per_token": 1.0,
+                 "wall_s": statistics.median(walls), "wall_s_each": walls, "calls_per_token": 1.0,
                  **_score(ar.net, out)})  # fmt: skip
 
     for name in masked_names:
@@ -305,13 +355,12 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             generate(1, 1)  # warm
             for steps in cfg.steps:
                 torch.manual_seed(cfg.seed)
-                start = time.perf_counter()
-                out, calls = generate(steps, cfg.samples)  # (S, 256)
-                wall = time.perf_counter() - start
+                out, walls, calls = _repeat(partial(generate, steps, cfg.samples), cfg.repeats)
+                wall = statistics.median(walls)
                 rows.append({"model": name, "sampler": sampler,
                              "sampler_kwargs": dict(SAMPLERS[sampler]), "decoder": decoder,
-                             "steps": steps, "wall_s": wall, "calls_per_token": calls,
-                             **_score(ar.net, out)})  # fmt: skip
+                             "steps": steps, "wall_s": wall, "wall_s_each": walls,
+                             "calls_per_token": calls, **_score(ar.net, out)})  # fmt: skip
                 print(f"{name} {sampler} steps={steps}: {wall:.1f} s, {calls:.3f} calls/token, "
                       f"gen PPL {rows[-1]['gen_ppl']:.2f}, "
                       f"H {rows[-1]['unigram_entropy_bits']:.2f}", flush=True)  # fmt: skip
@@ -319,7 +368,10 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     headers = ["model", "sampler", "steps", "wall s", "calls/token", "gen PPL", "unigram H (bits)"]
     table = [[r["model"], r["sampler"], r["steps"], r["wall_s"], r.get("calls_per_token"),
               r["gen_ppl"], r["unigram_entropy_bits"]] for r in rows]  # fmt: skip
-    print(f"## {NAME}  ({cfg.samples} samples of {qcfg.seq_len} bytes per call)")
+    print(
+        f"## {NAME}  ({cfg.samples} samples of {qcfg.seq_len} bytes per call, {cfg.repeats} "
+        "calls per setting: median wall time per call, quality over all their samples)"
+    )
     print(harness.format_table(headers, table))
     png = args.png or (args.out or harness.REPO / "runs/bench/frontier.json").with_suffix(".png")
     plot(rows, png)
