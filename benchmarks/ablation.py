@@ -178,7 +178,82 @@ def _fan_in_at(gain: float) -> Callable[[nn.Module], None]:
     return init
 
 
+class _RelativeBias(nn.Module):
+    """A learned per-head logit bias of the key's offset from the query, b[h, j - i] (T5-style,
+    unbucketed), shared by the layers; `scale` multiplies a zero-started table so that Adam's
+    steps move it at `scale` times the learning rate."""
+
+    def __init__(self, heads: int, n: int, scale: float):
+        super().__init__()
+        self.n, self.scale = n, scale
+        self.table = nn.Parameter(torch.zeros(heads, 2 * n - 1))
+
+    def forward(self, query_pos: Tensor, key_pos: Tensor) -> Tensor:
+        offset = key_pos[None, :] - query_pos[:, None] + self.n - 1  # (Nq, Nk)
+        return self.table[:, offset] * self.scale  # (H, Nq, Nk)
+
+
+class _AlibiBias(nn.Module):
+    """Symmetric ALiBi (Press et al. 2022, arXiv 2108.12409): head h adds -m_h |j - i|, slopes
+    started at 2^(-8 (h + 1) / H) and learned (through their logarithm), shared by the layers."""
+
+    def __init__(self, heads: int):
+        super().__init__()
+        start = torch.tensor([2.0 ** (-8 * (h + 1) / heads) for h in range(heads)])
+        self.log_slope = nn.Parameter(start.log())
+
+    def forward(self, query_pos: Tensor, key_pos: Tensor) -> Tensor:
+        dist = (key_pos[None, :] - query_pos[:, None]).abs().float()  # (Nq, Nk)
+        return -self.log_slope.exp()[:, None, None] * dist
+
+
+def _add_bias(make: Callable[[nn.Module], nn.Module]) -> Callable[[nn.Module], None]:
+    """Add a second positional logit bias (a module of the query and key positions) to the net's
+    own (rotary default with the position bias only)."""
+
+    def init(net: nn.Module) -> None:
+        if net.abs_pos_attn is None:
+            raise ValueError("this row needs the position bias (abs_pos_attn_bias=True)")
+        net.extra_bias = make(net)
+        own = net._untied_bias
+        net._untied_bias = lambda q, k: own(q, k) + net.extra_bias(q, k)
+
+    return init
+
+
+class _X0Mix(nn.Module):
+    """Per-block scalars mu_l (started at 0, times `scale`): block l reads x + mu_l * x0, x0 the
+    embeddings entering the layers (modded-nanogpt's skip from the input)."""
+
+    def __init__(self, depth: int, scale: float):
+        super().__init__()
+        self.scale = scale
+        self.mu = nn.Parameter(torch.zeros(depth))
+        self.x0: Tensor | None = None
+
+
+def _x0_mix(net: nn.Module) -> None:
+    layers = net.attn_layers
+    mix = _X0Mix(layers.depth, 8.0)
+    net.x0_mix = mix
+
+    def keep_x0(module: nn.Module, args: tuple[Any, ...]) -> None:
+        mix.x0 = args[0]
+
+    layers.register_forward_pre_hook(keep_x0)
+    for i, block in enumerate(layers.blocks):
+
+        def add_x0(module: nn.Module, args: tuple[Any, ...], i: int = i) -> tuple[Any, ...]:
+            assert mix.x0 is not None
+            return (args[0] + mix.mu[i] * mix.scale * mix.x0, *args[1:])
+
+        block.register_forward_pre_hook(add_x0)
+
+
 INITS: dict[str, Callable[[nn.Module], None]] = {
+    "rel_bias": _add_bias(lambda net: _RelativeBias(net.attn_layers.heads, net.max_seq_len, 8.0)),
+    "alibi": _add_bias(lambda net: _AlibiBias(net.attn_layers.heads)),
+    "x0_mix": _x0_mix,
     "fan_in_1": _fan_in_at(1.0),
     "fan_in_0.5": _fan_in_at(0.5),
     "head_zero": _head_zero,
@@ -321,6 +396,21 @@ ROWS: dict[str, Row] = {
         )
         for gain in (1, 0.5)
     },
+    "demask-pb-rel": replace(
+        _POSBIAS,
+        init=("resid_scaled", "rel_bias"),
+        note="rotary default (with the position bias) + a learned relative-offset bias per head",
+    ),
+    "demask-pb-alibi": replace(
+        _POSBIAS,
+        init=("resid_scaled", "alibi"),
+        note="rotary default (with the position bias) + symmetric ALiBi, learned slopes",
+    ),
+    "demask-pb-x0": replace(
+        _POSBIAS,
+        init=("resid_scaled", "x0_mix"),
+        note="rotary default (with the position bias) + a learned skip from the embeddings",
+    ),
     "demask-is-lr3e-3": replace(
         _DEFAULT, train={"lr": 3e-3}, note="default, peak lr 3e-3 (not 1e-3)"
     ),
