@@ -283,6 +283,18 @@ def test_text_folder_sample_infill_and_eval(text_runs, tmp_path, capsys):
     assert code == 0 and json.loads(path.read_text())["likelihood"] == "exact_nll"
 
 
+def test_text_sample_with_the_dilated_rule_in_few_steps(text_runs, tmp_path, capsys):
+    argv = ["sample", "--checkpoint", text_runs["masked"], "--num", "2", "--seed", "1"]
+    opts = ["--sampler", "dilated", "--decode-steps", "3", "--anneal", "--filter-thres", "0.7"]
+    for name in ("a", "b"):
+        code, out, _ = run_cli(capsys, *argv, *opts, "--prompt", "the[MASK:6]fox",
+                               "--out", tmp_path / name)  # fmt: skip
+        assert code == 0, out
+        bodies = [s.split("\n", 1)[1] for s in out.split("-" * 30 + " sample ")[1:]]
+        assert len(bodies) == 2 and all(b.startswith("the") for b in bodies)
+    assert (tmp_path / "a/samples.txt").read_text() == (tmp_path / "b/samples.txt").read_text()
+
+
 # ------------------------------------------------------------------------------------ bad input
 
 
