@@ -136,7 +136,7 @@ SAMPLERS: dict[str, dict[str, Any]] = {
             "schedule": "cosine",
             "sampler": "dilated",
         }
-        for t in (0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.2, 1.5)
+        for t in (0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.2, 1.3, 1.4, 1.5)
         for f in (0.7, 0.5)
     },
     **{
