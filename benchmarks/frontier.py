@@ -28,10 +28,19 @@ Samplers (the keyword arguments given to `generate` are recorded in every JSON r
                 cap on the network calls and usually stop earlier
   block*        semi-autoregressive block decoding (block_size positions per block, steps shared
                 by the blocks), uncached or with Fast-dLLM's "prefix" / "dual" key/value cache
+  dilated-seed-cosine-t{T}-f{F}
+                demask's dilated order (DUS: each step's positions spread evenly between the
+                revealed ones) with the seed's sampling at start temperature T (annealed) and
+                filter_thres F, cosine schedule; in the defaults at T 1.0, F 0.7
+  dilated-proper-t{T}, dilated-seed-linear-t{T}, reference-linear, {rule}-seed-cosine
+                the same order on the full distribution at a fixed T; with the linear schedule;
+                the reference's loop with its default (linear) schedule; other orders with the
+                seed's sampling and cosine
 
 Reported per setting:
 
-  wall s        one batched generate call (after one untimed warmup call per model and sampler)
+  wall s        one batched generate call (after one untimed warmup call per model and sampler);
+                with --repeats R, the median of R calls, and the quality over all R x samples
   gen PPL       generative perplexity: 2 ** (bits per byte of bytes 1..255 of each sample under
                 the demask autoregressive model, averaged over the samples' bytes)
   unigram H     entropy (bits) of each sample's byte histogram, averaged over samples; low values
@@ -169,7 +178,7 @@ class Config:
     samples: int = 8
     repeats: int = 1  # calls per setting (each `samples` sequences)
     seed: int = 0
-    samplers: tuple[str, ...] = ("seed-default", "ancestral")
+    samplers: tuple[str, ...] = ("seed-default", "ancestral", "dilated-seed-cosine-t1.0-f0.7")
 
 
 SMOKE = Config(steps=(2, 4), samples=2)

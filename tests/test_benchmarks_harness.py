@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -236,8 +237,10 @@ def test_quality_smoke_trains_and_evaluates_every_model(tmp_path, capsys):
     [
         # the default samplers and masked models
         ([], ["demask-masked", "reference-masked", "reference-masked-mdlm"],
-         ["seed-default", "ancestral"]),
+         ["seed-default", "ancestral", "dilated-seed-cosine-t1.0-f0.7"]),
         (["--no-reference", "--samplers", "ancestral"], ["demask-masked"], ["ancestral"]),
+        (["--no-reference", "--samplers", "dilated-seed-cosine-t1.2-f0.7", "--repeats", "2"],
+         ["demask-masked"], ["dilated-seed-cosine-t1.2-f0.7"]),
         (["--masked-models", "demask-masked-rotary", "reference-masked-mdlm-rotary",
           "--samplers", "seed-default"],
          ["demask-masked-rotary", "reference-masked-mdlm-rotary"], ["seed-default"]),
@@ -259,6 +262,11 @@ def test_frontier_smoke_one_row_per_model_sampler_and_steps(
     assert rec["config"]["samplers"] == samplers and rec["config"]["steps"] == [2, 3]
     assert rows[0]["model"] == "validation text" and rows[0]["sampler"] is None
     assert rows[1]["model"] == "demask-ar" and rows[1]["sampler"] == "ar-default"
+    repeats = rec["config"]["repeats"]
+    assert repeats == (2 if "--repeats" in options else 1)
+    for r in rows[1:]:  # one wall time per call; the median is the row's
+        assert len(r["wall_s_each"]) == repeats
+        assert r["wall_s"] == statistics.median(r["wall_s_each"])
     masked = rows[2:]
     assert {r["model"] for r in masked} == set(masked_models)
     for r in masked:
