@@ -396,21 +396,19 @@ ROWS: dict[str, Row] = {
         )
         for gain in (1, 0.5)
     },
-    "demask-pb-rel": replace(
-        _POSBIAS,
-        init=("resid_scaled", "rel_bias"),
-        note="rotary default (with the position bias) + a learned relative-offset bias per head",
-    ),
-    "demask-pb-alibi": replace(
-        _POSBIAS,
-        init=("resid_scaled", "alibi"),
-        note="rotary default (with the position bias) + symmetric ALiBi, learned slopes",
-    ),
-    "demask-pb-x0": replace(
-        _POSBIAS,
-        init=("resid_scaled", "x0_mix"),
-        note="rotary default (with the position bias) + a learned skip from the embeddings",
-    ),
+    # architecture added to the built net (the modules exist only here), each starting as the default
+    **{
+        f"demask-pb-{name}": replace(
+            _POSBIAS,
+            init=("resid_scaled", init),
+            note=f"rotary default (with the position bias) + {what}",
+        )
+        for name, init, what in (
+            ("rel", "rel_bias", "a learned relative-offset bias per head"),
+            ("alibi", "alibi", "symmetric ALiBi, learned slopes"),
+            ("x0", "x0_mix", "a learned skip from the embeddings"),
+        )
+    },
     "demask-is-lr3e-3": replace(
         _DEFAULT, train={"lr": 3e-3}, note="default, peak lr 3e-3 (not 1e-3)"
     ),

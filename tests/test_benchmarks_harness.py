@@ -329,6 +329,18 @@ def test_ablation_smoke_one_record_per_row_and_seed(tmp_path, capsys):
     out_std = float(block.ff.proj_out.weight.detach().std())
     assert abs(qkv_std - 0.5 / 16) < 0.002  # fan_in 256
     assert abs(out_std - 0.5 / 32 / 2) < 0.001  # fan_in 1024, and 1 / sqrt(2 * depth 2)
+    # the architecture rows: the same logits as the default at the start (the relative bias and
+    # the skip start at zero; ALiBi's slopes do not), and their parameters get gradients
+    x = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(0))
+    base = ablation.build(ablation.ROWS["demask-is-posbias"], cfg).net
+    for name, added, same in (("rel", "extra_bias", True), ("alibi", "extra_bias", False),
+                              ("x0", "x0_mix", True)):  # fmt: skip
+        net = ablation.build(ablation.ROWS[f"demask-pb-{name}"], cfg).net
+        logits = net(x)
+        assert torch.equal(logits, base(x)) == same, name
+        logits.logsumexp(-1).sum().backward()
+        grads = [p.grad for p in getattr(net, added).parameters()]
+        assert grads and all(g is not None and bool(g.abs().sum() > 0) for g in grads), name
 
 
 def test_positions_smoke_one_record_per_row_and_source(tmp_path, capsys):
