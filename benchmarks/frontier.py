@@ -152,6 +152,16 @@ SAMPLERS: dict[str, dict[str, Any]] = {
         f"dilated-seed-linear-t{t}": {**SEED_DEFAULT, "start_temperature": t, "sampler": "dilated"}
         for t in (0.6, 0.8, 1.0)
     },
+    # the 2-D Halton order (a 16 x 16 canvas for 256 bytes) at lower start temperatures
+    **{
+        f"halton-seed-cosine-t{t}": {
+            **SEED_DEFAULT,
+            "start_temperature": t,
+            "schedule": "cosine",
+            "sampler": "halton",
+        }
+        for t in (0.8, 0.9)
+    },
     # the dilated order on the full distribution at a fixed temperature (no top-k, no annealing)
     **{
         f"dilated-proper-t{t}": {**_proper("dilated", t), "schedule": "cosine"}
