@@ -12,29 +12,24 @@ for images).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from torch import Tensor
 
 from demask.samplers.base import Proposal, StepInfo
-from demask.samplers.halton import canvas_length, halton_order, reveal_in_order
+from demask.samplers.halton import canvas_length, halton_order, reveal_in_order, shared_order
 
 
+@dataclass
 class DilatedRule:
     exact_counts = True
     uses_critic = False
     can_remask = False
     always_remask = False
 
-    def __init__(self) -> None:
-        self._orders: dict[int, Tensor] = {}  # canvas length -> rank of every position
-
-    def __repr__(self) -> str:
-        return "DilatedRule()"
-
     def select(self, proposal: Proposal, info: StepInfo) -> Tensor:
         n = canvas_length(proposal, info)
-        if n not in self._orders:
-            self._orders[n] = dilated_order(n)
-        return reveal_in_order(self._orders[n].to(proposal.cols.device), proposal, info)
+        return reveal_in_order(shared_order(n, n), proposal, info)
 
 
 def dilated_order(seq_len: int) -> Tensor:

@@ -11,7 +11,8 @@ per step is the schedule's; the predictions play no part in which positions are 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 from torch import Tensor
@@ -55,25 +56,25 @@ class HaltonRule:
     uses_critic = False
     can_remask = False
     always_remask = False
-    _cache: dict[tuple[int, int], Tensor] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         if self.width is not None:
             check_int("width", self.width, min=1)
 
-    def _rank(self, seq_len: int, device: torch.device) -> Tensor:
+    def select(self, proposal: Proposal, info: StepInfo) -> Tensor:
+        n = canvas_length(proposal, info)
         width = self.width
         if width is None:
-            root = math.isqrt(seq_len)
-            width = root if root * root == seq_len else seq_len
-        key = (seq_len, width)
-        if key not in self._cache:
-            self._cache[key] = halton_order(seq_len, width)
-        return self._cache[key].to(device)
+            root = math.isqrt(n)
+            width = root if root * root == n else n
+        return reveal_in_order(shared_order(n, width), proposal, info)
 
-    def select(self, proposal: Proposal, info: StepInfo) -> Tensor:
-        rank = self._rank(canvas_length(proposal, info), proposal.cols.device)
-        return reveal_in_order(rank, proposal, info)
+
+@lru_cache(maxsize=16)
+def shared_order(seq_len: int, width: int) -> Tensor:
+    """`halton_order`, computed once per process for each canvas (every generate call builds its
+    rule afresh); the rules only read it."""
+    return halton_order(seq_len, width)
 
 
 def canvas_length(proposal: Proposal, info: StepInfo) -> int:
@@ -84,6 +85,7 @@ def canvas_length(proposal: Proposal, info: StepInfo) -> int:
 def reveal_in_order(rank: Tensor, proposal: Proposal, info: StepInfo) -> Tensor:
     """(M,) bool, True = masked after the step: of the still-masked candidates, those latest in
     `rank` (N,) (rank[p]: when position p is revealed), as many as the schedule says."""
+    rank = rank.to(proposal.cols.device)[proposal.cols]  # (M,)
     return mask_least_confident(
-        -rank[proposal.cols].double(), proposal.rows, info.num_masked_after, proposal.was_masked
+        -rank.double(), proposal.rows, info.num_masked_after, proposal.was_masked
     )
