@@ -50,14 +50,11 @@ SMOKE = Config(dim=32, depth=1, heads=2, num_tokens=17, seq_len=16, batch=2, ste
 
 
 def generate(
-    lib_name: str, cfg: Config, schedule: str = "linear", demask_steps: int | None = None,
-    **demask_kwargs: Any,
-) -> Workload:  # fmt: skip
-    """Each library's generate at `cfg.steps`; demask at `demask_steps` with `demask_kwargs`
-    when given (the reference keeps the seed's call)."""
+    lib_name: str, cfg: Config, schedule: str = "linear", steps: int | None = None, **kwargs: Any
+) -> Workload:
+    """The library's generate at `steps` (default `cfg.steps`), with `kwargs` for generate."""
     lib = load(lib_name)
-    steps = demask_steps if lib_name == "demask" and demask_steps is not None else cfg.steps
-    kwargs = demask_kwargs if lib_name == "demask" else {}
+    steps = cfg.steps if steps is None else steps
     torch.manual_seed(cfg.seed)
     net = build_net(lib, causal=False, num_tokens=cfg.num_tokens, max_seq_len=cfg.seq_len,
                     dim=cfg.dim, depth=cfg.depth, heads=cfg.heads)  # fmt: skip
