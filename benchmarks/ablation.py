@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from benchmarks import harness, quality
+from benchmarks import harness, objective_rows, quality
 from benchmarks.libs import build_net, load
 
 NAME = "ablation"
@@ -45,6 +45,7 @@ class Row:
     init: tuple[str, ...] = ()  # keys of INITS, applied in order after the net is built
     estimator: str | None = None  # demask's NonAutoregressiveWrapper.mdlm_estimator
     count_power: float | None = None  # its mdlm_count_power (importance-sampled mask counts)
+    objective: str | None = None  # a key of objective_rows.VARIANTS: the training loss replaced
     train: dict[str, Any] = field(
         default_factory=dict
     )  # Config overrides: lr, warmup, weight_decay
@@ -409,6 +410,39 @@ ROWS: dict[str, Row] = {
             ("x0", "x0_mix", "a learned skip from the embeddings"),
         )
     },
+    # why mean CE trains better than the MDLM estimate (benchmarks/objective_rows.py)
+    "demask-pb-pm1": replace(
+        _POSBIAS,
+        count_power=-1.0,
+        note="rotary default (with the position bias), counts k ~ k (importance-weighted)",
+    ),
+    "demask-pb-unweighted-pm1": replace(
+        _POSBIAS,
+        objective="unweighted_pm1",
+        note="rotary default (with the position bias), counts k ~ k, no importance weights "
+        "(mean CE's expected gradient, not the NELBO's)",
+    ),
+    "demask-pb-unweighted-pm2": replace(
+        _POSBIAS,
+        objective="unweighted_pm2",
+        note="rotary default (with the position bias), counts k ~ k^2, no importance weights",
+    ),
+    "demask-pb-unweighted-bell": replace(
+        _POSBIAS,
+        objective="unweighted_bell",
+        note="rotary default (with the position bias), counts ~ r (1 - r) + 1/L at the rate "
+        "r = k / L, no importance weights",
+    ),
+    "demask-pb-compl": replace(
+        _POSBIAS,
+        objective="complementary",
+        note="rotary default (with the position bias), complementary mask pairs (half the windows)",
+    ),
+    "demask-pb-compl-p0": replace(
+        _POSBIAS,
+        objective="complementary_p0",
+        note="rotary default (with the position bias), complementary pairs, k uniform",
+    ),
     "demask-is-lr3e-3": replace(
         _DEFAULT, train={"lr": 3e-3}, note="default, peak lr 3e-3 (not 1e-3)"
     ),
@@ -498,6 +532,8 @@ def build(row: Row, cfg: Config) -> nn.Module:
         model.mdlm_estimator = row.estimator
     if row.count_power is not None:
         model.mdlm_count_power = row.count_power
+    if row.objective is not None:
+        objective_rows.install(row.objective, model)
     return model
 
 

@@ -370,3 +370,44 @@ def test_frontier_rebuilds_a_rotary_net_saved_without_absolute_positions():
         quality.build_model("demask-masked-rotary", cfg, kwargs).load_state_dict(state)
     ar = quality.build_model("demask-ar", cfg).state_dict()
     assert frontier._saved_net_kwargs("demask-ar", ar) is None
+
+
+def test_objective_rows_complementary_pairs_and_unweighted_loss():
+    """The ablation's loss variants: complementary pairs predict every fillable token of a window
+    exactly once; the unweighted variant is the plain mean over rows of each row's mean CE."""
+    from benchmarks import ablation, objective_rows
+    from demask.objectives.masked import MaskedObjective
+    from demask.schedules import get_schedule
+
+    base = MaskedObjective(get_schedule("linear"), 9, 9, 0.0, 0.0, 0.0, True)
+    pair = objective_rows.CountVariant(base, lambda k: k**-0.5, complementary=True)
+    fillable = torch.ones(6, 20, dtype=torch.bool)
+    fillable[:, :3] = False  # a given prefix is never masked
+    fillable[3:] = fillable[:3]
+    torch.manual_seed(0)
+    mask, counts, weights = pair._masks(fillable)
+    assert torch.equal(mask[:3] | mask[3:], fillable[:3])
+    assert not bool((mask[:3] & mask[3:]).any())
+    assert torch.equal(counts, mask.sum(-1)) and torch.equal(weights[:3], weights[3:])
+    # the loss each variant returns, against a hand computation from the same draw
+    x = torch.randint(0, 9, (4, 16))
+    ce_all = torch.rand(4, 16)
+
+    def predict(inp, m):
+        rows, cols = m.nonzero(as_tuple=True)
+        return ce_all[rows, cols], torch.zeros(len(rows), 9), rows, cols
+
+    cond = torch.zeros(4, 16, dtype=torch.bool)
+    unweighted = objective_rows.CountVariant(base, lambda k: k, weighted=False)
+    torch.manual_seed(1)
+    loss = unweighted(x, cond, predict)[0]
+    torch.manual_seed(1)
+    m, k, _ = unweighted._masks(~cond)
+    expected = ((ce_all * m).sum(-1) / k).mean()
+    assert torch.allclose(loss, expected)
+    # the rows install their variant: training goes through it, scoring through the base NELBO
+    cfg = ablation.Config(seq_len=32, dim=32, depth=2, heads=2)
+    model = ablation.build(ablation.ROWS["demask-pb-compl"], cfg)
+    assert isinstance(model._objective(), objective_rows.CountVariant)
+    assert model._objective().complementary
+    assert float(model.nelbo(torch.randint(0, 256, (2, 32)), num_times=2).mean()) > 0

@@ -31,8 +31,10 @@ __all__ = [
     "augment_masked",
     "count_masks",
     "discrete_step_weight",
+    "draw_counts",
     "draw_masks",
     "masked_loss",
+    "masks_of_counts",
     "mdlm_weight",
     "midpoint_times",
     "stratified_times",
@@ -134,21 +136,40 @@ def count_masks(
     bound still weighs a row of k masked tokens by 1/k; power 0.5 minimises the gradient variance
     of independent, equally noisy tokens (sum_k 1 / (q(k) k) is smallest for q ~ k^-1/2).
     """
-    b, n = fillable.shape
-    dev = fillable.device
+    n = fillable.shape[1]
+    mass = torch.arange(1, n + 1, device=fillable.device, dtype=torch.float64) ** -power
     num = fillable.sum(-1)  # (B,)
-    s = stratified_times(b, generator=generator, device=dev)  # (B,) float64
-    mass = torch.arange(1, n + 1, device=dev, dtype=torch.float64) ** -power  # (N,) q unnormalised
+    counts, q = draw_counts(num, mass, generator=generator)
+    weights = 1.0 / (num.clamp_min(1) * q)
+    return masks_of_counts(fillable, counts, generator=generator), counts, weights
+
+
+def draw_counts(
+    num: Tensor,  # (B,) long, the fillable tokens F_b of each row
+    mass: Tensor,  # (N,) float64, q unnormalised over counts 1..N
+    *,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor]:
+    """(counts (B,) long, q (B,) float64): row b's count k_b in 1..F_b drawn from q restricted to
+    1..F_b by the inverse CDF at stratified s_b (`stratified_times`), and its probability q(k_b).
+    k_b = 0 for a row with F_b = 0."""
+    s = stratified_times(num.shape[0], generator=generator, device=num.device)  # (B,) float64
     cdf = mass.cumsum(0)  # (N,)
     total = cdf[(num - 1).clamp_min(0)]  # (B,) normaliser of each row's q on 1..F_b
     counts = torch.searchsorted(cdf, s * total, right=True) + 1  # (B,) inverse CDF
     counts = counts.minimum(num)  # in 1..F_b (0 if F_b = 0)
-    q = mass[(counts - 1).clamp_min(0)] / total  # (B,) probability of the drawn count
-    weights = 1.0 / (num.clamp_min(1) * q)
-    scores = torch.rand((b, n), generator=generator, device=dev)
+    return counts, mass[(counts - 1).clamp_min(0)] / total
+
+
+def masks_of_counts(
+    fillable: Tensor, counts: Tensor, *, generator: torch.Generator | None = None
+) -> Tensor:
+    """(B, N) bool: row b masks a uniformly random subset of exactly counts[b] of its fillable
+    positions."""
+    scores = torch.rand(fillable.shape, generator=generator, device=fillable.device)
     scores = scores.masked_fill(~fillable, 2.0)  # never-masked positions rank last
     ranks = scores.argsort(dim=-1).argsort(dim=-1)  # (B, N) a random order of the fillable ones
-    return ranks < counts[:, None], counts, weights
+    return ranks < counts[:, None]
 
 
 def masked_loss(

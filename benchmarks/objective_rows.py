@@ -1,0 +1,121 @@
+"""Training-loss variants that exist only for the ablation (issue 11, item 3): why mean CE trains
+better than the MDLM estimate.
+
+Each variant replaces a demask NonAutoregressiveWrapper's objective (its `_objective`) and keeps
+everything else (augmentation, the network call, the scoring):
+- `unweighted`: mask counts k ~ q(k) proportional to k^-power as in `count_masks`, the row's mean
+  cross-entropy without the importance weights. With power -1 (q ~ k) its expected gradient is mean
+  CE's (a level of k masked tokens counts k times), at a lower variance than mean CE's single draw;
+  it is not an estimate of the NELBO.
+- `complementary`: antithetic masks. The batch's first half is repeated (so a step sees half as
+  many distinct windows, at the same compute); row b + B/2 masks exactly the fillable positions
+  that row b leaves visible, so every token of a window is predicted once per pair. The counts and
+  weights of `count_masks` keep each row an unbiased NELBO estimate, but for one level: the
+  complement of a fully masked window masks nothing, so the complement rows miss the level k = L
+  (1/L of the bound, the unigram level) and count an empty level 0 instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from demask.objectives.masked import (
+    MaskedObjective,
+    augment_masked,
+    draw_counts,
+    masked_loss,
+    masks_of_counts,
+)
+
+
+@dataclass(frozen=True)
+class CountVariant:
+    """A count-based masked loss: `weighted` keeps the importance weights, `complementary` pairs
+    row b with row b + B/2 (which must hold the same window) under complementary masks."""
+
+    base: MaskedObjective
+    mass: Callable[[Tensor], Tensor]  # counts 1..N (float64) -> q unnormalised
+    weighted: bool = True
+    complementary: bool = False
+
+    def _draw(self, fillable: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """`count_masks` with the mass of this variant: masks, counts, importance weights."""
+        num = fillable.sum(-1)
+        levels = torch.arange(1, fillable.shape[1] + 1, dtype=torch.float64)
+        counts, q = draw_counts(num, self.mass(levels))
+        return masks_of_counts(fillable, counts), counts, 1.0 / (num.clamp_min(1) * q)
+
+    def _masks(self, fillable: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        if not self.complementary:
+            return self._draw(fillable)
+        half = fillable.shape[0] // 2
+        first, counts, weights = self._draw(fillable[:half])
+        second = fillable[half : 2 * half] & ~first
+        mask = torch.cat([first, second])
+        counts = torch.cat([counts, second.sum(-1)])
+        # the complement's count L - k has probability q(k): the same weight
+        return mask, counts, torch.cat([weights, weights])
+
+    def nelbo(self, *args: Any, **kwargs: Any) -> Tensor:
+        """Scoring is the base objective's NELBO, unchanged."""
+        return self.base.nelbo(*args, **kwargs)
+
+    def __call__(self, x: Tensor, cond: Tensor, predict: Any) -> tuple[Tensor, ...]:
+        b = x.shape[0]
+        mask, counts, weights = self._masks(~cond)
+        o = self.base
+        inp = augment_masked(x, mask, mask_id=o.mask_id, num_tokens=o.num_tokens,
+                             no_replace_prob=o.no_replace_prob,
+                             random_token_prob=o.random_token_prob)  # fmt: skip
+        ce, logits, rows, cols = predict(inp, mask)
+        weight = weights if self.weighted else None
+        return masked_loss(ce, rows, b, (~cond).sum(-1), weight, counts), logits, rows, cols
+
+
+def _repeat_first_half(model: nn.Module) -> None:
+    """The model's forward sees each batch as its first half twice (rows b and b + B/2 alike)."""
+    forward = model.forward
+
+    def paired(x: Tensor, *args: Any, **kwargs: Any) -> Any:
+        half = x.shape[0] // 2
+        return forward(torch.cat([x[:half], x[:half]]), *args, **kwargs)
+
+    model.forward = paired  # type: ignore[method-assign]
+
+
+def install(name: str, model: nn.Module) -> None:
+    """Replace `model`'s training objective by the variant `name` (a key of VARIANTS)."""
+    mass, weighted, complementary = VARIANTS[name]
+    make_base: Callable[[], MaskedObjective] = model._objective  # type: ignore[assignment]
+
+    def objective() -> CountVariant:
+        return CountVariant(make_base(), mass, weighted, complementary)
+
+    model._objective = objective  # type: ignore[method-assign]
+    if complementary:
+        _repeat_first_half(model)
+
+
+def _power(p: float) -> Callable[[Tensor], Tensor]:
+    return lambda k: k**-p
+
+
+def _bell(k: Tensor) -> Tensor:
+    """q(k) ~ r (1 - r) + 1/N at the mask rate r = k / N: mostly half-masked windows."""
+    r = k / len(k)
+    return r * (1 - r) + 1 / len(k)
+
+
+# name -> (q over counts, importance-weighted, complementary pairs)
+VARIANTS: dict[str, tuple[Callable[[Tensor], Tensor], bool, bool]] = {
+    "unweighted_pm1": (_power(-1.0), False, False),
+    "unweighted_pm2": (_power(-2.0), False, False),
+    "unweighted_bell": (_bell, False, False),
+    "complementary": (_power(0.5), True, True),
+    "complementary_p0": (_power(0.0), True, True),
+}
