@@ -3,7 +3,7 @@ better than the MDLM estimate.
 
 Each variant replaces a demask NonAutoregressiveWrapper's objective (its `_objective`) and keeps
 everything else (augmentation, the network call, the scoring):
-- `unweighted`: mask counts k ~ q(k) proportional to k^-power as in `count_masks`, the row's mean
+- `unweighted`: mask counts k ~ q(k) from `count_masks` (with the variant's q), the row's mean
   cross-entropy without the importance weights. With power -1 (q ~ k) its expected gradient is mean
   CE's (a level of k masked tokens counts k times), at a lower variance than mean CE's single draw;
   it is not an estimate of the NELBO.
@@ -24,13 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from demask.objectives.masked import (
-    MaskedObjective,
-    augment_masked,
-    draw_counts,
-    masked_loss,
-    masks_of_counts,
-)
+from demask.objectives.masked import MaskedObjective, augment_masked, count_masks, masked_loss
 
 
 @dataclass(frozen=True)
@@ -43,18 +37,11 @@ class CountVariant:
     weighted: bool = True
     complementary: bool = False
 
-    def _draw(self, fillable: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """`count_masks` with the mass of this variant: masks, counts, importance weights."""
-        num = fillable.sum(-1)
-        levels = torch.arange(1, fillable.shape[1] + 1, dtype=torch.float64)
-        counts, q = draw_counts(num, self.mass(levels))
-        return masks_of_counts(fillable, counts), counts, 1.0 / (num.clamp_min(1) * q)
-
     def _masks(self, fillable: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         if not self.complementary:
-            return self._draw(fillable)
+            return count_masks(fillable, mass=self.mass)
         half = fillable.shape[0] // 2
-        first, counts, weights = self._draw(fillable[:half])
+        first, counts, weights = count_masks(fillable[:half], mass=self.mass)
         second = fillable[half : 2 * half] & ~first
         mask = torch.cat([first, second])
         counts = torch.cat([counts, second.sum(-1)])

@@ -31,10 +31,8 @@ __all__ = [
     "augment_masked",
     "count_masks",
     "discrete_step_weight",
-    "draw_counts",
     "draw_masks",
     "masked_loss",
-    "masks_of_counts",
     "mdlm_weight",
     "midpoint_times",
     "stratified_times",
@@ -115,6 +113,7 @@ def count_masks(
     fillable: Tensor,  # (B, N) bool: the positions that may be masked (the rest is a condition)
     *,
     power: float = 0.0,
+    mass: Callable[[Tensor], Tensor] | None = None,
     generator: torch.Generator | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Training masks with an exact, stratified number of masked tokens per row.
@@ -135,11 +134,13 @@ def count_masks(
     1/t weight meets a Binomial count near t = 0 (`masked_loss(..., counts=...)`). Per token that
     bound still weighs a row of k masked tokens by 1/k; power 0.5 minimises the gradient variance
     of independent, equally noisy tokens (sum_k 1 / (q(k) k) is smallest for q ~ k^-1/2).
+
+    `mass`, when given, replaces k^(-power): it maps the counts 1..N (float64) to q unnormalised.
     """
-    n = fillable.shape[1]
-    mass = torch.arange(1, n + 1, device=fillable.device, dtype=torch.float64) ** -power
+    levels = torch.arange(1, fillable.shape[1] + 1, device=fillable.device, dtype=torch.float64)
     num = fillable.sum(-1)  # (B,)
-    counts, q = draw_counts(num, mass, generator=generator)
+    q_all = levels**-power if mass is None else mass(levels)  # (N,) q unnormalised
+    counts, q = draw_counts(num, q_all, generator=generator)
     weights = 1.0 / (num.clamp_min(1) * q)
     return masks_of_counts(fillable, counts, generator=generator), counts, weights
 

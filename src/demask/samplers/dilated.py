@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from demask.samplers.base import Proposal, StepInfo
-from demask.samplers.halton import canvas_length, halton_order, reveal_in_order, shared_order
+from demask.samplers.halton import canvas_length, reveal_in_order, shared_order
 
 
 @dataclass
@@ -29,9 +29,10 @@ class DilatedRule:
 
     def select(self, proposal: Proposal, info: StepInfo) -> Tensor:
         n = canvas_length(proposal, info)
-        return reveal_in_order(shared_order(n, n), proposal, info)
+        return reveal_in_order(dilated_order(n), proposal, info)
 
 
 def dilated_order(seq_len: int) -> Tensor:
-    """(seq_len,) long: rank[p] = the step order of position p (0 first)."""
-    return halton_order(seq_len, seq_len)
+    """(seq_len,) long: rank[p] = the step order of position p (0 first): the Halton order of a
+    one-row canvas, cached per process (`shared_order`), so read it, never write it."""
+    return shared_order(seq_len, seq_len)
