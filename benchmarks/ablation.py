@@ -363,6 +363,46 @@ ROWS: dict[str, Row] = {
         net={"abs_pos_attn_bias": True},
         note="mean CE, scaled resid, the absolute position bias (with rotary: both)",
     ),
+    # one change against mean CE on the rotary default (rotary + the position bias)
+    "demask-ce-pb-noaug": replace(
+        _CE_RESID,
+        net={"abs_pos_attn_bias": True},
+        wrapper={
+            "use_simple_mdlm_loss_weight": False,
+            "no_replace_prob": 0.0,
+            "random_token_prob": 0.0,
+        },
+        note="mean CE with the position bias, no BERT augmentation",
+    ),  # fmt: skip
+    "demask-ce-pb-norand": replace(
+        _CE_RESID,
+        net={"abs_pos_attn_bias": True},
+        wrapper={"use_simple_mdlm_loss_weight": False, "random_token_prob": 0.0},
+        note="mean CE with the position bias, no random tokens (15% shown unchanged kept)",
+    ),
+    "demask-ce-pb-tied": replace(
+        _CE_RESID,
+        net={"abs_pos_attn_bias": True, "tie_embedding": True},
+        note="mean CE with the position bias, tied input and output embeddings",
+    ),
+    "demask-ce-pb-combo": replace(
+        _CE_RESID,
+        net={"abs_pos_attn_bias": True},
+        init=("resid_zero", "rel_bias", "x0_mix"),
+        note="mean CE with the position bias + zero outputs, a relative bias and the x0 skip",
+    ),
+    "demask-pb-bell-combo": replace(
+        _POSBIAS,
+        objective="unweighted_bell",
+        init=("resid_zero", "rel_bias", "x0_mix"),
+        note="the bell weighting (no importance weights) with the position bias + zero outputs, "
+        "a relative bias and the x0 skip",
+    ),
+    "reference-ce-noaug": Row(
+        "reference",
+        {"use_simple_mdlm_loss_weight": False, "no_replace_prob": 0.0, "random_token_prob": 0.0},
+        note="the reference, mean CE, no BERT augmentation",
+    ),
     # one change against the rotary default as it is now (rotary + the position bias)
     "demask-pb-headzero": replace(
         _POSBIAS,
