@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from benchmarks import harness, quality
-from benchmarks.ablation import INITS
+from benchmarks.ablation_inits import INITS
 from benchmarks.libs import build_net, load
 
 NAME = "positions"

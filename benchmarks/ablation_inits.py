@@ -1,0 +1,235 @@
+"""The ablation's re-initialisations and added modules (`INITS`), applied to a built net.
+
+Each maps a freshly built demask (or reference) net to the row's start: initialisations of
+embeddings, positions and projections, and modules that exist only in the ablation (a relative
+offset bias, ALiBi, a skip from the embeddings), each started so that the net computes what it
+did before. Rows name them in `Row.init` (`benchmarks.ablation_rows`); `benchmarks.positions`
+uses them too.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+
+def baseline_init(net: nn.Module) -> None:
+    """demask's initialisation before this ablation (every Linear and Embedding N(0, 0.02),
+    zero biases), so that each row is one change from the same start whatever the library's
+    current default is."""
+    for m in net.modules():
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=0.02)
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+
+def _outputs(block: nn.Module) -> tuple[nn.Linear, nn.Linear]:
+    """A block's projections that write into the residual stream (attention, feed-forward)."""
+    return block.attn.to_out, block.ff.proj_out
+
+
+def _resid_scaled(net: nn.Module) -> None:
+    """GPT-2's scaled residual init: the output projections of every block at 0.02 / sqrt(2L)."""
+    depth = net.attn_layers.depth
+    for block in net.attn_layers.blocks:
+        for lin in _outputs(block):
+            nn.init.normal_(lin.weight, std=0.02 / math.sqrt(2 * depth))
+
+
+def _emb_kaiming(net: nn.Module) -> None:
+    """Token embeddings at std sqrt(2 / dim) (the reference's kaiming-normal scale)."""
+    nn.init.normal_(net.token_emb.weight, std=math.sqrt(2 / net.emb_dim))
+
+
+def _emb_unit(net: nn.Module) -> None:
+    """Token embeddings at std 1 / sqrt(dim) (unit-norm rows)."""
+    nn.init.normal_(net.token_emb.weight, std=1 / math.sqrt(net.emb_dim))
+
+
+def _sinusoids(n: int, d: int) -> Tensor:
+    """(n, d) unit-std sinusoids: demask's own (`demask.model.positions.sinusoids`)."""
+    from demask.model.positions import sinusoids
+
+    return sinusoids(n, d)
+
+
+def _pos_sinusoid_at(std: float) -> Callable[[nn.Module], None]:
+    """Learned absolute positions initialised as sinusoids at std `std`."""
+
+    def init(net: nn.Module) -> None:
+        table = net.abs_pos_emb.weight
+        with torch.no_grad():
+            table.copy_(_sinusoids(*table.shape) * std)
+
+    return init
+
+
+def _pos_sinusoid(net: nn.Module) -> None:
+    """Learned absolute positions initialised as sinusoids at the token embeddings' scale."""
+    table = net.abs_pos_emb.weight
+    with torch.no_grad():
+        table.copy_(_sinusoids(*table.shape) * float(net.token_emb.weight.std()))
+
+
+class _UnitTable(nn.Module):
+    """Learned positions stored at unit scale (sinusoids) and multiplied by `scale` in use, so
+    that Adam's per-step noise is small against them."""
+
+    def __init__(self, n: int, d: int, scale: float):
+        super().__init__()
+        self.table = nn.Parameter(_sinusoids(n, d))
+        self.scale = scale
+
+    def forward(self, pos: Tensor) -> Tensor:
+        return torch.nn.functional.embedding(pos, self.table) * self.scale
+
+
+def _pos_unit_table(net: nn.Module) -> None:
+    n, d = net.abs_pos_emb.weight.shape
+    net.abs_pos_emb = _UnitTable(n, d, float(net.token_emb.weight.std()))
+
+
+def _mimetic_qk(net: nn.Module) -> None:
+    """Mimetic attention (Trockman and Kolter 2023, arXiv 2305.09828): every head's key projection
+    starts equal to its query projection, at std 1/sqrt(dim), so that W_q^T W_k is near a scaled
+    identity and a query first attends to the inputs that resemble it (itself, and with smooth
+    positions, its neighbours)."""
+    for block in net.attn_layers.blocks:
+        attn = block.attn
+        w = attn.to_qkv.weight
+        q_dim = attn.heads * attn.dim_head
+        if attn.kv_heads != attn.heads:
+            raise ValueError("mimetic init needs one key head per query head")
+        with torch.no_grad():
+            w[:q_dim].normal_(std=w.shape[1] ** -0.5)
+            w[q_dim : 2 * q_dim].copy_(w[:q_dim])
+
+
+def _head_zero(net: nn.Module) -> None:
+    """The output projection to the logits at zero (untied heads only): every first prediction is
+    exactly uniform, and the head learns from the stream's first useful features (modded-nanogpt's
+    start)."""
+    if net.to_logits.weight is net.token_emb.weight:
+        raise ValueError("head_zero needs an untied output projection")
+    nn.init.zeros_(net.to_logits.weight)
+
+
+def _resid_zero(net: nn.Module) -> None:
+    """Every block's output projections (attention and feed-forward) at zero: each block starts as
+    the identity on the residual stream."""
+    for block in net.attn_layers.blocks:
+        for lin in _outputs(block):
+            nn.init.zeros_(lin.weight)
+
+
+def _fan_in_at(gain: float) -> Callable[[nn.Module], None]:
+    """Every block's projections at std gain / sqrt(fan_in) (width-aware, as PyTorch's default
+    and the reference scale theirs), the residual outputs further by 1 / sqrt(2 * depth);
+    embeddings and the logit projection as they were."""
+
+    def init(net: nn.Module) -> None:
+        out_scale = 1 / math.sqrt(2 * net.attn_layers.depth)
+        for block in net.attn_layers.blocks:
+            for lins, scale in (((block.attn.to_qkv, block.ff.proj_in), 1.0),
+                                (_outputs(block), out_scale)):  # fmt: skip
+                for lin in lins:
+                    std = gain * scale / math.sqrt(lin.weight.shape[1])
+                    nn.init.normal_(lin.weight, std=std)
+
+    return init
+
+
+class _RelativeBias(nn.Module):
+    """A learned per-head logit bias of the key's offset from the query, b[h, j - i] (T5-style,
+    unbucketed), shared by the layers; `scale` multiplies a zero-started table so that Adam's
+    steps move it at `scale` times the learning rate."""
+
+    def __init__(self, heads: int, n: int, scale: float):
+        super().__init__()
+        self.n, self.scale = n, scale
+        self.table = nn.Parameter(torch.zeros(heads, 2 * n - 1))
+
+    def forward(self, query_pos: Tensor, key_pos: Tensor) -> Tensor:
+        offset = key_pos[None, :] - query_pos[:, None] + self.n - 1  # (Nq, Nk)
+        return self.table[:, offset] * self.scale  # (H, Nq, Nk)
+
+
+class _AlibiBias(nn.Module):
+    """Symmetric ALiBi (Press et al. 2022, arXiv 2108.12409): head h adds -m_h |j - i|, slopes
+    started at 2^(-8 (h + 1) / H) and learned (through their logarithm), shared by the layers."""
+
+    def __init__(self, heads: int):
+        super().__init__()
+        start = torch.tensor([2.0 ** (-8 * (h + 1) / heads) for h in range(heads)])
+        self.log_slope = nn.Parameter(start.log())
+
+    def forward(self, query_pos: Tensor, key_pos: Tensor) -> Tensor:
+        dist = (key_pos[None, :] - query_pos[:, None]).abs().float()  # (Nq, Nk)
+        return -self.log_slope.exp()[:, None, None] * dist
+
+
+def _add_bias(make: Callable[[nn.Module], nn.Module]) -> Callable[[nn.Module], None]:
+    """Add a second positional logit bias (a module of the query and key positions) to the net's
+    own (rotary default with the position bias only)."""
+
+    def init(net: nn.Module) -> None:
+        if net.abs_pos_attn is None:
+            raise ValueError("this row needs the position bias (abs_pos_attn_bias=True)")
+        net.extra_bias = make(net)
+        own = net._untied_bias
+        net._untied_bias = lambda q, k: own(q, k) + net.extra_bias(q, k)
+
+    return init
+
+
+class _X0Mix(nn.Module):
+    """Per-block scalars mu_l (started at 0, times `scale`): block l reads x + mu_l * x0, x0 the
+    embeddings entering the layers (modded-nanogpt's skip from the input)."""
+
+    def __init__(self, depth: int, scale: float):
+        super().__init__()
+        self.scale = scale
+        self.mu = nn.Parameter(torch.zeros(depth))
+        self.x0: Tensor | None = None
+
+
+def _x0_mix(net: nn.Module) -> None:
+    layers = net.attn_layers
+    mix = _X0Mix(layers.depth, 8.0)
+    net.x0_mix = mix
+
+    def keep_x0(module: nn.Module, args: tuple[Any, ...]) -> None:
+        mix.x0 = args[0]
+
+    layers.register_forward_pre_hook(keep_x0)
+    for i, block in enumerate(layers.blocks):
+
+        def add_x0(module: nn.Module, args: tuple[Any, ...], i: int = i) -> tuple[Any, ...]:
+            assert mix.x0 is not None
+            return (args[0] + mix.mu[i] * mix.scale * mix.x0, *args[1:])
+
+        block.register_forward_pre_hook(add_x0)
+
+
+INITS: dict[str, Callable[[nn.Module], None]] = {
+    "rel_bias": _add_bias(lambda net: _RelativeBias(net.attn_layers.heads, net.max_seq_len, 8.0)),
+    "alibi": _add_bias(lambda net: _AlibiBias(net.attn_layers.heads)),
+    "x0_mix": _x0_mix,
+    "fan_in_1": _fan_in_at(1.0),
+    "fan_in_0.5": _fan_in_at(0.5),
+    "head_zero": _head_zero,
+    "resid_zero": _resid_zero,
+    "mimetic_qk": _mimetic_qk,
+    "pos_sin_0.3": _pos_sinusoid_at(0.3),
+    "pos_sin_1": _pos_sinusoid_at(1.0),
+    "resid_scaled": _resid_scaled,
+    "emb_kaiming": _emb_kaiming,
+    "emb_unit": _emb_unit,
+    "pos_sinusoid": _pos_sinusoid,
+    "pos_unit_table": _pos_unit_table,
+}
