@@ -73,7 +73,7 @@ def build(row: Row, cfg: Config) -> nn.Module:
     return model
 
 
-def scored_wrapper(row: Row, model: nn.Module, cfg: Config) -> nn.Module:
+def scored_wrapper(row: Row, model: Any, cfg: Config) -> nn.Module:
     """A demask wrapper that scores `model` (the reference's logits through an adapter)."""
     if row.lib == "demask":
         return model

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 
-def baseline_init(net: nn.Module) -> None:
+def baseline_init(net: Any) -> None:
     """demask's initialisation before this ablation (every Linear and Embedding N(0, 0.02),
     zero biases), so that each row is one change from the same start whatever the library's
     current default is."""
@@ -28,12 +28,12 @@ def baseline_init(net: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
-def _outputs(block: nn.Module) -> tuple[nn.Linear, nn.Linear]:
+def _outputs(block: Any) -> tuple[nn.Linear, nn.Linear]:
     """A block's projections that write into the residual stream (attention, feed-forward)."""
     return block.attn.to_out, block.ff.proj_out
 
 
-def _resid_scaled(net: nn.Module) -> None:
+def _resid_scaled(net: Any) -> None:
     """GPT-2's scaled residual init: the output projections of every block at 0.02 / sqrt(2L)."""
     depth = net.attn_layers.depth
     for block in net.attn_layers.blocks:
@@ -41,12 +41,12 @@ def _resid_scaled(net: nn.Module) -> None:
             nn.init.normal_(lin.weight, std=0.02 / math.sqrt(2 * depth))
 
 
-def _emb_kaiming(net: nn.Module) -> None:
+def _emb_kaiming(net: Any) -> None:
     """Token embeddings at std sqrt(2 / dim) (the reference's kaiming-normal scale)."""
     nn.init.normal_(net.token_emb.weight, std=math.sqrt(2 / net.emb_dim))
 
 
-def _emb_unit(net: nn.Module) -> None:
+def _emb_unit(net: Any) -> None:
     """Token embeddings at std 1 / sqrt(dim) (unit-norm rows)."""
     nn.init.normal_(net.token_emb.weight, std=1 / math.sqrt(net.emb_dim))
 
@@ -58,10 +58,10 @@ def _sinusoids(n: int, d: int) -> Tensor:
     return sinusoids(n, d)
 
 
-def _pos_sinusoid_at(std: float) -> Callable[[nn.Module], None]:
+def _pos_sinusoid_at(std: float) -> Callable[[Any], None]:
     """Learned absolute positions initialised as sinusoids at std `std`."""
 
-    def init(net: nn.Module) -> None:
+    def init(net: Any) -> None:
         table = net.abs_pos_emb.weight
         with torch.no_grad():
             table.copy_(_sinusoids(*table.shape) * std)
@@ -69,7 +69,7 @@ def _pos_sinusoid_at(std: float) -> Callable[[nn.Module], None]:
     return init
 
 
-def _pos_sinusoid(net: nn.Module) -> None:
+def _pos_sinusoid(net: Any) -> None:
     """Learned absolute positions initialised as sinusoids at the token embeddings' scale."""
     table = net.abs_pos_emb.weight
     with torch.no_grad():
@@ -89,12 +89,12 @@ class _UnitTable(nn.Module):
         return torch.nn.functional.embedding(pos, self.table) * self.scale
 
 
-def _pos_unit_table(net: nn.Module) -> None:
+def _pos_unit_table(net: Any) -> None:
     n, d = net.abs_pos_emb.weight.shape
     net.abs_pos_emb = _UnitTable(n, d, float(net.token_emb.weight.std()))
 
 
-def _mimetic_qk(net: nn.Module) -> None:
+def _mimetic_qk(net: Any) -> None:
     """Mimetic attention (Trockman and Kolter 2023, arXiv 2305.09828): every head's key projection
     starts equal to its query projection, at std 1/sqrt(dim), so that W_q^T W_k is near a scaled
     identity and a query first attends to the inputs that resemble it (itself, and with smooth
@@ -110,7 +110,7 @@ def _mimetic_qk(net: nn.Module) -> None:
             w[q_dim : 2 * q_dim].copy_(w[:q_dim])
 
 
-def _head_zero(net: nn.Module) -> None:
+def _head_zero(net: Any) -> None:
     """The output projection to the logits at zero (untied heads only): every first prediction is
     exactly uniform, and the head learns from the stream's first useful features (modded-nanogpt's
     start)."""
@@ -119,7 +119,7 @@ def _head_zero(net: nn.Module) -> None:
     nn.init.zeros_(net.to_logits.weight)
 
 
-def _resid_zero(net: nn.Module) -> None:
+def _resid_zero(net: Any) -> None:
     """Every block's output projections (attention and feed-forward) at zero: each block starts as
     the identity on the residual stream."""
     for block in net.attn_layers.blocks:
@@ -127,12 +127,12 @@ def _resid_zero(net: nn.Module) -> None:
             nn.init.zeros_(lin.weight)
 
 
-def _fan_in_at(gain: float) -> Callable[[nn.Module], None]:
+def _fan_in_at(gain: float) -> Callable[[Any], None]:
     """Every block's projections at std gain / sqrt(fan_in) (width-aware, as PyTorch's default
     and the reference scale theirs), the residual outputs further by 1 / sqrt(2 * depth);
     embeddings and the logit projection as they were."""
 
-    def init(net: nn.Module) -> None:
+    def init(net: Any) -> None:
         out_scale = 1 / math.sqrt(2 * net.attn_layers.depth)
         for block in net.attn_layers.blocks:
             for lins, scale in (((block.attn.to_qkv, block.ff.proj_in), 1.0),
@@ -173,11 +173,11 @@ class _AlibiBias(nn.Module):
         return -self.log_slope.exp()[:, None, None] * dist
 
 
-def _add_bias(make: Callable[[nn.Module], nn.Module]) -> Callable[[nn.Module], None]:
+def _add_bias(make: Callable[[Any], nn.Module]) -> Callable[[Any], None]:
     """Add a second positional logit bias (a module of the query and key positions) to the net's
     own (rotary default with the position bias only)."""
 
-    def init(net: nn.Module) -> None:
+    def init(net: Any) -> None:
         if net.abs_pos_attn is None:
             raise ValueError("this row needs the position bias (abs_pos_attn_bias=True)")
         net.extra_bias = make(net)
@@ -198,7 +198,7 @@ class _X0Mix(nn.Module):
         self.x0: Tensor | None = None
 
 
-def _x0_mix(net: nn.Module) -> None:
+def _x0_mix(net: Any) -> None:
     layers = net.attn_layers
     mix = _X0Mix(layers.depth, 8.0)
     net.x0_mix = mix
@@ -216,7 +216,7 @@ def _x0_mix(net: nn.Module) -> None:
         block.register_forward_pre_hook(add_x0)
 
 
-INITS: dict[str, Callable[[nn.Module], None]] = {
+INITS: dict[str, Callable[[Any], None]] = {
     "rel_bias": _add_bias(lambda net: _RelativeBias(net.attn_layers.heads, net.max_seq_len, 8.0)),
     "alibi": _add_bias(lambda net: _AlibiBias(net.attn_layers.heads)),
     "x0_mix": _x0_mix,

@@ -213,7 +213,7 @@ def main(args: argparse.Namespace) -> dict[str, Any] | None:
         for part, batch, make in jobs:
             for lib in libs:
                 torch._dynamo.reset() if compiled else None
-                row = _measure(lambda lib=lib, make=make: make(lib), cfg, cuda)
+                row = _measure(partial(make, lib), cfg, cuda)
                 row.update(part=part, batch=batch, variant=variant, library=lib)
                 if peak and "gflops" in row and part == "train":
                     row["mfu"] = row["gflops"] / 1e3 / peak

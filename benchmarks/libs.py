@@ -31,10 +31,13 @@ def _demask() -> Lib:
     except ImportError:
         sys.path.insert(0, str(REPO / "src"))
         import demask
-    try:  # the wrappers, once they have landed (exported at the top level or not)
-        import demask.wrappers as wrappers
+    wrappers: Any = None  # the wrappers, once they have landed (exported at the top level or not)
+    try:
+        import demask.wrappers
+
+        wrappers = demask.wrappers
     except ImportError:
-        wrappers = None
+        pass
 
     def find(name: str) -> Any:
         return getattr(demask, name, None) or getattr(wrappers, name, None)

@@ -83,7 +83,7 @@ def install(name: str, model: nn.Module) -> None:
     def objective() -> CountVariant:
         return CountVariant(make_base(), mass, weighted, complementary)
 
-    model._objective = objective  # type: ignore[method-assign]
+    setattr(model, "_objective", objective)  # noqa: B010 (an instance attribute over a method)
     if complementary:
         _repeat_first_half(model)
 

@@ -146,7 +146,7 @@ class LogitsAsEmbeddings(nn.Module):
 
 def _demask_modules() -> tuple[Any, Any, Any]:
     load("demask")  # puts src/ on the path when demask is not installed
-    from demask import evaluate
+    import demask.evaluate as evaluate
     from demask.data import get_batch, get_dataset
 
     return evaluate, get_batch, get_dataset
