@@ -159,6 +159,12 @@ ROWS: dict[str, Row] = {
         note="the bell weighting (no importance weights) with the position bias + zero outputs, "
         "a relative bias and the x0 skip",
     ),
+    "reference-ce-tied": Row(
+        "reference",
+        {"use_simple_mdlm_loss_weight": False},
+        net={"tie_embedding": True},
+        note="the reference, mean CE, tied input and output embeddings",
+    ),
     "reference-ce-noaug": Row(
         "reference",
         {"use_simple_mdlm_loss_weight": False, "no_replace_prob": 0.0, "random_token_prob": 0.0},
