@@ -57,12 +57,25 @@ _CE_RESID = Row(
     note="mean CE, scaled resid",
 )
 
+# mean CE on the rotary default as it is now (rotary + the Encoder's position bias)
+_CE_POSBIAS = replace(
+    _CE_RESID,
+    net={"abs_pos_attn_bias": True},
+    note="mean CE, scaled resid, the absolute position bias (with rotary: both)",
+)
+
+# the reference library's masked model with its better objective (mean CE)
+_REFERENCE_CE = Row(
+    "reference",
+    {"use_simple_mdlm_loss_weight": False},
+    note="the reference, mean CE (its better objective)",
+)
+
+# the three ~1% gains of the screen together: zero outputs, a relative bias, the x0 skip
+_COMBO_INIT = ("resid_zero", "rel_bias", "x0_mix")
+
 ROWS: dict[str, Row] = {
-    "reference-ce": Row(
-        "reference",
-        {"use_simple_mdlm_loss_weight": False},
-        note="the reference, mean CE (its better objective)",
-    ),  # fmt: skip
+    "reference-ce": _REFERENCE_CE,
     "demask-mdlm-time": Row(estimator="time", note="MDLM, time t ~ U, Bernoulli masks, 1/t weight"),
     "demask-mdlm-count": Row(estimator="count", note="MDLM, uniform exact count, row-mean CE"),
     "demask-ce": Row(wrapper={"use_simple_mdlm_loss_weight": False}, note="mean CE (MaskGIT)"),
@@ -119,55 +132,43 @@ ROWS: dict[str, Row] = {
     "demask-is-posbias": replace(
         _POSBIAS, note="default + the absolute position bias (with rotary: both)"
     ),
-    "demask-ce-posbias": replace(
-        _CE_RESID,
-        net={"abs_pos_attn_bias": True},
-        note="mean CE, scaled resid, the absolute position bias (with rotary: both)",
-    ),
+    "demask-ce-posbias": _CE_POSBIAS,
     # one change against mean CE on the rotary default (rotary + the position bias)
     "demask-ce-pb-noaug": replace(
-        _CE_RESID,
-        net={"abs_pos_attn_bias": True},
-        wrapper={
-            "use_simple_mdlm_loss_weight": False,
-            "no_replace_prob": 0.0,
-            "random_token_prob": 0.0,
-        },
+        _CE_POSBIAS,
+        wrapper={**_CE_POSBIAS.wrapper, "no_replace_prob": 0.0, "random_token_prob": 0.0},
         note="mean CE with the position bias, no BERT augmentation",
-    ),  # fmt: skip
+    ),
     "demask-ce-pb-norand": replace(
-        _CE_RESID,
-        net={"abs_pos_attn_bias": True},
-        wrapper={"use_simple_mdlm_loss_weight": False, "random_token_prob": 0.0},
+        _CE_POSBIAS,
+        wrapper={**_CE_POSBIAS.wrapper, "random_token_prob": 0.0},
         note="mean CE with the position bias, no random tokens (15% shown unchanged kept)",
     ),
     "demask-ce-pb-tied": replace(
-        _CE_RESID,
-        net={"abs_pos_attn_bias": True, "tie_embedding": True},
+        _CE_POSBIAS,
+        net={**_CE_POSBIAS.net, "tie_embedding": True},
         note="mean CE with the position bias, tied input and output embeddings",
     ),
     "demask-ce-pb-combo": replace(
-        _CE_RESID,
-        net={"abs_pos_attn_bias": True},
-        init=("resid_zero", "rel_bias", "x0_mix"),
+        _CE_POSBIAS,
+        init=_COMBO_INIT,
         note="mean CE with the position bias + zero outputs, a relative bias and the x0 skip",
     ),
     "demask-pb-bell-combo": replace(
         _POSBIAS,
         objective="unweighted_bell",
-        init=("resid_zero", "rel_bias", "x0_mix"),
+        init=_COMBO_INIT,
         note="the bell weighting (no importance weights) with the position bias + zero outputs, "
         "a relative bias and the x0 skip",
     ),
-    "reference-ce-tied": Row(
-        "reference",
-        {"use_simple_mdlm_loss_weight": False},
+    "reference-ce-tied": replace(
+        _REFERENCE_CE,
         net={"tie_embedding": True},
         note="the reference, mean CE, tied input and output embeddings",
     ),
-    "reference-ce-noaug": Row(
-        "reference",
-        {"use_simple_mdlm_loss_weight": False, "no_replace_prob": 0.0, "random_token_prob": 0.0},
+    "reference-ce-noaug": replace(
+        _REFERENCE_CE,
+        wrapper={**_REFERENCE_CE.wrapper, "no_replace_prob": 0.0, "random_token_prob": 0.0},
         note="the reference, mean CE, no BERT augmentation",
     ),
     # one change against the rotary default as it is now (rotary + the position bias)
@@ -259,11 +260,8 @@ ROWS: dict[str, Row] = {
     "demask-pb-lr3e-3": replace(
         _POSBIAS, train={"lr": 3e-3}, note="rotary default (with the position bias), lr 3e-3"
     ),
-    "reference-ce-lr3e-3": Row(
-        "reference",
-        {"use_simple_mdlm_loss_weight": False},
-        train={"lr": 3e-3},
-        note="the reference, mean CE, peak lr 3e-3",
+    "reference-ce-lr3e-3": replace(
+        _REFERENCE_CE, train={"lr": 3e-3}, note="the reference, mean CE, peak lr 3e-3"
     ),
     # absolute positions only
     "demask-count-resid-postable": Row(
