@@ -31,13 +31,7 @@ def _demask() -> Lib:
     except ImportError:
         sys.path.insert(0, str(REPO / "src"))
         import demask
-    wrappers: Any = None  # the wrappers, once they have landed (exported at the top level or not)
-    try:
-        import demask.wrappers
-
-        wrappers = demask.wrappers
-    except ImportError:
-        pass
+    import demask.wrappers as wrappers  # the classes, exported at the top level or not
 
     def find(name: str) -> Any:
         return getattr(demask, name, None) or getattr(wrappers, name, None)
