@@ -74,6 +74,10 @@ _REFERENCE_CE = Row(
 # the three ~1% gains of the screen together: zero outputs, a relative bias, the x0 skip
 _COMBO_INIT = ("resid_zero", "rel_bias", "x0_mix")
 
+# a gated feed-forward (SwiGLU, arXiv 2002.05202) at 8/3 of the width: three matrices of
+# dim x (8/3) dim hold as many weights as the plain MLP's two of dim x 4 dim
+_SWIGLU = {"ff_glu": True, "ff_swish": True, "ff_mult": 8 / 3}
+
 ROWS: dict[str, Row] = {
     "reference-ce": _REFERENCE_CE,
     "demask-mdlm-time": Row(estimator="time", note="MDLM, time t ~ U, Bernoulli masks, 1/t weight"),
@@ -160,6 +164,21 @@ ROWS: dict[str, Row] = {
         init=_COMBO_INIT,
         note="the bell weighting (no importance weights) with the position bias + zero outputs, "
         "a relative bias and the x0 skip",
+    ),
+    "demask-ce-pb-swiglu": replace(
+        _CE_POSBIAS,
+        layers=_SWIGLU,
+        note="mean CE with the position bias, a SwiGLU feed-forward of the same parameter count",
+    ),
+    "demask-pb-swiglu": replace(
+        _POSBIAS,
+        layers=_SWIGLU,
+        note="the MDLM default with a SwiGLU feed-forward of the same parameter count",
+    ),
+    "reference-ce-swiglu": replace(
+        _REFERENCE_CE,
+        layers=_SWIGLU,
+        note="the reference, mean CE, a SwiGLU feed-forward of the same parameter count",
     ),
     "reference-ce-tied": replace(
         _REFERENCE_CE,

@@ -329,6 +329,16 @@ def test_ablation_smoke_one_record_per_row_and_seed(tmp_path, capsys):
     out_std = float(block.ff.proj_out.weight.detach().std())
     assert abs(qkv_std - 0.5 / 16) < 0.002  # fan_in 256
     assert abs(out_std - 0.5 / 32 / 2) < 0.001  # fan_in 1024, and 1 / sqrt(2 * depth 2)
+    # the SwiGLU rows: a gated feed-forward at 8/3 of the width, as many weights as the plain MLP
+    for plain, gated in (("demask-ce-posbias", "demask-ce-pb-swiglu"),
+                         ("reference-ce", "reference-ce-swiglu")):  # fmt: skip
+        n_plain, n_gated = (
+            sum(p.numel() for p in ablation.build(ablation.ROWS[r], cfg).parameters())
+            for r in (plain, gated)
+        )
+        assert abs(n_gated - n_plain) <= 2 * 32, (plain, n_plain, n_gated)  # biases and rounding
+    ff = ablation.build(ablation.ROWS["demask-pb-swiglu"], cfg).net.attn_layers.blocks[0].ff
+    assert ff.glu and ff.proj_in.out_features == 2 * int(32 * 8 / 3)
     # the architecture rows: the same logits as the default at the start (the relative bias and
     # the skip start at zero; ALiBi's slopes do not), and their parameters get gradients
     x = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(0))
