@@ -25,10 +25,12 @@ DATA = "digits-labelled"  # each digit preceded by its class token: the conditio
 # abs_pos_attn_bias False: positions added to the pixels only. The Encoder's position bias (the
 # default, which makes seq-256 text learn) made this demo worse (seed 0: class agreement 0.57
 # against 0.90, Frechet distance 5.3 against 2.5; benchmarks/RESULTS.md).
+# ff_glu, ff_swish, ff_mult 8/3: a SwiGLU feed-forward with as many weights as the plain MLP
+# (width 256 at dim 96); lower NELBO at every seed tried (docs/CLI.md, "The demo").
 DEMO_MODEL: dict[str, Any] = {
     "dim": 96, "depth": 4, "heads": 4, "attn_dim_head": 24, "cond_prefix_len": 1,
     "cond_drop_prob": 0.25, "no_replace_prob": 0.0, "random_token_prob": 0.0,
-    "abs_pos_attn_bias": False,
+    "abs_pos_attn_bias": False, "ff_glu": True, "ff_swish": True, "ff_mult": 8 / 3,
 }  # fmt: skip
 DEMO_TRAIN: dict[str, Any] = {
     "max_steps": 750,
