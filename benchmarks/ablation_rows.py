@@ -180,6 +180,48 @@ ROWS: dict[str, Row] = {
         layers=_SWIGLU,
         note="the reference, mean CE, a SwiGLU feed-forward of the same parameter count",
     ),
+    "demask-ce-pb-swiglu-muon": replace(
+        _CE_POSBIAS,
+        layers=_SWIGLU,
+        train={"optimizer": "muon"},
+        note="mean CE, the position bias, SwiGLU; Muon on the blocks' matrices",
+    ),
+    "demask-pb-swiglu-muon": replace(
+        _POSBIAS,
+        layers=_SWIGLU,
+        train={"optimizer": "muon"},
+        note="the MDLM default, SwiGLU; Muon on the blocks' matrices",
+    ),
+    "reference-ce-swiglu-muon": replace(
+        _REFERENCE_CE,
+        layers=_SWIGLU,
+        train={"optimizer": "muon"},
+        note="the reference, mean CE, SwiGLU; Muon on the blocks' matrices",
+    ),
+    "demask-ce-pb-swiglu-muon05": replace(
+        _CE_POSBIAS,
+        layers=_SWIGLU,
+        train={"optimizer": "muon", "muon_rms": 0.5},
+        note="mean CE, the position bias, SwiGLU; Muon (update RMS 0.5 lr) on the blocks",
+    ),
+    "reference-ce-swiglu-muon05": replace(
+        _REFERENCE_CE,
+        layers=_SWIGLU,
+        train={"optimizer": "muon", "muon_rms": 0.5},
+        note="the reference, mean CE, SwiGLU; Muon (update RMS 0.5 lr) on the blocks",
+    ),
+    "demask-ce-pb-swiglu-muon10": replace(
+        _CE_POSBIAS,
+        layers=_SWIGLU,
+        train={"optimizer": "muon", "muon_rms": 1.0},
+        note="mean CE, the position bias, SwiGLU; Muon (update RMS 1.0 lr) on the blocks",
+    ),
+    "reference-ce-swiglu-muon10": replace(
+        _REFERENCE_CE,
+        layers=_SWIGLU,
+        train={"optimizer": "muon", "muon_rms": 1.0},
+        note="the reference, mean CE, SwiGLU; Muon (update RMS 1.0 lr) on the blocks",
+    ),
     "reference-ce-tied": replace(
         _REFERENCE_CE,
         net={"tie_embedding": True},

@@ -62,6 +62,8 @@ class Config:
     lr: float = 1e-3
     warmup: int = 20
     weight_decay: float = 0.01  # AdamW's default
+    optimizer: str = "adamw"  # adamw | muon (Muon on the blocks' matrices, AdamW on the rest)
+    muon_rms: float = 0.2  # Muon's update RMS over lr (demask.optim.Muon's rms)
     clip: float = 1.0
     seed: int = 0
     eval_windows: int = 32  # evenly spaced validation windows
@@ -172,9 +174,29 @@ def _loss(model: nn.Module, x: Tensor) -> Tensor:
     return out if isinstance(out, Tensor) else out.loss  # AR: a scalar; masked: Losses
 
 
+def _optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
+    """AdamW on every weight, or (`cfg.optimizer == "muon"`) demask's Muon on the 2-D weights
+    inside `net.attn_layers` (both libraries name the blocks so) and AdamW on the rest, in one
+    optimiser; both parts share `cfg.lr` and the decay (Muon's update RMS is `cfg.muon_rms` * lr)."""
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer != "muon":
+        raise ValueError(f"optimizer must be 'adamw' or 'muon', got {cfg.optimizer!r}")
+    from demask.optim import Muon
+
+    net: Any = model.net
+    blocks = {id(p) for p in net.attn_layers.parameters() if p.ndim == 2}
+    groups: list[dict[str, Any]] = [
+        {"params": [p for p in model.parameters() if id(p) in blocks], "muon": True},
+        {"params": [p for p in model.parameters() if id(p) not in blocks]},
+    ]
+    return Muon(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999),
+                rms=cfg.muon_rms)  # fmt: skip
+
+
 def train(model: nn.Module, cfg: Config, train_ds: Any, get_batch: Any) -> dict[str, Any]:
     """`cfg.steps` AdamW steps on the shared batch sequence; returns the loss curve and time."""
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = _optimizer(model, cfg)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / cfg.warmup))
     torch.manual_seed(cfg.seed)  # the wrappers' own noise (mask draws) starts from the same state
     model.train()

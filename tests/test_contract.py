@@ -167,7 +167,7 @@ def test_format_2_keeps_the_positions_it_built():
     only; version 3's default adds an attention bias, so the migration says False."""
     model = ModelConfig(**tiny_model("masked"))
     payload = json.loads(configs_to_json(model))
-    assert payload["format_version"] == CONFIG_FORMAT_VERSION == 4
+    assert payload["format_version"] == CONFIG_FORMAT_VERSION == 5
     del payload["model"]["abs_pos_attn_bias"]
     payload["format_version"] = 2
     old, _ = configs_from_json(json.dumps(payload))
@@ -192,6 +192,19 @@ def test_format_3_keeps_a_rotary_encoder_without_absolute_positions():
     built_old, built_new = build_model(migrated[0]).net, build_model(rotary).net
     assert built_old.abs_pos_emb is None and built_old.abs_pos_attn is None
     assert built_new.abs_pos_emb is not None and built_new.abs_pos_attn is not None
+
+
+def test_format_4_trained_with_adamw():
+    """Version 4 had no optimiser fields: its runs trained with AdamW, and resume so."""
+    model = ModelConfig(**tiny_model("masked"))
+    train = TrainConfig(optimizer="muon", muon_momentum=0.9, max_steps=3)
+    payload = json.loads(configs_to_json(model, train))
+    assert payload["train"]["optimizer"] == "muon"
+    assert configs_from_json(json.dumps(payload)) == (model, train)  # round trip
+    del payload["train"]["optimizer"], payload["train"]["muon_momentum"]
+    payload["format_version"] = 4
+    _, old = configs_from_json(json.dumps(payload))
+    assert old == dataclasses.replace(train, optimizer="adamw", muon_momentum=0.95)
 
 
 def test_a_format_1_run_folder_loads_its_model_and_resumes(tmp_path):

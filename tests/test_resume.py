@@ -25,15 +25,19 @@ def _weights(path):
     return load_checkpoint(path).model.state_dict()
 
 
-@pytest.mark.parametrize("kind", ["autoregressive", "masked"])
-def test_resume_reproduces_the_uninterrupted_run(tmp_path, kind):
+@pytest.mark.parametrize(
+    ("kind", "optimizer"),
+    [("autoregressive", "adamw"), ("masked", "adamw"), ("masked", "muon")],
+)
+def test_resume_reproduces_the_uninterrupted_run(tmp_path, kind, optimizer):
     m = ModelConfig(**tiny_model(kind))
-    full = TrainConfig(**tiny_train(tmp_path / "full", steps=8, val_every=4))
+    opts = {"steps": 8, "val_every": 4, "optimizer": optimizer}
+    full = TrainConfig(**tiny_train(tmp_path / "full", **opts))
     try:
         ref = train(m, full)
     except ImportError as err:
         pytest.skip(f"{kind} wrapper not available yet: {err}")
-    part = TrainConfig(**tiny_train(tmp_path / "part", steps=8, val_every=4))
+    part = TrainConfig(**tiny_train(tmp_path / "part", **opts))
     first = train(m, part, stop_after=5)
     assert first.status == "stopped" and first.step == 5 and sorted(first.losses) == [1, 2, 3, 4, 5]
     assert load_checkpoint(tmp_path / "part").step == 5
@@ -90,3 +94,21 @@ def test_a_saved_state_restores_into_the_same_state(tmp_path):
     for s in (4, 5):
         batch = get_batch(ds, s, t.batch_size, t.seed)
         assert train_step(state, batch).loss == train_step(other, batch).loss
+
+
+def test_resume_refuses_another_optimizer(tmp_path):
+    """AdamW's moments are no Muon momentum: a run resumes with the optimiser it trained with,
+    and the refusal leaves its checkpoint as it was."""
+    from demask.runfolder import CheckpointError
+
+    m = ModelConfig(**tiny_model("masked"))
+    t = TrainConfig(**tiny_train(tmp_path / "run", steps=2))
+    train(m, t)
+    before = _weights(tmp_path / "run")
+    muon = TrainConfig(**{**t.to_dict(), "steps": 4, "optimizer": "muon"})
+    with pytest.raises(CheckpointError, match="optimizer='muon', but the run in .* with 'adamw'"):
+        train(m, muon, resume=True)
+    after = _weights(tmp_path / "run")
+    assert load_checkpoint(tmp_path / "run").step == 2
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert sorted(train(m, TrainConfig(**{**t.to_dict(), "steps": 3}), resume=True).losses) == [3]

@@ -24,6 +24,7 @@ from demask.config import (
 from demask.data import get_batch
 from demask.distributed import DistInfo
 from demask.evaluate import likelihood_bits_per_token, likelihood_sums
+from demask.optim import param_groups
 from demask.train import (
     NonFiniteLossError,
     RunStatus,
@@ -32,7 +33,7 @@ from demask.train import (
     train,
     train_step,
 )
-from demask.training_state import build_state, param_groups
+from demask.training_state import build_state
 
 param = pytest.mark.parametrize
 

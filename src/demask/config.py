@@ -37,6 +37,7 @@ from demask.config_formats import (
 )
 from demask.model import TransformerWrapper
 from demask.model.attention_layers import AttentionLayers
+from demask.optim import OPTIMIZERS
 from demask.wrappers import AutoregressiveWrapper, NonAutoregressiveWrapper
 
 # ----------------------------------------------------------------------------------------------
@@ -186,12 +187,14 @@ class TrainConfig:
     out: str = "runs/demask"  # run folder: checkpoints, config.json, metrics.jsonl
     max_steps: int = 2000  # total optimiser steps (the LR schedule spans these)
     batch_size: int = 32  # sequences per step per process
-    lr: float = 3e-4  # peak learning rate (AdamW)
+    optimizer: str = "adamw"  # adamw | muon (Muon on the blocks' matrices, AdamW on the rest)
+    lr: float = 3e-4  # peak learning rate (both parts of muon share it)
     warmup_steps: int = 100  # linear warm-up from 0 to lr over these steps
     min_lr_ratio: float = 0.1  # cosine decay ends at lr * min_lr_ratio at the last step
     weight_decay: float = 0.1  # AdamW decoupled decay, on matrices of Linear layers only
     beta1: float = 0.9  # AdamW beta1
     beta2: float = 0.99  # AdamW beta2
+    muon_momentum: float = 0.95  # Muon's Nesterov momentum (optimizer=muon)
     grad_clip: float = 1.0  # clip the global gradient norm to this; 0 = off
     seed: int = 0  # seeds init, data order and the masking noise
     device: str = "auto"  # auto (cuda if available, else cpu) | cpu | cuda | cuda:N
@@ -223,6 +226,13 @@ class TrainConfig:
         check_float("weight_decay", self.weight_decay, min=0.0)
         check_float("beta1", self.beta1, min=0.0, max=1.0, max_inclusive=False)
         check_float("beta2", self.beta2, min=0.0, max=1.0, max_inclusive=False)
+        check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        check_float("muon_momentum", self.muon_momentum, min=0.0, max=1.0, max_inclusive=False)
+        if self.optimizer == "muon" and self.fsdp:
+            raise ValueError(
+                "optimizer='muon' needs whole weight matrices, and fsdp=True shards them; "
+                "expected optimizer='adamw' with fsdp, or fsdp=False (DDP) with muon"
+            )
         check_float("grad_clip", self.grad_clip, min=0.0)
         check_int("seed", self.seed, min=0, max=MAX_SEED)
         check_int("log_every", self.log_every, min=1)

@@ -10,8 +10,9 @@ from typing import Any
 # (`MIGRATIONS`). Files written before versions existed have no "format_version" and are read as
 # version 1. Version 2 named the fields after the constructors' parameters. Version 3 added
 # `abs_pos_attn_bias`, whose default (None) changed what an Encoder with absolute positions builds.
-# Version 4: the same default gives a rotary Encoder the bias as well.
-CONFIG_FORMAT_VERSION = 4
+# Version 4: the same default gives a rotary Encoder the bias as well. Version 5 added the training
+# optimiser (`optimizer`, `muon_momentum`); every earlier run trained with AdamW.
+CONFIG_FORMAT_VERSION = 5
 
 # format version 1: the model fields, and what it built for the options it did not record
 V1_MODEL_FIELDS = (
@@ -73,9 +74,18 @@ def _migrate_v3(payload: dict[str, Any]) -> dict[str, Any]:
     return {**payload, "model": model, "format_version": 4}
 
 
+def _migrate_v4(payload: dict[str, Any]) -> dict[str, Any]:
+    """Format 4 -> 5: the optimiser recorded; version 4 always trained with AdamW."""
+    train = payload.get("train")
+    if isinstance(train, dict):
+        train = {"optimizer": "adamw", "muon_momentum": 0.95, **train}
+    return {**payload, "train": train, "format_version": 5}
+
+
 # format version v -> the function that turns a payload of version v into one of version v + 1
 MIGRATIONS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {
     1: _migrate_v1,
     2: _migrate_v2,
     3: _migrate_v3,
+    4: _migrate_v4,
 }

@@ -208,7 +208,10 @@ def train(
         data = _load_data(model_cfg, train_cfg)
         state = build_state(model_cfg, train_cfg, info)
         out = Path(train_cfg.out)
-        ckpt, lock = start_run(out, model_cfg, resume=resume, overwrite=overwrite, info=info)
+        ckpt, lock = start_run(
+            out, model_cfg, resume=resume, overwrite=overwrite, info=info,
+            optimizer=train_cfg.optimizer,
+        )  # fmt: skip
         if ckpt is not None:
             restore_training_state(ckpt, state)
             if state.step > train_cfg.max_steps:

@@ -31,6 +31,7 @@ from demask.checkpoint import (
 )
 from demask.config import ModelConfig, TrainConfig, build_model
 from demask.distributed import DistInfo, barrier, broadcast_object
+from demask.optim import build_optimizer
 from demask.runfolder import (
     STATE_FILE,
     WEIGHTS_FILE,
@@ -62,25 +63,10 @@ def seeded(seed: int, device: torch.device) -> Iterator[None]:
         yield
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW groups: nn.Linear weight matrices decay; everything else (biases, norms, embeddings,
-    and a Linear weight tied to an embedding) does not."""
-    emb = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
-    linear = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear)}
-    decay: list[nn.Parameter] = []
-    rest: list[nn.Parameter] = []
-    for p in model.parameters():  # each shared parameter once
-        if p.requires_grad:
-            (decay if id(p) in linear and id(p) not in emb else rest).append(p)
-    return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": rest, "weight_decay": 0.0},
-    ]
-
-
 def build_state(model_config: ModelConfig, train_config: TrainConfig, info: DistInfo) -> TrainState:
     """The state of step 0: weights initialised from `train_config.seed`, on `info.device`,
-    compiled and data-parallel as asked (`distributed.parallelize`), and an AdamW optimiser."""
+    compiled and data-parallel as asked (`distributed.parallelize`), and the optimiser
+    `train_config.optimizer` (`demask.optim`)."""
     cfg = train_config
     with seeded(cfg.seed, info.device):
         model = build_model(model_config).to(info.device)
@@ -91,8 +77,14 @@ def build_state(model_config: ModelConfig, train_config: TrainConfig, info: Dist
         fsdp=cfg.fsdp,
         find_unused_parameters=model_config.self_cond,
     )
-    groups = param_groups(model, cfg.weight_decay)  # after parallelize: FSDP2 swaps parameters
-    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+    optimizer = build_optimizer(  # after parallelize: FSDP2 swaps parameters
+        cfg.optimizer,
+        model,
+        lr=cfg.lr,
+        weight_decay=cfg.weight_decay,
+        betas=(cfg.beta1, cfg.beta2),
+        momentum=cfg.muon_momentum,
+    )
     return TrainState(model, module, optimizer, model_config, train_config, info)
 
 
@@ -180,11 +172,16 @@ def _check_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
 
 
 def plan_run(
-    run_dir: str | Path, model_config: ModelConfig, *, resume: bool, overwrite: bool
+    run_dir: str | Path,
+    model_config: ModelConfig,
+    *,
+    resume: bool,
+    overwrite: bool,
+    optimizer: str | None = None,
 ) -> Path | None:
     """Decide how a training run starts in `run_dir`: the checkpoint folder to resume from, or
-    None to start fresh. Raises CheckpointError (nothing to resume, model config differs from the
-    saved one, broken `latest`) or FileExistsError (a checkpoint is there and neither resume nor
+    None to start fresh. Raises CheckpointError (nothing to resume, model config or `optimizer`
+    differs from the saved one, broken `latest`) or FileExistsError (a checkpoint is there and neither resume nor
     overwrite was asked: it is never overwritten silently; or the folder holds files demask did not
     write, or an incomplete `step_*`)."""
     if overwrite and not resume:
@@ -194,7 +191,14 @@ def plan_run(
     if resume:
         if found is None:
             raise CheckpointError(f"resume=True but {str(run_dir)!r} holds no checkpoint to resume")
-        saved = checkpoint_configs(found)[0].to_dict()
+        saved_model, saved_train, _ = checkpoint_configs(found)
+        saved = saved_model.to_dict()
+        if optimizer is not None and saved_train is not None and saved_train.optimizer != optimizer:
+            raise CheckpointError(
+                f"optimizer={optimizer!r}, but the run in {str(found)!r} trained with "
+                f"{saved_train.optimizer!r}, whose state cannot carry over; resume with "
+                f"optimizer={saved_train.optimizer!r} or start a new run"
+            )
         diff = {
             k: (v, getattr(model_config, k))
             for k, v in saved.items()
@@ -215,7 +219,13 @@ def plan_run(
 
 
 def start_run(
-    out: Path, cfg: ModelConfig, *, resume: bool, overwrite: bool, info: DistInfo
+    out: Path,
+    cfg: ModelConfig,
+    *,
+    resume: bool,
+    overwrite: bool,
+    info: DistInfo,
+    optimizer: str | None = None,
 ) -> tuple[Path | None, RunLock | None]:
     """Rank 0 locks the run folder and decides (plan_run) and tells the others, so all ranks raise
     the same error. Nothing is written but the lock (and the folder for it, removed again when
@@ -225,7 +235,8 @@ def start_run(
     if info.is_main:
         try:
             lock = RunLock(out).acquire()
-            outcome = ("ok", plan_run(out, cfg, resume=resume, overwrite=overwrite))
+            plan = plan_run(out, cfg, resume=resume, overwrite=overwrite, optimizer=optimizer)
+            outcome = ("ok", plan)
         except (ValueError, OSError) as err:
             if lock is not None:
                 lock.release(remove_created=True)
