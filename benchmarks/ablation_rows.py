@@ -222,6 +222,18 @@ ROWS: dict[str, Row] = {
         train={"optimizer": "muon", "muon_rms": 1.0},
         note="the reference, mean CE, SwiGLU; Muon (update RMS 1.0 lr) on the blocks",
     ),
+    "reference-ce-swiglu-muon20": replace(
+        _REFERENCE_CE,
+        layers=_SWIGLU,
+        train={"optimizer": "muon", "muon_rms": 2.0},
+        note="the reference, mean CE, SwiGLU; Muon (update RMS 2.0 lr) on the blocks",
+    ),
+    "reference-ce-swiglu-muon40": replace(
+        _REFERENCE_CE,
+        layers=_SWIGLU,
+        train={"optimizer": "muon", "muon_rms": 4.0},
+        note="the reference, mean CE, SwiGLU; Muon (update RMS 4.0 lr) on the blocks",
+    ),
     "reference-ce-tied": replace(
         _REFERENCE_CE,
         net={"tie_embedding": True},

@@ -201,10 +201,11 @@ def test_format_4_trained_with_adamw():
     payload = json.loads(configs_to_json(model, train))
     assert payload["train"]["optimizer"] == "muon"
     assert configs_from_json(json.dumps(payload)) == (model, train)  # round trip
-    del payload["train"]["optimizer"], payload["train"]["muon_momentum"]
+    for key in ("optimizer", "muon_momentum", "muon_rms"):
+        del payload["train"][key]
     payload["format_version"] = 4
     _, old = configs_from_json(json.dumps(payload))
-    assert old == dataclasses.replace(train, optimizer="adamw", muon_momentum=0.95)
+    assert old == dataclasses.replace(train, optimizer="adamw", muon_momentum=0.95, muon_rms=0.2)
 
 
 def test_a_format_1_run_folder_loads_its_model_and_resumes(tmp_path):

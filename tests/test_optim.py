@@ -125,8 +125,9 @@ def test_build_optimizer_names_and_checks():
     model = _tiny()
     assert sorted(OPTIMIZERS) == ["adamw", "muon"]
     assert isinstance(build_optimizer("adamw", model, lr=1e-3, weight_decay=0.1), torch.optim.AdamW)
-    opt = build_optimizer("muon", model, lr=1e-3, weight_decay=0.1, momentum=0.9)
+    opt = build_optimizer("muon", model, lr=1e-3, weight_decay=0.1, momentum=0.9, rms=0.5)
     assert isinstance(opt, Muon) and opt.param_groups[0]["momentum"] == 0.9
+    assert opt.param_groups[0]["rms"] == 0.5
     with pytest.raises(
         ValueError, match=r"optimizer must be one of \['adamw', 'muon'\], got 'sgd'"
     ):
@@ -137,6 +138,8 @@ def test_build_optimizer_names_and_checks():
         Muon([{"params": [nn.Parameter(torch.ones(4))], "muon": True}])
     with pytest.raises(ValueError, match="momentum must be in"):
         Muon([{"params": [nn.Parameter(torch.ones(2, 2))]}], momentum=1.0)
+    with pytest.raises(ValueError, match="rms must be > 0, got -1"):
+        Muon([{"params": [nn.Parameter(torch.ones(2, 2))]}], rms=-1)
 
 
 def test_train_config_checks_the_optimizer():
@@ -151,6 +154,10 @@ def test_train_config_checks_the_optimizer():
         TrainConfig(optimizer="muon", fsdp=True)
     with pytest.raises(ValueError, match="muon_momentum"):
         TrainConfig(muon_momentum=1.5)
+    with pytest.raises(ValueError, match="muon_rms"):
+        TrainConfig(muon_rms=0.0)
+    # one place for each default: the config's are Muon's own
+    assert (TrainConfig().muon_momentum, TrainConfig().muon_rms) == (0.95, 0.2)
 
 
 def test_a_tiny_masked_model_learns_a_chain_with_muon():

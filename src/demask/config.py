@@ -37,7 +37,7 @@ from demask.config_formats import (
 )
 from demask.model import TransformerWrapper
 from demask.model.attention_layers import AttentionLayers
-from demask.optim import OPTIMIZERS
+from demask.optim import OPTIMIZERS, Muon
 from demask.wrappers import AutoregressiveWrapper, NonAutoregressiveWrapper
 
 # ----------------------------------------------------------------------------------------------
@@ -194,7 +194,8 @@ class TrainConfig:
     weight_decay: float = 0.1  # AdamW decoupled decay, on matrices of Linear layers only
     beta1: float = 0.9  # AdamW beta1
     beta2: float = 0.99  # AdamW beta2
-    muon_momentum: float = 0.95  # Muon's Nesterov momentum (optimizer=muon)
+    muon_momentum: float = seed_default(Muon, "momentum")  # Muon's Nesterov momentum
+    muon_rms: float = seed_default(Muon, "rms")  # Muon's update RMS as a share of the lr
     grad_clip: float = 1.0  # clip the global gradient norm to this; 0 = off
     seed: int = 0  # seeds init, data order and the masking noise
     device: str = "auto"  # auto (cuda if available, else cpu) | cpu | cuda | cuda:N
@@ -228,6 +229,7 @@ class TrainConfig:
         check_float("beta2", self.beta2, min=0.0, max=1.0, max_inclusive=False)
         check_choice("optimizer", self.optimizer, OPTIMIZERS)
         check_float("muon_momentum", self.muon_momentum, min=0.0, max=1.0, max_inclusive=False)
+        check_float("muon_rms", self.muon_rms, min=0.0, min_inclusive=False)
         if self.optimizer == "muon" and self.fsdp:
             raise ValueError(
                 "optimizer='muon' needs whole weight matrices, and fsdp=True shards them; "

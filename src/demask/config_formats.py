@@ -11,7 +11,7 @@ from typing import Any
 # version 1. Version 2 named the fields after the constructors' parameters. Version 3 added
 # `abs_pos_attn_bias`, whose default (None) changed what an Encoder with absolute positions builds.
 # Version 4: the same default gives a rotary Encoder the bias as well. Version 5 added the training
-# optimiser (`optimizer`, `muon_momentum`); every earlier run trained with AdamW.
+# optimiser (`optimizer`, `muon_momentum`, `muon_rms`); every earlier run trained with AdamW.
 CONFIG_FORMAT_VERSION = 5
 
 # format version 1: the model fields, and what it built for the options it did not record
@@ -78,7 +78,7 @@ def _migrate_v4(payload: dict[str, Any]) -> dict[str, Any]:
     """Format 4 -> 5: the optimiser recorded; version 4 always trained with AdamW."""
     train = payload.get("train")
     if isinstance(train, dict):
-        train = {"optimizer": "adamw", "muon_momentum": 0.95, **train}
+        train = {"optimizer": "adamw", "muon_momentum": 0.95, "muon_rms": 0.2, **train}
     return {**payload, "train": train, "format_version": 5}
 
 

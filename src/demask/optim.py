@@ -166,17 +166,16 @@ def param_groups(
 
 
 def _adamw(model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float],
-           momentum: float) -> torch.optim.Optimizer:  # fmt: skip
+           **muon: Any) -> torch.optim.Optimizer:  # fmt: skip
     return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas)
 
 
 def _muon(model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float],
-          momentum: float) -> torch.optim.Optimizer:  # fmt: skip
-    groups = param_groups(model, weight_decay, muon=True)
-    return Muon(groups, lr=lr, betas=betas, momentum=momentum)
+          **muon: Any) -> torch.optim.Optimizer:  # fmt: skip
+    return Muon(param_groups(model, weight_decay, muon=True), lr=lr, betas=betas, **muon)
 
 
-# optimiser name -> builder (model, lr, weight_decay, AdamW betas, Muon momentum)
+# optimiser name -> builder (model, lr, weight_decay, AdamW betas, **Muon's own options)
 OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {"adamw": _adamw, "muon": _muon}
 
 
@@ -187,8 +186,9 @@ def build_optimizer(
     lr: float,
     weight_decay: float,
     betas: tuple[float, float] = (0.9, 0.99),
-    momentum: float = 0.95,
+    **muon: Any,
 ) -> torch.optim.Optimizer:
-    """The optimiser `name` (a key of `OPTIMIZERS`) over `model`'s trainable parameters."""
+    """The optimiser `name` (a key of `OPTIMIZERS`) over `model`'s trainable parameters; `muon`
+    (Muon's momentum, rms, ns_steps) is used by "muon" only."""
     check_choice("optimizer", name, OPTIMIZERS)
-    return OPTIMIZERS[name](model, lr, weight_decay, betas, momentum)
+    return OPTIMIZERS[name](model, lr, weight_decay, betas, **muon)

@@ -84,6 +84,7 @@ def build_state(model_config: ModelConfig, train_config: TrainConfig, info: Dist
         weight_decay=cfg.weight_decay,
         betas=(cfg.beta1, cfg.beta2),
         momentum=cfg.muon_momentum,
+        rms=cfg.muon_rms,
     )
     return TrainState(model, module, optimizer, model_config, train_config, info)
 
