@@ -191,6 +191,27 @@ def test_resume_continues_the_run(digits_run, tmp_path, capsys):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_train_with_muon_records_it_and_resume_refuses_another_optimizer(tmp_path, capsys):
+    run = tmp_path / "muon"
+    argv = ["train", "--data", "digits", "--out", run, *TINY]
+    code, out, _ = run_cli(
+        capsys, *argv, "--steps", "2", "--optimizer", "muon", "--muon-rms", "0.5"
+    )
+    assert code == 0, out
+    train_cfg = json.loads((run / "config.json").read_text())["train"]
+    assert (train_cfg["optimizer"], train_cfg["muon_rms"], train_cfg["muon_momentum"]) == (
+        "muon", 0.5, 0.95)  # fmt: skip
+    code, out, err = run_cli(
+        capsys, "train", "--resume", "--steps", "3", "--out", run, "--optimizer", "adamw"
+    )
+    assert code == 2 and "optimizer='adamw', but the run" in out + err
+    assert (run / "latest").read_text().strip() == "checkpoints/step_00000002"
+    code, out, _ = run_cli(capsys, "train", "--resume", "--steps", "3", "--out", run, "--quiet")
+    assert code == 0 and "step 3/3" in out  # resumes with the saved optimiser
+    code, out, err = run_cli(capsys, *argv, "--steps", "2", "--optimizer", "lion")
+    assert code == 2 and "optimizer must be one of ['adamw', 'muon'], got 'lion'" in out + err
+
+
 def test_sample_digits_writes_grid_and_strip(digits_run, tmp_path, capsys):
     code, out, _ = run_cli(
         capsys,
