@@ -198,42 +198,6 @@ ROWS: dict[str, Row] = {
         train={"optimizer": "muon"},
         note="the reference, mean CE, SwiGLU; Muon on the blocks' matrices",
     ),
-    "demask-ce-pb-swiglu-muon05": replace(
-        _CE_POSBIAS,
-        layers=_SWIGLU,
-        train={"optimizer": "muon", "muon_rms": 0.5},
-        note="mean CE, the position bias, SwiGLU; Muon (update RMS 0.5 lr) on the blocks",
-    ),
-    "reference-ce-swiglu-muon05": replace(
-        _REFERENCE_CE,
-        layers=_SWIGLU,
-        train={"optimizer": "muon", "muon_rms": 0.5},
-        note="the reference, mean CE, SwiGLU; Muon (update RMS 0.5 lr) on the blocks",
-    ),
-    "demask-ce-pb-swiglu-muon10": replace(
-        _CE_POSBIAS,
-        layers=_SWIGLU,
-        train={"optimizer": "muon", "muon_rms": 1.0},
-        note="mean CE, the position bias, SwiGLU; Muon (update RMS 1.0 lr) on the blocks",
-    ),
-    "reference-ce-swiglu-muon10": replace(
-        _REFERENCE_CE,
-        layers=_SWIGLU,
-        train={"optimizer": "muon", "muon_rms": 1.0},
-        note="the reference, mean CE, SwiGLU; Muon (update RMS 1.0 lr) on the blocks",
-    ),
-    "reference-ce-swiglu-muon20": replace(
-        _REFERENCE_CE,
-        layers=_SWIGLU,
-        train={"optimizer": "muon", "muon_rms": 2.0},
-        note="the reference, mean CE, SwiGLU; Muon (update RMS 2.0 lr) on the blocks",
-    ),
-    "reference-ce-swiglu-muon40": replace(
-        _REFERENCE_CE,
-        layers=_SWIGLU,
-        train={"optimizer": "muon", "muon_rms": 4.0},
-        note="the reference, mean CE, SwiGLU; Muon (update RMS 4.0 lr) on the blocks",
-    ),
     "reference-ce-tied": replace(
         _REFERENCE_CE,
         net={"tie_embedding": True},
@@ -376,3 +340,23 @@ ROWS: dict[str, Row] = {
         note="count, scaled resid, sinusoid-initialised positions",
     ),
 }
+
+
+def _muon_rms_sweep() -> dict[str, Row]:
+    """Muon's update RMS swept for both libraries' SwiGLU mean-CE rows: `...-muon05` is RMS 0.5."""
+    bases = {"demask-ce-pb-swiglu": (_CE_POSBIAS, "mean CE, the position bias, SwiGLU"),
+             "reference-ce-swiglu": (_REFERENCE_CE, "the reference, mean CE, SwiGLU")}  # fmt: skip
+    sweep = {"demask-ce-pb-swiglu": (0.5, 1.0), "reference-ce-swiglu": (0.5, 1.0, 2.0, 4.0)}
+    return {
+        f"{name}-muon{str(rms).replace('.', '')}": replace(
+            bases[name][0],
+            layers=_SWIGLU,
+            train={"optimizer": "muon", "muon_rms": rms},
+            note=f"{bases[name][1]}; Muon (update RMS {rms} lr) on the blocks",
+        )
+        for name, values in sweep.items()
+        for rms in values
+    }
+
+
+ROWS.update(_muon_rms_sweep())

@@ -182,9 +182,9 @@ def plan_run(
 ) -> Path | None:
     """Decide how a training run starts in `run_dir`: the checkpoint folder to resume from, or
     None to start fresh. Raises CheckpointError (nothing to resume, model config or `optimizer`
-    differs from the saved one, broken `latest`) or FileExistsError (a checkpoint is there and neither resume nor
-    overwrite was asked: it is never overwritten silently; or the folder holds files demask did not
-    write, or an incomplete `step_*`)."""
+    differs from the saved one, broken `latest`) or FileExistsError (a checkpoint is there and
+    neither resume nor overwrite was asked: it is never overwritten silently; or the folder holds
+    files demask did not write, or an incomplete `step_*`)."""
     if overwrite and not resume:
         check_fresh_start(run_dir, overwrite=True)
         return None
