@@ -192,6 +192,25 @@ ROWS: dict[str, Row] = {
         train={"optimizer": "muon"},
         note="the MDLM default, SwiGLU; Muon on the blocks' matrices",
     ),
+    "demask-ce-pb-swiglu-muon-tied": replace(
+        _CE_POSBIAS,
+        layers=_SWIGLU,
+        net={**_CE_POSBIAS.net, "tie_embedding": True},
+        train={"optimizer": "muon"},
+        note="mean CE, the position bias, SwiGLU, tied embeddings; Muon on the blocks' matrices",
+    ),
+    "demask-ce-pb-swiglu-muon-qknorm": replace(
+        _CE_POSBIAS,
+        layers={**_SWIGLU, "attn_qk_norm": True},
+        train={"optimizer": "muon"},
+        note="mean CE, the position bias, SwiGLU, QK-norm; Muon on the blocks' matrices",
+    ),
+    "reference-ce-swiglu-muon05-qknorm": replace(
+        _REFERENCE_CE,
+        layers={**_SWIGLU, "attn_qk_norm": True},
+        train={"optimizer": "muon", "muon_rms": 0.5},
+        note="the reference, mean CE, SwiGLU, QK-norm; Muon (update RMS 0.5 lr) on the blocks",
+    ),
     "reference-ce-swiglu-muon": replace(
         _REFERENCE_CE,
         layers=_SWIGLU,
@@ -346,7 +365,7 @@ def _muon_rms_sweep() -> dict[str, Row]:
     """Muon's update RMS swept for both libraries' SwiGLU mean-CE rows: `...-muon05` is RMS 0.5."""
     bases = {"demask-ce-pb-swiglu": (_CE_POSBIAS, "mean CE, the position bias, SwiGLU"),
              "reference-ce-swiglu": (_REFERENCE_CE, "the reference, mean CE, SwiGLU")}  # fmt: skip
-    sweep = {"demask-ce-pb-swiglu": (0.5, 1.0), "reference-ce-swiglu": (0.5, 1.0, 2.0, 4.0)}
+    sweep = {"demask-ce-pb-swiglu": (0.1, 0.5, 1.0), "reference-ce-swiglu": (0.5, 1.0, 2.0, 4.0)}
     return {
         f"{name}-muon{str(rms).replace('.', '')}": replace(
             bases[name][0],

@@ -339,6 +339,13 @@ def test_ablation_smoke_one_record_per_row_and_seed(tmp_path, capsys):
         assert abs(n_gated - n_plain) <= 2 * 32, (plain, n_plain, n_gated)  # biases and rounding
     ff = ablation.build(ablation.ROWS["demask-pb-swiglu"], cfg).net.attn_layers.blocks[0].ff
     assert ff.glu and ff.proj_in.out_features == 2 * int(32 * 8 / 3)
+    # the Muon rows on top of mean CE: tied tables, QK-norm, the update RMS swept
+    tied = ablation.build(ablation.ROWS["demask-ce-pb-swiglu-muon-tied"], cfg).net
+    assert tied.to_logits.weight is tied.token_emb.weight
+    qk = ablation.build(ablation.ROWS["demask-ce-pb-swiglu-muon-qknorm"], cfg).net
+    assert all(b.attn.qk_norm for b in qk.attn_layers.blocks)
+    assert ablation.ROWS["demask-ce-pb-swiglu-muon01"].train == {"optimizer": "muon",
+                                                                   "muon_rms": 0.1}  # fmt: skip
     # the architecture rows: the same logits as the default at the start (the relative bias and
     # the skip start at zero; ALiBi's slopes do not), and their parameters get gradients
     x = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(0))
