@@ -205,12 +205,6 @@ ROWS: dict[str, Row] = {
         train={"optimizer": "muon"},
         note="mean CE, the position bias, SwiGLU, QK-norm; Muon on the blocks' matrices",
     ),
-    "reference-ce-swiglu-muon05-qknorm": replace(
-        _REFERENCE_CE,
-        layers={**_SWIGLU, "attn_qk_norm": True},
-        train={"optimizer": "muon", "muon_rms": 0.5},
-        note="the reference, mean CE, SwiGLU, QK-norm; Muon (update RMS 0.5 lr) on the blocks",
-    ),
     "reference-ce-swiglu-muon": replace(
         _REFERENCE_CE,
         layers=_SWIGLU,
