@@ -78,6 +78,21 @@ _COMBO_INIT = ("resid_zero", "rel_bias", "x0_mix")
 # dim x (8/3) dim hold as many weights as the plain MLP's two of dim x 4 dim
 _SWIGLU = {"ff_glu": True, "ff_swish": True, "ff_mult": 8 / 3}
 
+# both libraries' best recipe so far: mean CE, SwiGLU, Muon on the blocks' matrices (RMS 0.2)
+_MUON = {"optimizer": "muon"}
+_CE_SWIGLU_MUON = replace(
+    _CE_POSBIAS,
+    layers=_SWIGLU,
+    train=_MUON,
+    note="mean CE, the position bias, SwiGLU; Muon on the blocks' matrices",
+)
+_REFERENCE_CE_SWIGLU_MUON = replace(
+    _REFERENCE_CE,
+    layers=_SWIGLU,
+    train=_MUON,
+    note="the reference, mean CE, SwiGLU; Muon on the blocks' matrices",
+)
+
 ROWS: dict[str, Row] = {
     "reference-ce": _REFERENCE_CE,
     "demask-mdlm-time": Row(estimator="time", note="MDLM, time t ~ U, Bernoulli masks, 1/t weight"),
@@ -180,37 +195,24 @@ ROWS: dict[str, Row] = {
         layers=_SWIGLU,
         note="the reference, mean CE, a SwiGLU feed-forward of the same parameter count",
     ),
-    "demask-ce-pb-swiglu-muon": replace(
-        _CE_POSBIAS,
-        layers=_SWIGLU,
-        train={"optimizer": "muon"},
-        note="mean CE, the position bias, SwiGLU; Muon on the blocks' matrices",
-    ),
+    "demask-ce-pb-swiglu-muon": _CE_SWIGLU_MUON,
     "demask-pb-swiglu-muon": replace(
         _POSBIAS,
         layers=_SWIGLU,
-        train={"optimizer": "muon"},
+        train=_MUON,
         note="the MDLM default, SwiGLU; Muon on the blocks' matrices",
     ),
     "demask-ce-pb-swiglu-muon-tied": replace(
-        _CE_POSBIAS,
-        layers=_SWIGLU,
-        net={**_CE_POSBIAS.net, "tie_embedding": True},
-        train={"optimizer": "muon"},
+        _CE_SWIGLU_MUON,
+        net={**_CE_SWIGLU_MUON.net, "tie_embedding": True},
         note="mean CE, the position bias, SwiGLU, tied embeddings; Muon on the blocks' matrices",
     ),
     "demask-ce-pb-swiglu-muon-qknorm": replace(
-        _CE_POSBIAS,
-        layers={**_SWIGLU, "attn_qk_norm": True},
-        train={"optimizer": "muon"},
+        _CE_SWIGLU_MUON,
+        layers={**_CE_SWIGLU_MUON.layers, "attn_qk_norm": True},
         note="mean CE, the position bias, SwiGLU, QK-norm; Muon on the blocks' matrices",
     ),
-    "reference-ce-swiglu-muon": replace(
-        _REFERENCE_CE,
-        layers=_SWIGLU,
-        train={"optimizer": "muon"},
-        note="the reference, mean CE, SwiGLU; Muon on the blocks' matrices",
-    ),
+    "reference-ce-swiglu-muon": _REFERENCE_CE_SWIGLU_MUON,
     "reference-ce-tied": replace(
         _REFERENCE_CE,
         net={"tie_embedding": True},
@@ -357,17 +359,25 @@ ROWS: dict[str, Row] = {
 
 def _muon_rms_sweep() -> dict[str, Row]:
     """Muon's update RMS swept for both libraries' SwiGLU mean-CE rows: `...-muon05` is RMS 0.5."""
-    bases = {"demask-ce-pb-swiglu": (_CE_POSBIAS, "mean CE, the position bias, SwiGLU"),
-             "reference-ce-swiglu": (_REFERENCE_CE, "the reference, mean CE, SwiGLU")}  # fmt: skip
-    sweep = {"demask-ce-pb-swiglu": (0.1, 0.5, 1.0), "reference-ce-swiglu": (0.5, 1.0, 2.0, 4.0)}
+    sweep = {  # row name: (base row, its description, the RMS values)
+        "demask-ce-pb-swiglu": (
+            _CE_SWIGLU_MUON,
+            "mean CE, the position bias, SwiGLU",
+            (0.1, 0.5, 1.0),
+        ),
+        "reference-ce-swiglu": (
+            _REFERENCE_CE_SWIGLU_MUON,
+            "the reference, mean CE, SwiGLU",
+            (0.5, 1.0, 2.0, 4.0),
+        ),
+    }
     return {
         f"{name}-muon{str(rms).replace('.', '')}": replace(
-            bases[name][0],
-            layers=_SWIGLU,
-            train={"optimizer": "muon", "muon_rms": rms},
-            note=f"{bases[name][1]}; Muon (update RMS {rms} lr) on the blocks",
+            base,
+            train={**base.train, "muon_rms": rms},
+            note=f"{what}; Muon (update RMS {rms} lr) on the blocks",
         )
-        for name, values in sweep.items()
+        for name, (base, what, values) in sweep.items()
         for rms in values
     }
 
