@@ -28,12 +28,15 @@ from torch import nn
 
 from benchmarks import harness, objective_rows, quality
 from benchmarks.ablation_inits import INITS, baseline_init
-from benchmarks.ablation_rows import ROWS, Row
+from benchmarks.ablation_rows import ROWS as BASE_ROWS
+from benchmarks.ablation_rows import Row
+from benchmarks.ablation_rows_muon import MUON_ROWS
 from benchmarks.libs import build_net, load
 
 __all__ = ["INITS", "NAME", "ROWS", "Config", "Row", "build", "main", "run_job"]
 
 NAME = "ablation"
+ROWS: dict[str, Row] = {**BASE_ROWS, **MUON_ROWS}
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from demask.model.positions import RelativePositions
+
 
 def baseline_init(net: Any) -> None:
     """demask's initialisation before this ablation (every Linear and Embedding N(0, 0.02),
@@ -144,21 +146,6 @@ def _fan_in_at(gain: float) -> Callable[[Any], None]:
     return init
 
 
-class _RelativeBias(nn.Module):
-    """A learned per-head logit bias of the key's offset from the query, b[h, j - i] (T5-style,
-    unbucketed), shared by the layers; `scale` multiplies a zero-started table so that Adam's
-    steps move it at `scale` times the learning rate."""
-
-    def __init__(self, heads: int, n: int, scale: float):
-        super().__init__()
-        self.n, self.scale = n, scale
-        self.table = nn.Parameter(torch.zeros(heads, 2 * n - 1))
-
-    def forward(self, query_pos: Tensor, key_pos: Tensor) -> Tensor:
-        offset = key_pos[None, :] - query_pos[:, None] + self.n - 1  # (Nq, Nk)
-        return self.table[:, offset] * self.scale  # (H, Nq, Nk)
-
-
 class _AlibiBias(nn.Module):
     """Symmetric ALiBi (Press et al. 2022, arXiv 2108.12409): head h adds -m_h |j - i|, slopes
     started at 2^(-8 (h + 1) / H) and learned (through their logarithm), shared by the layers."""
@@ -181,43 +168,21 @@ def _add_bias(make: Callable[[Any], nn.Module]) -> Callable[[Any], None]:
         if net.abs_pos_attn is None:
             raise ValueError("this row needs the position bias (abs_pos_attn_bias=True)")
         net.extra_bias = make(net)
-        own = net._untied_bias
-        net._untied_bias = lambda q, k: own(q, k) + net.extra_bias(q, k)
+        own = net._pos_bias
+        net._pos_bias = lambda q, k: own(q, k) + net.extra_bias(q, k)
 
     return init
 
 
-class _X0Mix(nn.Module):
-    """Per-block scalars mu_l (started at 0, times `scale`): block l reads x + mu_l * x0, x0 the
-    embeddings entering the layers (modded-nanogpt's skip from the input)."""
-
-    def __init__(self, depth: int, scale: float):
-        super().__init__()
-        self.scale = scale
-        self.mu = nn.Parameter(torch.zeros(depth))
-        self.x0: Tensor | None = None
-
-
 def _x0_mix(net: Any) -> None:
+    """The library's input skip (`Encoder(input_skip=True)`) added to a built net: block l reads
+    x + mu_l x0, mu_l started at 0 (modded-nanogpt's skip from the input)."""
     layers = net.attn_layers
-    mix = _X0Mix(layers.depth, 8.0)
-    net.x0_mix = mix
-
-    def keep_x0(module: nn.Module, args: tuple[Any, ...]) -> None:
-        mix.x0 = args[0]
-
-    layers.register_forward_pre_hook(keep_x0)
-    for i, block in enumerate(layers.blocks):
-
-        def add_x0(module: nn.Module, args: tuple[Any, ...], i: int = i) -> tuple[Any, ...]:
-            assert mix.x0 is not None
-            return (args[0] + mix.mu[i] * mix.scale * mix.x0, *args[1:])
-
-        block.register_forward_pre_hook(add_x0)
+    layers.input_skip = nn.Parameter(torch.zeros(layers.depth))
 
 
 INITS: dict[str, Callable[[Any], None]] = {
-    "rel_bias": _add_bias(lambda net: _RelativeBias(net.attn_layers.heads, net.max_seq_len, 8.0)),
+    "rel_bias": _add_bias(lambda net: RelativePositions(net.attn_layers.heads, net.max_seq_len)),
     "alibi": _add_bias(lambda net: _AlibiBias(net.attn_layers.heads)),
     "x0_mix": _x0_mix,
     "fan_in_1": _fan_in_at(1.0),

@@ -78,22 +78,7 @@ _COMBO_INIT = ("resid_zero", "rel_bias", "x0_mix")
 # dim x (8/3) dim hold as many weights as the plain MLP's two of dim x 4 dim
 _SWIGLU = {"ff_glu": True, "ff_swish": True, "ff_mult": 8 / 3}
 
-# both libraries' best recipe so far: mean CE, SwiGLU, Muon on the blocks' matrices (RMS 0.2)
-_MUON = {"optimizer": "muon"}
-_CE_SWIGLU_MUON = replace(
-    _CE_POSBIAS,
-    layers=_SWIGLU,
-    train=_MUON,
-    note="mean CE, the position bias, SwiGLU; Muon on the blocks' matrices",
-)
-_REFERENCE_CE_SWIGLU_MUON = replace(
-    _REFERENCE_CE,
-    layers=_SWIGLU,
-    train=_MUON,
-    note="the reference, mean CE, SwiGLU; Muon on the blocks' matrices",
-)
-
-ROWS: dict[str, Row] = {
+ROWS: dict[str, Row] = {  # with Muon: benchmarks.ablation_rows_muon
     "reference-ce": _REFERENCE_CE,
     "demask-mdlm-time": Row(estimator="time", note="MDLM, time t ~ U, Bernoulli masks, 1/t weight"),
     "demask-mdlm-count": Row(estimator="count", note="MDLM, uniform exact count, row-mean CE"),
@@ -195,24 +180,6 @@ ROWS: dict[str, Row] = {
         layers=_SWIGLU,
         note="the reference, mean CE, a SwiGLU feed-forward of the same parameter count",
     ),
-    "demask-ce-pb-swiglu-muon": _CE_SWIGLU_MUON,
-    "demask-pb-swiglu-muon": replace(
-        _POSBIAS,
-        layers=_SWIGLU,
-        train=_MUON,
-        note="the MDLM default, SwiGLU; Muon on the blocks' matrices",
-    ),
-    "demask-ce-pb-swiglu-muon-tied": replace(
-        _CE_SWIGLU_MUON,
-        net={**_CE_SWIGLU_MUON.net, "tie_embedding": True},
-        note="mean CE, the position bias, SwiGLU, tied embeddings; Muon on the blocks' matrices",
-    ),
-    "demask-ce-pb-swiglu-muon-qknorm": replace(
-        _CE_SWIGLU_MUON,
-        layers={**_CE_SWIGLU_MUON.layers, "attn_qk_norm": True},
-        note="mean CE, the position bias, SwiGLU, QK-norm; Muon on the blocks' matrices",
-    ),
-    "reference-ce-swiglu-muon": _REFERENCE_CE_SWIGLU_MUON,
     "reference-ce-tied": replace(
         _REFERENCE_CE,
         net={"tie_embedding": True},
@@ -355,31 +322,3 @@ ROWS: dict[str, Row] = {
         note="count, scaled resid, sinusoid-initialised positions",
     ),
 }
-
-
-def _muon_rms_sweep() -> dict[str, Row]:
-    """Muon's update RMS swept for both libraries' SwiGLU mean-CE rows: `...-muon05` is RMS 0.5."""
-    sweep = {  # row name: (base row, its description, the RMS values)
-        "demask-ce-pb-swiglu": (
-            _CE_SWIGLU_MUON,
-            "mean CE, the position bias, SwiGLU",
-            (0.1, 0.5, 1.0),
-        ),
-        "reference-ce-swiglu": (
-            _REFERENCE_CE_SWIGLU_MUON,
-            "the reference, mean CE, SwiGLU",
-            (0.5, 1.0, 2.0, 4.0),
-        ),
-    }
-    return {
-        f"{name}-muon{str(rms).replace('.', '')}": replace(
-            base,
-            train={**base.train, "muon_rms": rms},
-            note=f"{what}; Muon (update RMS {rms} lr) on the blocks",
-        )
-        for name, (base, what, values) in sweep.items()
-        for rms in values
-    }
-
-
-ROWS.update(_muon_rms_sweep())

@@ -24,7 +24,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from demask.objectives.masked import MaskedObjective, augment_masked, count_masks, masked_loss
+from demask.objectives.masked import (
+    MaskedObjective,
+    augment_masked,
+    bell_mass,
+    count_masks,
+    masked_loss,
+)
 
 
 @dataclass(frozen=True)
@@ -75,8 +81,58 @@ def _repeat_first_half(model: nn.Module) -> None:
     model.forward = paired  # type: ignore[method-assign]
 
 
+@dataclass(frozen=True)
+class AnnealedVariant:
+    """The NELBO reached by a ramp (issue 11, item 3): each mask level k of F gets the weight
+    w(k) = (1 - lam) 2k / (F + 1) + lam (mean 1 over k), lam = min(1, progress / ramp_end), so
+    training starts on mean CE's weighting (a level counts k times) and ends on the NELBO's
+    (every level alike). Counts k ~ w(k) k^-1/2 (the default's k^-1/2 at lam = 1), importance
+    weights w(k) / (F q(k)): an unbiased estimate of the lam-weighted loss at every step."""
+
+    base: MaskedObjective
+    lam: float
+
+    def nelbo(self, *args: Any, **kwargs: Any) -> Tensor:
+        return self.base.nelbo(*args, **kwargs)
+
+    def _level_weight(self, k: Tensor, f: Tensor) -> Tensor:
+        return (1 - self.lam) * 2 * k / (f + 1) + self.lam
+
+    def __call__(self, x: Tensor, cond: Tensor, predict: Any) -> tuple[Tensor, ...]:
+        b, n = x.shape
+        fillable = ~cond
+        f = fillable.sum(-1).double()
+        if bool((f != f[0]).any()):
+            raise ValueError("the annealed variant needs every row to have as many fillable tokens")
+        mask, counts, weights = count_masks(
+            fillable, mass=lambda k: self._level_weight(k, f[0]) * k**-0.5
+        )
+        weights = weights * self._level_weight(counts.double(), f)
+        o = self.base
+        inp = augment_masked(x, mask, mask_id=o.mask_id, num_tokens=o.num_tokens,
+                             no_replace_prob=o.no_replace_prob,
+                             random_token_prob=o.random_token_prob)  # fmt: skip
+        ce, logits, rows, cols = predict(inp, mask)
+        return masked_loss(ce, rows, b, f, weights, counts), logits, rows, cols
+
+
+def _install_annealed(ramp_end: float, model: nn.Module) -> None:
+    """The model's objective follows `model.train_progress` (0..1, set by the harness's loop)."""
+    make_base: Callable[[], MaskedObjective] = model._objective  # type: ignore[assignment]
+    model.train_progress = 0.0  # type: ignore[assignment]
+
+    def objective() -> AnnealedVariant:
+        lam = min(1.0, float(model.train_progress) / ramp_end)  # type: ignore[arg-type]
+        return AnnealedVariant(make_base(), lam)
+
+    setattr(model, "_objective", objective)  # noqa: B010
+
+
 def install(name: str, model: nn.Module) -> None:
     """Replace `model`'s training objective by the variant `name` (a key of VARIANTS)."""
+    if name in ANNEALED:
+        _install_annealed(ANNEALED[name], model)
+        return
     mass, weighted, complementary = VARIANTS[name]
     make_base: Callable[[], MaskedObjective] = model._objective  # type: ignore[assignment]
 
@@ -92,17 +148,14 @@ def _power(p: float) -> Callable[[Tensor], Tensor]:
     return lambda k: k**-p
 
 
-def _bell(k: Tensor) -> Tensor:
-    """q(k) ~ r (1 - r) + 1/N at the mask rate r = k / N: mostly half-masked windows."""
-    r = k / len(k)
-    return r * (1 - r) + 1 / len(k)
-
-
 # name -> (q over counts, importance-weighted, complementary pairs)
 VARIANTS: dict[str, tuple[Callable[[Tensor], Tensor], bool, bool]] = {
     "unweighted_pm1": (_power(-1.0), False, False),
     "unweighted_pm2": (_power(-2.0), False, False),
-    "unweighted_bell": (_bell, False, False),
+    "unweighted_bell": (bell_mass, False, False),
     "complementary": (_power(0.5), True, True),
     "complementary_p0": (_power(0.0), True, True),
 }
+
+# name -> the fraction of training at which the weighting reaches the NELBO's
+ANNEALED: dict[str, float] = {"anneal_50": 0.5, "anneal_100": 1.0}

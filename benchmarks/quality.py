@@ -204,6 +204,8 @@ def train(model: nn.Module, cfg: Config, train_ds: Any, get_batch: Any) -> dict[
     start = time.perf_counter()
     for step in range(cfg.steps):
         x = get_batch(train_ds, step=step, batch_size=cfg.batch, seed=cfg.seed)  # (B, N)
+        if hasattr(model, "train_progress"):  # an annealed ablation objective reads it
+            setattr(model, "train_progress", step / cfg.steps)  # noqa: B010
         loss = _loss(model, x)
         opt.zero_grad(set_to_none=True)
         loss.backward()

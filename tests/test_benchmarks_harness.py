@@ -351,13 +351,22 @@ def test_ablation_smoke_one_record_per_row_and_seed(tmp_path, capsys):
     x = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(0))
     base = ablation.build(ablation.ROWS["demask-is-posbias"], cfg).net
     for name, added, same in (("rel", "extra_bias", True), ("alibi", "extra_bias", False),
-                              ("x0", "x0_mix", True)):  # fmt: skip
+                              ("x0", "attn_layers", True)):  # fmt: skip
         net = ablation.build(ablation.ROWS[f"demask-pb-{name}"], cfg).net
         logits = net(x)
         assert torch.equal(logits, base(x)) == same, name
         logits.logsumexp(-1).sum().backward()
-        grads = [p.grad for p in getattr(net, added).parameters()]
+        added_params = ([net.attn_layers.input_skip] if added == "attn_layers"
+                        else list(getattr(net, added).parameters()))  # fmt: skip
+        grads = [p.grad for p in added_params]
         assert grads and all(g is not None and bool(g.abs().sum() > 0) for g in grads), name
+    # the library's recipe options compute what the ablation's modules and bell objective did
+    losses = []
+    for name in ("demask-ce-recipe-swiglu-muon01", "demask-pb-bell-combo-swiglu-muon01"):
+        model = ablation.build(ablation.ROWS[name], cfg)
+        torch.manual_seed(3)
+        losses.append(model(x).loss)
+    assert torch.equal(losses[0], losses[1])
 
 
 def test_positions_smoke_one_record_per_row_and_source(tmp_path, capsys):

@@ -104,8 +104,12 @@ def test_every_option_reaches_the_built_model():
         attn_kv_heads=2, attn_qk_norm=True, ff_glu=True, ff_swish=True, use_rmsnorm=True,
         rotary_pos_emb=True, rotary_emb_dim=4, emb_dim=8, post_emb_norm=True,
         self_token_critic=True, critic_loss_weight=0.5, steps=5, schedule="cosine",
+        zero_init_branch_output=True, input_skip=True, rel_pos_attn_bias=True,
+        use_simple_mdlm_loss_weight=False, train_masking="bell",
     )  # fmt: skip
     model = build_model(cfg)
+    assert model.net.attn_layers.zero_init_branch_output and model.net.rel_pos_attn is not None
+    assert model.net.attn_layers.input_skip is not None and model.train_masking == "bell"
     layers = model.net.attn_layers
     attn = [m for m in model.modules() if isinstance(m, Attention)]
     assert attn and all(a.kv_heads == 2 and a.dim_head == 8 and a.qk_norm for a in attn)
@@ -167,7 +171,7 @@ def test_format_2_keeps_the_positions_it_built():
     only; version 3's default adds an attention bias, so the migration says False."""
     model = ModelConfig(**tiny_model("masked"))
     payload = json.loads(configs_to_json(model))
-    assert payload["format_version"] == CONFIG_FORMAT_VERSION == 5
+    assert payload["format_version"] == CONFIG_FORMAT_VERSION == 6
     del payload["model"]["abs_pos_attn_bias"]
     payload["format_version"] = 2
     old, _ = configs_from_json(json.dumps(payload))
@@ -206,6 +210,22 @@ def test_format_4_trained_with_adamw():
     payload["format_version"] = 4
     _, old = configs_from_json(json.dumps(payload))
     assert old == dataclasses.replace(train, optimizer="adamw", muon_momentum=0.95, muon_rms=0.2)
+
+
+def test_format_5_built_without_the_recipe_options():
+    """Version 5 had no zero-started outputs, input skip, relative bias or bell masking: its
+    configs load with them off, as those nets were built and trained."""
+    model = ModelConfig(**tiny_model("masked"), zero_init_branch_output=True, input_skip=True,
+                        rel_pos_attn_bias=True, use_simple_mdlm_loss_weight=False,
+                        train_masking="bell")  # fmt: skip
+    payload = json.loads(configs_to_json(model))
+    assert configs_from_json(json.dumps(payload))[0] == model  # round trip
+    for key in ("zero_init_branch_output", "input_skip", "rel_pos_attn_bias", "train_masking"):
+        del payload["model"][key]
+    payload["format_version"] = 5
+    old, _ = configs_from_json(json.dumps(payload))
+    assert old == dataclasses.replace(model, zero_init_branch_output=False, input_skip=False,
+                                      rel_pos_attn_bias=False, train_masking="schedule")  # fmt: skip
 
 
 def test_a_format_1_run_folder_loads_its_model_and_resumes(tmp_path):

@@ -46,7 +46,7 @@ def test_the_mimetic_start_is_a_symmetric_kernel_that_falls_with_the_offset():
                              attn_layers=Encoder(dim=64, depth=1, heads=2))  # fmt: skip
     assert net.abs_pos_attn is not None
     pos = torch.arange(32)
-    bias = net._untied_bias(pos, pos).detach()  # (H, N, N)
+    bias = net._pos_bias(pos, pos).detach()  # (H, N, N)
     torch.testing.assert_close(bias, bias.transpose(-1, -2))  # U_k = U_q at the start
     # mean bias at offsets 0, 1, 2, 4, 8, 16: falling, in every head (attention starts local)
     by_offset = torch.stack([bias.diagonal(o, -2, -1).mean(-1) for o in (0, 1, 2, 4, 8, 16)])

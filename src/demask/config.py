@@ -92,6 +92,9 @@ class ModelConfig:
     rotary_pos_emb: bool = seed_default(_LAYERS, "rotary_pos_emb")  # rotary positions
     rotary_emb_dim: int | None = seed_default(_LAYERS, "rotary_emb_dim")  # rotated channels
     attn_z_loss_weight: float = seed_default(_LAYERS, "attn_z_loss_weight")  # with add_attn_z_loss
+    # the blocks' residual-stream outputs start at zero
+    zero_init_branch_output: bool = seed_default(_LAYERS, "zero_init_branch_output")
+    input_skip: bool = seed_default(_LAYERS, "input_skip")  # block l reads x + mu_l x0
     # --- the backbone: TransformerWrapper ---
     emb_dim: int | None = seed_default(_NET, "emb_dim")  # token embedding width (None: dim)
     emb_dropout: float = seed_default(_NET, "emb_dropout")  # dropout on the input embeddings
@@ -100,6 +103,8 @@ class ModelConfig:
     post_emb_norm: bool = seed_default(_NET, "post_emb_norm")  # normalise the embeddings
     # absolute positions also as an attention bias (None: for an Encoder, not for a Decoder)
     abs_pos_attn_bias: bool | None = seed_default(_NET, "abs_pos_attn_bias")
+    # (masked) a learned bias of the key's offset from the query on the attention logits
+    rel_pos_attn_bias: bool = seed_default(_NET, "rel_pos_attn_bias")
     add_continuous_pred_head: bool = seed_default(_NET, "add_continuous_pred_head")  # (AR)
     # --- (masked) NonAutoregressiveWrapper ---
     mask_id: int | None = None  # id of the mask token; None -> num_tokens (an extra embedding)
@@ -120,6 +125,8 @@ class ModelConfig:
     use_simple_mdlm_loss_weight: bool = seed_default(_MASKED, "use_simple_mdlm_loss_weight")
     cond_drop_prob: float = seed_default(_MASKED, "cond_drop_prob")  # rows without condition
     cond_prefix_len: int = seed_default(_MASKED, "cond_prefix_len")  # leading condition tokens
+    # how mean-CE training masks: schedule (a time, Bernoulli masks) | bell (counts, row means)
+    train_masking: str = seed_default(_MASKED, "train_masking")
     # --- (AR) AutoregressiveWrapper ---
     ignore_index: int = seed_default(_AR, "ignore_index")  # target id left out of the loss
     pad_value: int = seed_default(_AR, "pad_value")  # written after EOS, left-pads prompts

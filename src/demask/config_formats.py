@@ -12,7 +12,9 @@ from typing import Any
 # `abs_pos_attn_bias`, whose default (None) changed what an Encoder with absolute positions builds.
 # Version 4: the same default gives a rotary Encoder the bias as well. Version 5 added the training
 # optimiser (`optimizer`, `muon_momentum`, `muon_rms`); every earlier run trained with AdamW.
-CONFIG_FORMAT_VERSION = 5
+# Version 6 added `zero_init_branch_output`, `input_skip`, `rel_pos_attn_bias` and
+# `train_masking`; every earlier net was built, and trained, without them.
+CONFIG_FORMAT_VERSION = 6
 
 # format version 1: the model fields, and what it built for the options it did not record
 V1_MODEL_FIELDS = (
@@ -82,10 +84,25 @@ def _migrate_v4(payload: dict[str, Any]) -> dict[str, Any]:
     return {**payload, "train": train, "format_version": 5}
 
 
+def _migrate_v5(payload: dict[str, Any]) -> dict[str, Any]:
+    """Format 5 -> 6: the options version 5 did not have, as it built and trained every net."""
+    model = payload.get("model")
+    if isinstance(model, dict):
+        model = {**V5_IMPLIED, **model}
+    return {**payload, "model": model, "format_version": 6}
+
+
+V5_IMPLIED: dict[str, Any] = {
+    "zero_init_branch_output": False, "input_skip": False, "rel_pos_attn_bias": False,
+    "train_masking": "schedule",
+}  # fmt: skip
+
+
 # format version v -> the function that turns a payload of version v into one of version v + 1
 MIGRATIONS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {
     1: _migrate_v1,
     2: _migrate_v2,
     3: _migrate_v3,
     4: _migrate_v4,
+    5: _migrate_v5,
 }

@@ -13,6 +13,8 @@ from demask.model.intermediates import Intermediates
 from demask.model.kv_cache import KVCache, LayerCache
 from demask.model.layers import Block, Norm, Positions, Record, Rotary
 
+INPUT_SKIP_SCALE = 8.0  # `input_skip`'s mu_l = INPUT_SKIP_SCALE * its stored value
+
 
 class AttentionLayers(nn.Module):
     """A stack of `depth` blocks. Use `Encoder` (bidirectional) or `Decoder` (causal).
@@ -32,6 +34,13 @@ class AttentionLayers(nn.Module):
       rotary_emb_dim=None                channels rotated per head (default: all of attn_dim_head)
       cross_attend=False                 cross-attention to `context` in every block
       attn_z_loss_weight=1e-4            weight of the attention z-loss when it is asked for
+      zero_init_branch_output=False      the projections that write into the residual stream start
+                                         at zero: every block starts as the identity
+      input_skip=False                   block l reads x + mu_l x0, x0 the layers' input, mu_l
+                                         learned per block and started at 0 (the skip from the
+                                         embeddings of modded-nanogpt; demask's own option)
+    The last two are part of the best masked recipe at the quality benchmark's budget
+    (benchmarks/RESULTS.md, "The ablation's three modules in the library").
     """
 
     causal: bool = False
@@ -56,6 +65,8 @@ class AttentionLayers(nn.Module):
         rotary_emb_dim: int | None = None,
         cross_attend: bool = False,
         attn_z_loss_weight: float = 1e-4,
+        zero_init_branch_output: bool = False,
+        input_skip: bool = False,
         **kwargs: Any,
     ):
         super().__init__()
@@ -78,6 +89,10 @@ class AttentionLayers(nn.Module):
         rotary, rotary_dim, cross = rotary_pos_emb, rotary_emb_dim, cross_attend
         self.attn_z_loss_weight = check_float("attn_z_loss_weight", attn_z_loss_weight, min=0.0)
         reject_unknown_kwargs(type(self).__name__, kwargs)
+        for name, value in (("zero_init_branch_output", zero_init_branch_output),
+                            ("input_skip", input_skip)):  # fmt: skip
+            if not isinstance(value, bool):
+                raise TypeError(f"{name} must be a bool, got {value!r}")
         check_int("attn_dim_head", cfg["attn_dim_head"], min=1)
         check_int("attn_kv_heads", cfg["attn_kv_heads"], min=1, max=heads)
         if heads % cfg["attn_kv_heads"]:
@@ -98,6 +113,9 @@ class AttentionLayers(nn.Module):
             Block(dim, cfg, causal=self.causal, cross=self.cross_attend) for _ in range(depth)
         )
         self.final_norm = Norm(dim, cfg["use_rmsnorm"])
+        self.zero_init_branch_output = zero_init_branch_output  # read by demask.model.init
+        # mu_l stored at 1 / INPUT_SKIP_SCALE of its use, so AdamW moves it that much faster
+        self.input_skip = nn.Parameter(torch.zeros(depth)) if input_skip else None
 
     @property
     def rotary_pos_emb(self) -> bool:
@@ -132,7 +150,10 @@ class AttentionLayers(nn.Module):
                 key_pos = kv_cache.slot_pos[:read_slots].clamp(min=0)
         bias = pos_bias(key_pos) if pos_bias is not None else None
         positions = Positions(self.rotary, rot, bias)
-        for block, layer_cache in zip(self.blocks, layer_caches):
+        x0 = x
+        for i, (block, layer_cache) in enumerate(zip(self.blocks, layer_caches)):
+            if self.input_skip is not None:
+                x = x + (self.input_skip[i] * INPUT_SKIP_SCALE).to(x.dtype) * x0
             if inter is not None:
                 inter.hiddens.append(x)
             x = block(x, positions, key_mask, context, context_mask, layer_cache, record)

@@ -69,3 +69,27 @@ class UntiedPositions(nn.Module):
         """p_query (…, Nq, E), p_key (…, Nk, E) -> logit bias (…, H, Nq, Nk)."""
         q, k = self._project(p_query, 0), self._project(p_key, 1)
         return (q @ k.transpose(-1, -2)) / math.sqrt(self.pos_dim)
+
+
+# the relative table is stored at this fraction of its use, so that AdamW moves the bias
+# REL_BIAS_SCALE times faster than the weights (the ablation's start: benchmarks/RESULTS.md)
+REL_BIAS_SCALE = 8.0
+
+
+class RelativePositions(nn.Module):
+    """A learned attention-logit bias of the key's offset from the query, per head, shared by the
+    layers (Shaw et al. 2018; T5's, without buckets): b[h, j - i] for offsets within
+    +-(max_len - 1), the farthest entry beyond. Starts at zero (the net computes what it would
+    without it)."""
+
+    def __init__(self, heads: int, max_len: int):
+        super().__init__()
+        self.max_len = max_len
+        self.table = nn.Parameter(torch.zeros(heads, 2 * max_len - 1))
+
+    def forward(self, query_pos: Tensor, key_pos: Tensor) -> Tensor:
+        """query_pos (…, Nq), key_pos (…, Nk) -> logit bias (…, H, Nq, Nk)."""
+        offset = key_pos.unsqueeze(-2) - query_pos.unsqueeze(-1)  # (…, Nq, Nk)
+        idx = offset.clamp(1 - self.max_len, self.max_len - 1) + self.max_len - 1
+        bias = self.table[:, idx] * REL_BIAS_SCALE  # (H, …, Nq, Nk)
+        return bias.movedim(0, -3)

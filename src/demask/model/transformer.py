@@ -18,7 +18,7 @@ from demask.model.init import init_weights
 from demask.model.intermediates import Intermediates, resume
 from demask.model.kv_cache import KVCache
 from demask.model.layers import Linear, Norm
-from demask.model.positions import ADDED_SCALE, UntiedPositions
+from demask.model.positions import ADDED_SCALE, RelativePositions, UntiedPositions
 
 __all__ = ["AttentionLayers", "Decoder", "Encoder", "TransformerWrapper"]
 
@@ -58,6 +58,11 @@ class TransformerWrapper(nn.Module):
         small budget, and the bias improves a rotary Encoder too (benchmarks/RESULTS.md);
         checkpoints from before config format 3 (4 for rotary layers) load with False, as they
         were trained.
+      rel_pos_attn_bias: a learned bias of the key's offset from the query on every attention
+        logit, per head, shared by the layers (`demask.model.positions.RelativePositions`; offsets
+        beyond +-(max_seq_len - 1) share the last entry). Bidirectional layers only; off by
+        default. Part of the best masked recipe at the quality benchmark's budget
+        (benchmarks/RESULTS.md, "The ablation's three modules in the library").
       logits_dim: output width (default num_tokens; 1 for a token critic).
       add_continuous_pred_head: a linear head predicting the next token's embedding.
       post_emb_norm: normalise the embeddings before the layers.
@@ -77,12 +82,15 @@ class TransformerWrapper(nn.Module):
         add_continuous_pred_head: bool = False,
         post_emb_norm: bool = False,
         abs_pos_attn_bias: bool | None = None,
+        rel_pos_attn_bias: bool = False,
         **kwargs: Any,
     ):
         super().__init__()
         reject_unknown_kwargs("TransformerWrapper", kwargs)
         if abs_pos_attn_bias is not None and not isinstance(abs_pos_attn_bias, bool):
             raise TypeError(f"abs_pos_attn_bias must be a bool or None, got {abs_pos_attn_bias!r}")
+        if not isinstance(rel_pos_attn_bias, bool):
+            raise TypeError(f"rel_pos_attn_bias must be a bool, got {rel_pos_attn_bias!r}")
         check_int("num_tokens", num_tokens, min=1)
         check_int("max_seq_len", max_seq_len, min=1)
         if not isinstance(attn_layers, AttentionLayers):
@@ -117,6 +125,10 @@ class TransformerWrapper(nn.Module):
                 "use_abs_pos_emb=False: pass use_abs_pos_emb=True, or abs_pos_attn_bias=None or "
                 "False for a net without absolute positions"
             )
+        if rel_pos_attn_bias and attn_layers.causal:
+            raise ValueError(
+                "rel_pos_attn_bias=True needs bidirectional layers (an Encoder), got a Decoder"
+            )
         biased = use_abs_pos_emb and (
             (not attn_layers.causal) if abs_pos_attn_bias is None else abs_pos_attn_bias
         )
@@ -128,6 +140,9 @@ class TransformerWrapper(nn.Module):
         )
         self.abs_pos_attn = (
             UntiedPositions(emb_dim, attn_layers.heads, attn_layers.dim_head) if biased else None
+        )
+        self.rel_pos_attn = (
+            RelativePositions(attn_layers.heads, max_seq_len) if rel_pos_attn_bias else None
         )
         self.post_emb_norm = Norm(emb_dim) if post_emb_norm else None
         self.emb_dropout = nn.Dropout(emb_dropout) if emb_dropout > 0 else None
@@ -200,15 +215,24 @@ class TransformerWrapper(nn.Module):
 
     def _layers(self, h: Tensor, pos: Tensor, **kwargs: Any) -> Tensor:
         """The attention layers on embeddings h (B, N, dim) at positions pos, with this net's
-        positional logit bias when its absolute positions give one."""
-        bias = None if self.abs_pos_attn is None else partial(self._untied_bias, pos)
+        positional logit bias when it has one (absolute positions', relative offsets', or both)."""
+        has_bias = self.abs_pos_attn is not None or self.rel_pos_attn is not None
+        bias = partial(self._pos_bias, pos) if has_bias else None
         return self.attn_layers(h, pos, pos_bias=bias, **kwargs)
 
-    def _untied_bias(self, query_pos: Tensor, key_pos: Tensor) -> Tensor:
-        assert self.abs_pos_emb is not None and self.abs_pos_attn is not None
-        p_query = self.abs_pos_emb(query_pos)
-        p_key = p_query if key_pos is query_pos else self.abs_pos_emb(key_pos)  # no cache: same
-        return self.abs_pos_attn(p_query, p_key)
+    def _pos_bias(self, query_pos: Tensor, key_pos: Tensor) -> Tensor:
+        """(…, H, Nq, Nk): the absolute positions' untied term plus the relative offsets' bias."""
+        bias = None
+        if self.abs_pos_attn is not None:
+            assert self.abs_pos_emb is not None
+            p_query = self.abs_pos_emb(query_pos)
+            p_key = p_query if key_pos is query_pos else self.abs_pos_emb(key_pos)  # no cache
+            bias = self.abs_pos_attn(p_query, p_key)
+        if self.rel_pos_attn is not None:
+            rel = self.rel_pos_attn(query_pos, key_pos)
+            bias = rel if bias is None else bias + rel
+        assert bias is not None
+        return bias
 
     def _check_call(
         self, x: Tensor, mask: Tensor | None, cache: KVCache | None, context: Tensor | None

@@ -28,7 +28,9 @@ from demask.schedules import Schedule
 
 __all__ = [
     "MaskedObjective",
+    "TRAIN_MASKINGS",
     "augment_masked",
+    "bell_mass",
     "count_masks",
     "discrete_step_weight",
     "draw_masks",
@@ -162,6 +164,21 @@ def draw_counts(
     return counts, mass[(counts - 1).clamp_min(0)] / total
 
 
+def bell_mass(levels: Tensor) -> Tensor:
+    """q(k) ~ r (1 - r) + 1/N at the mask rate r = k / N of the counts 1..N (float64): mostly
+    half-masked rows, every count possible (the bell-shaped rates of Hong et al. 2026,
+    arXiv 2605.13026)."""
+    r = levels / len(levels)
+    return r * (1 - r) + 1 / len(levels)
+
+
+# how mean-CE training (use_simple_mdlm_loss_weight=False) masks: "schedule": a stratified time
+# and Bernoulli(m(t)) masks, the loss the mean CE over every masked token of the batch (MaskGIT);
+# "bell": an exact count per row drawn from `bell_mass`, the loss the mean over rows of the row's
+# mean CE (no importance weights: not a NELBO estimate)
+TRAIN_MASKINGS = ("schedule", "bell")
+
+
 def masks_of_counts(
     fillable: Tensor, counts: Tensor, *, generator: torch.Generator | None = None
 ) -> Tensor:
@@ -213,7 +230,8 @@ class MaskedObjective:
     Built by `NonAutoregressiveWrapper` from its settings on every call. `mdlm` (the seed's
     use_simple_mdlm_loss_weight): the MDLM NELBO estimate, by exact mask counts (`estimator`
     "count", `count_masks` with `count_power`) or by a time and Bernoulli masks ("time", weight
-    m'(t)/m(t)); otherwise MaskGIT's mean cross-entropy over masked positions.
+    m'(t)/m(t)); otherwise MaskGIT's mean cross-entropy over masked positions, masked as
+    `train_masking` says (`TRAIN_MASKINGS`).
     """
 
     schedule: Schedule
@@ -225,6 +243,7 @@ class MaskedObjective:
     mdlm: bool
     estimator: str = "count"
     count_power: float = 0.5
+    train_masking: str = "schedule"
 
     def __call__(
         self, x: Tensor, cond: Tensor, predict: Predict
@@ -235,6 +254,8 @@ class MaskedObjective:
         counts = t = weight = None
         if self.mdlm and self.estimator == "count":
             mask, counts, weight = count_masks(~cond, power=self.count_power)
+        elif not self.mdlm and self.train_masking == "bell":
+            mask, counts, _ = count_masks(~cond, mass=bell_mass)  # unweighted row means
         else:
             t = stratified_times(b, device=x.device)  # (B,)
             mask = draw_masks(self.schedule.mask_ratio(t), (b, n), device=x.device) & ~cond

@@ -24,7 +24,7 @@ from demask.decoding.masked import demask
 from demask.denoiser import critic_logits, self_cond_embeds
 from demask.model import TransformerWrapper
 from demask.modes import eval_mode
-from demask.objectives.masked import MaskedObjective
+from demask.objectives.masked import TRAIN_MASKINGS, MaskedObjective
 from demask.samplers import MaskedSampler, RevealRule, get_rule, sample_categorical
 from demask.schedules import SCHEDULES, CallableSchedule, Schedule, get_schedule
 from demask.wrappers.masked_contract import MaskedContract
@@ -68,6 +68,15 @@ class NonAutoregressiveWrapper(MaskedContract):
       use_simple_mdlm_loss_weight: the MDLM loss (Sahoo et al. 2024,
         https://arxiv.org/abs/2406.07524), an unbiased NELBO estimate in nats per token when the
         augmentation is off; False: MaskGIT's mean cross-entropy over masked positions.
+
+    demask's own:
+      cond_drop_prob, cond_prefix_len: classifier-free guidance's condition dropout, and the
+        leading positions that are a condition (see `forward`).
+      train_masking: how mean-CE training (use_simple_mdlm_loss_weight=False) masks. "schedule"
+        (default): a time and Bernoulli masks, the seed's. "bell": an exact count per row, mostly
+        half-masked rows (`demask.objectives.masked.bell_mass`), the mean of the rows' mean CE;
+        part of the best masked recipe at the quality benchmark's budget (benchmarks/RESULTS.md,
+        "The ablation's three modules in the library").
     """
 
     # How the MDLM loss (use_simple_mdlm_loss_weight=True) is estimated in training. "count": an
@@ -99,6 +108,7 @@ class NonAutoregressiveWrapper(MaskedContract):
         use_simple_mdlm_loss_weight: bool = True,
         cond_drop_prob: float = 0.0,
         cond_prefix_len: int = 0,
+        train_masking: str = "schedule",
     ):
         super().__init__()
         self.net = net
@@ -127,6 +137,12 @@ class NonAutoregressiveWrapper(MaskedContract):
         self.cond_prefix_len = check_int(
             "cond_prefix_len", cond_prefix_len, min=0, max=self.max_seq_len - 1
         )
+        self.train_masking = check_choice("train_masking", train_masking, TRAIN_MASKINGS)
+        if self.train_masking != "schedule" and self.use_simple_mdlm_loss_weight:
+            raise ValueError(
+                f"train_masking={train_masking!r} is for mean-CE training "
+                "(use_simple_mdlm_loss_weight=False); the MDLM loss draws its own mask counts"
+            )
         if token_critic is not None and self_token_critic:
             raise ValueError("pass either token_critic or self_token_critic=True, not both")
 
@@ -213,7 +229,7 @@ class NonAutoregressiveWrapper(MaskedContract):
         return MaskedObjective(
             self.schedule, self.mask_id, self.num_tokens, self.no_replace_prob,
             self.random_token_prob, self.cond_drop_prob, self.use_simple_mdlm_loss_weight,
-            self.mdlm_estimator, self.mdlm_count_power,
+            self.mdlm_estimator, self.mdlm_count_power, self.train_masking,
         )  # fmt: skip
 
     def _critic_loss(

@@ -1,0 +1,132 @@
+"""The ablation's rows trained with Muon on the blocks' matrices (issue 11), on the bases of
+`benchmarks.ablation_rows`; `benchmarks.ablation` merges them into its `ROWS`."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from benchmarks.ablation_rows import (
+    _CE_POSBIAS,
+    _COMBO_INIT,
+    _POSBIAS,
+    _REFERENCE_CE,
+    _SWIGLU,
+    Row,
+)
+
+# both libraries' best recipe so far: mean CE, SwiGLU, Muon on the blocks' matrices (RMS 0.2)
+_MUON = {"optimizer": "muon"}
+_CE_SWIGLU_MUON = replace(
+    _CE_POSBIAS,
+    layers=_SWIGLU,
+    train=_MUON,
+    note="mean CE, the position bias, SwiGLU; Muon on the blocks' matrices",
+)
+_REFERENCE_CE_SWIGLU_MUON = replace(
+    _REFERENCE_CE,
+    layers=_SWIGLU,
+    train=_MUON,
+    note="the reference, mean CE, SwiGLU; Muon on the blocks' matrices",
+)
+
+MUON_ROWS: dict[str, Row] = {
+    "demask-ce-pb-swiglu-muon": _CE_SWIGLU_MUON,
+    "demask-pb-swiglu-muon": replace(
+        _POSBIAS,
+        layers=_SWIGLU,
+        train=_MUON,
+        note="the MDLM default, SwiGLU; Muon on the blocks' matrices",
+    ),
+    "demask-ce-pb-swiglu-muon-tied": replace(
+        _CE_SWIGLU_MUON,
+        net={**_CE_SWIGLU_MUON.net, "tie_embedding": True},
+        note="mean CE, the position bias, SwiGLU, tied embeddings; Muon on the blocks' matrices",
+    ),
+    "demask-ce-pb-swiglu-muon-qknorm": replace(
+        _CE_SWIGLU_MUON,
+        layers={**_CE_SWIGLU_MUON.layers, "attn_qk_norm": True},
+        note="mean CE, the position bias, SwiGLU, QK-norm; Muon on the blocks' matrices",
+    ),
+    "demask-ce-pb-combo-swiglu-muon01": replace(
+        _CE_SWIGLU_MUON,
+        init=_COMBO_INIT,
+        train={**_MUON, "muon_rms": 0.1},
+        note="mean CE, the position bias, SwiGLU, zero outputs, a relative bias and the x0 skip; "
+        "Muon (RMS 0.1) on the blocks",
+    ),
+    "demask-pb-bell-combo-swiglu-muon01": replace(
+        _POSBIAS,
+        objective="unweighted_bell",
+        init=_COMBO_INIT,
+        layers=_SWIGLU,
+        train={**_MUON, "muon_rms": 0.1},
+        note="the bell weighting, the position bias, SwiGLU, zero outputs, a relative bias and "
+        "the x0 skip; Muon (RMS 0.1) on the blocks",
+    ),
+    # the same recipe from the library's own options (no ablation modules): it computes what
+    # demask-pb-bell-combo-swiglu-muon01 does (the same weights, masks and losses)
+    "demask-ce-recipe-swiglu-muon01": replace(
+        _CE_SWIGLU_MUON,
+        wrapper={"use_simple_mdlm_loss_weight": False, "train_masking": "bell"},
+        layers={**_SWIGLU, "zero_init_branch_output": True, "input_skip": True},
+        net={"abs_pos_attn_bias": True, "rel_pos_attn_bias": True},
+        init=("resid_zero",),  # the harness's baseline start would undo the zero outputs
+        train={**_MUON, "muon_rms": 0.1},
+        note="mean CE with bell-shaped mask counts, the position bias, the relative bias, "
+        "zero-started outputs, the input skip, SwiGLU (the library's options); Muon (RMS 0.1)",
+    ),
+    "demask-pb-anneal50-swiglu-muon": replace(
+        _POSBIAS,
+        objective="anneal_50",
+        layers=_SWIGLU,
+        train=_MUON,
+        note="the MDLM estimate reached by a ramp from mean CE's weighting over the first half; "
+        "SwiGLU, Muon",
+    ),
+    "demask-pb-anneal100-swiglu-muon": replace(
+        _POSBIAS,
+        objective="anneal_100",
+        layers=_SWIGLU,
+        train=_MUON,
+        note="the MDLM estimate reached by a ramp from mean CE's weighting over all steps; "
+        "SwiGLU, Muon",
+    ),
+    "reference-ce-swiglu-muon": _REFERENCE_CE_SWIGLU_MUON,
+    "reference-ce-skip-swiglu-muon05": replace(
+        _REFERENCE_CE_SWIGLU_MUON,
+        # its T5 bias (rel_pos_bias=True) stops with rotary layers ("only alibi allowed for
+        # custom positions"), so the reference gets the other two
+        layers={**_SWIGLU, "zero_init_branch_output": True, "reinject_input": True},
+        train={**_MUON, "muon_rms": 0.5},
+        note="the reference, mean CE, SwiGLU, zero-started branch outputs and re-injected input; "
+        "Muon (RMS 0.5) on the blocks",
+    ),
+}
+
+
+def _muon_rms_sweep() -> dict[str, Row]:
+    """Muon's update RMS swept for both libraries' SwiGLU mean-CE rows: `...-muon05` is RMS 0.5."""
+    sweep = {  # row name: (base row, its description, the RMS values)
+        "demask-ce-pb-swiglu": (
+            _CE_SWIGLU_MUON,
+            "mean CE, the position bias, SwiGLU",
+            (0.1, 0.5, 1.0),
+        ),
+        "reference-ce-swiglu": (
+            _REFERENCE_CE_SWIGLU_MUON,
+            "the reference, mean CE, SwiGLU",
+            (0.5, 1.0, 2.0, 4.0),
+        ),
+    }
+    return {
+        f"{name}-muon{str(rms).replace('.', '')}": replace(
+            base,
+            train={**base.train, "muon_rms": rms},
+            note=f"{what}; Muon (update RMS {rms} lr) on the blocks",
+        )
+        for name, (base, what, values) in sweep.items()
+        for rms in values
+    }
+
+
+MUON_ROWS.update(_muon_rms_sweep())
