@@ -356,17 +356,26 @@ def test_ablation_smoke_one_record_per_row_and_seed(tmp_path, capsys):
         logits = net(x)
         assert torch.equal(logits, base(x)) == same, name
         logits.logsumexp(-1).sum().backward()
-        added_params = ([net.attn_layers.input_skip] if added == "attn_layers"
-                        else list(getattr(net, added).parameters()))  # fmt: skip
-        grads = [p.grad for p in added_params]
+        grads = [p.grad for p in ([net.attn_layers.input_skip] if added == "attn_layers"
+                                  else getattr(net, added).parameters())]  # fmt: skip
         assert grads and all(g is not None and bool(g.abs().sum() > 0) for g in grads), name
-    # the library's recipe options compute what the ablation's modules and bell objective did
+
+
+def test_the_library_recipe_row_computes_what_the_ablation_modules_did():
+    """The row built from the library's options (zero-started outputs, the input skip, the
+    relative bias, bell masking) gives the module row's loss, bit for bit."""
+    from benchmarks import ablation
+
+    cfg = ablation.Config(seq_len=32, dim=32, depth=2, heads=2)
+    x = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(0))
     losses = []
     for name in ("demask-ce-recipe-swiglu-muon01", "demask-pb-bell-combo-swiglu-muon01"):
         model = ablation.build(ablation.ROWS[name], cfg)
         torch.manual_seed(3)
         losses.append(model(x).loss)
     assert torch.equal(losses[0], losses[1])
+    net = ablation.build(ablation.ROWS["demask-ce-recipe-swiglu-muon01"], cfg).net
+    assert net.rel_pos_attn is not None and net.attn_layers.input_skip is not None
 
 
 def test_positions_smoke_one_record_per_row_and_source(tmp_path, capsys):
