@@ -33,6 +33,18 @@ from demask.objectives.masked import (
 )
 
 
+def _count_loss(o: MaskedObjective, x: Tensor, cond: Tensor, masks: tuple[Tensor, Tensor, Any],
+                predict: Any) -> tuple[Tensor, ...]:  # fmt: skip
+    """The objective's tail for given (mask, counts, row weights or None): the augmented input,
+    the network call, the mean over rows of the (weighted) row-mean cross-entropy."""
+    mask, counts, weights = masks
+    inp = augment_masked(x, mask, mask_id=o.mask_id, num_tokens=o.num_tokens,
+                         no_replace_prob=o.no_replace_prob,
+                         random_token_prob=o.random_token_prob)  # fmt: skip
+    ce, logits, rows, cols = predict(inp, mask)
+    return masked_loss(ce, rows, x.shape[0], (~cond).sum(-1), weights, counts), logits, rows, cols
+
+
 @dataclass(frozen=True)
 class CountVariant:
     """A count-based masked loss: `weighted` keeps the importance weights, `complementary` pairs
@@ -59,15 +71,9 @@ class CountVariant:
         return self.base.nelbo(*args, **kwargs)
 
     def __call__(self, x: Tensor, cond: Tensor, predict: Any) -> tuple[Tensor, ...]:
-        b = x.shape[0]
         mask, counts, weights = self._masks(~cond)
-        o = self.base
-        inp = augment_masked(x, mask, mask_id=o.mask_id, num_tokens=o.num_tokens,
-                             no_replace_prob=o.no_replace_prob,
-                             random_token_prob=o.random_token_prob)  # fmt: skip
-        ce, logits, rows, cols = predict(inp, mask)
-        weight = weights if self.weighted else None
-        return masked_loss(ce, rows, b, (~cond).sum(-1), weight, counts), logits, rows, cols
+        masks = (mask, counts, weights if self.weighted else None)
+        return _count_loss(self.base, x, cond, masks, predict)
 
 
 def _repeat_first_half(model: nn.Module) -> None:
@@ -99,7 +105,6 @@ class AnnealedVariant:
         return (1 - self.lam) * 2 * k / (f + 1) + self.lam
 
     def __call__(self, x: Tensor, cond: Tensor, predict: Any) -> tuple[Tensor, ...]:
-        b, n = x.shape
         fillable = ~cond
         f = fillable.sum(-1).double()
         if bool((f != f[0]).any()):
@@ -108,12 +113,7 @@ class AnnealedVariant:
             fillable, mass=lambda k: self._level_weight(k, f[0]) * k**-0.5
         )
         weights = weights * self._level_weight(counts.double(), f)
-        o = self.base
-        inp = augment_masked(x, mask, mask_id=o.mask_id, num_tokens=o.num_tokens,
-                             no_replace_prob=o.no_replace_prob,
-                             random_token_prob=o.random_token_prob)  # fmt: skip
-        ce, logits, rows, cols = predict(inp, mask)
-        return masked_loss(ce, rows, b, f, weights, counts), logits, rows, cols
+        return _count_loss(self.base, x, cond, (mask, counts, weights), predict)
 
 
 def _install_annealed(ramp_end: float, model: nn.Module) -> None:
