@@ -181,7 +181,44 @@ def _x0_mix(net: Any) -> None:
     layers.input_skip = nn.Parameter(torch.zeros(layers.depth))
 
 
+VALUE_EMB_SCALE = 8.0  # a value embedding is used at VALUE_EMB_SCALE x its stored table
+
+
+class _ValueEmbeddings(nn.Module):
+    """Value embeddings (modded-nanogpt's): block l's attention values get e_l(token) added, one
+    table per block, started at zero (the net computes what it did) and kept outside
+    `attn_layers` (AdamW, not Muon). The net's input tokens reach the blocks through hooks."""
+
+    def __init__(self, net: Any):
+        super().__init__()
+        attn = net.attn_layers.blocks[0].attn
+        self.q_dim, self.kv_dim = attn.heads * attn.dim_head, attn.kv_heads * attn.dim_head
+        self.tables = nn.Parameter(torch.zeros(net.attn_layers.depth, net.num_tokens, self.kv_dim))
+        self.tokens: Tensor | None = None
+
+    def add_to(self, layer: int, qkv: Tensor) -> Tensor:
+        """qkv (B, N, q + 2 kv) of block `layer` with the tokens' value embedding on its v part."""
+        assert self.tokens is not None and self.tokens.shape == qkv.shape[:2]
+        ve = torch.nn.functional.embedding(self.tokens, self.tables[layer]) * VALUE_EMB_SCALE
+        return qkv + torch.nn.functional.pad(ve.to(qkv.dtype), (self.q_dim + self.kv_dim, 0))
+
+
+def _value_emb(net: Any) -> None:
+    """Value embeddings added to a built demask net (`_ValueEmbeddings`)."""
+    net.value_emb = _ValueEmbeddings(net)
+
+    def keep_tokens(_m: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        net.value_emb.tokens = args[0] if args else kwargs["x"]
+
+    net.register_forward_pre_hook(keep_tokens, with_kwargs=True)
+    for i, block in enumerate(net.attn_layers.blocks):
+        block.attn.to_qkv.register_forward_hook(
+            lambda _m, _inp, out, i=i: net.value_emb.add_to(i, out)
+        )
+
+
 INITS: dict[str, Callable[[Any], None]] = {
+    "value_emb": _value_emb,
     "rel_bias": _add_bias(lambda net: RelativePositions(net.attn_layers.heads, net.max_seq_len)),
     "alibi": _add_bias(lambda net: _AlibiBias(net.attn_layers.heads)),
     "x0_mix": _x0_mix,

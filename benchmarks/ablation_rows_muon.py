@@ -29,6 +29,17 @@ _REFERENCE_CE_SWIGLU_MUON = replace(
     note="the reference, mean CE, SwiGLU; Muon on the blocks' matrices",
 )
 
+_RECIPE = replace(
+    _CE_SWIGLU_MUON,
+    wrapper={"use_simple_mdlm_loss_weight": False, "train_masking": "bell"},
+    layers={**_SWIGLU, "zero_init_branch_output": True, "input_skip": True},
+    net={"abs_pos_attn_bias": True, "rel_pos_attn_bias": True},
+    init=("resid_zero",),  # the harness's baseline start would undo the zero outputs
+    train={**_MUON, "muon_rms": 0.1},
+    note="mean CE with bell-shaped mask counts, the position bias, the relative bias, "
+    "zero-started outputs, the input skip, SwiGLU (the library's options); Muon (RMS 0.1)",
+)
+
 MUON_ROWS: dict[str, Row] = {
     "demask-ce-pb-swiglu-muon": _CE_SWIGLU_MUON,
     "demask-pb-swiglu-muon": replace(
@@ -65,15 +76,18 @@ MUON_ROWS: dict[str, Row] = {
     ),
     # the same recipe from the library's own options (no ablation modules): it computes what
     # demask-pb-bell-combo-swiglu-muon01 does (the same weights, masks and losses)
-    "demask-ce-recipe-swiglu-muon01": replace(
-        _CE_SWIGLU_MUON,
-        wrapper={"use_simple_mdlm_loss_weight": False, "train_masking": "bell"},
-        layers={**_SWIGLU, "zero_init_branch_output": True, "input_skip": True},
-        net={"abs_pos_attn_bias": True, "rel_pos_attn_bias": True},
-        init=("resid_zero",),  # the harness's baseline start would undo the zero outputs
-        train={**_MUON, "muon_rms": 0.1},
-        note="mean CE with bell-shaped mask counts, the position bias, the relative bias, "
-        "zero-started outputs, the input skip, SwiGLU (the library's options); Muon (RMS 0.1)",
+    "demask-ce-recipe-swiglu-muon01": _RECIPE,
+    "demask-ce-recipe-ve-swiglu-muon01": replace(
+        _RECIPE,
+        init=("resid_zero", "value_emb"),
+        note="the library's recipe (bell counts, both position biases, zero-started outputs, the "
+        "input skip, SwiGLU) + value embeddings (an ablation module); Muon (RMS 0.1)",
+    ),
+    "demask-ce-recipe-swiglu-lr3e-3-muon0033": replace(
+        _RECIPE,
+        train={**_MUON, "lr": 3e-3, "muon_rms": 0.1 / 3},
+        note="the library's recipe with AdamW's part (embeddings, output layer, norms, the biases' "
+        "tables) at lr 3e-3; Muon's step as before (RMS 0.1 / 3 of lr 3e-3)",
     ),
     "demask-pb-anneal50-swiglu-muon": replace(
         _POSBIAS,
@@ -92,6 +106,36 @@ MUON_ROWS: dict[str, Row] = {
         "SwiGLU, Muon",
     ),
     "reference-ce-swiglu-muon": _REFERENCE_CE_SWIGLU_MUON,
+    "reference-ce-skip-vres-swiglu-muon05": replace(
+        _REFERENCE_CE_SWIGLU_MUON,
+        # its nearest to value embeddings: the first layer's values mixed into every later layer's
+        # (ResFormer, a learned per-token mix) and a learned per-token, per-layer scale of the
+        # feed-forward output (its "deep embed")
+        layers={
+            **_SWIGLU,
+            "zero_init_branch_output": True,
+            "reinject_input": True,
+            "add_value_residual": True,
+        },  # fmt: skip
+        net={"ff_deep_embed": True},
+        train={**_MUON, "muon_rms": 0.5},
+        note="the reference, mean CE, SwiGLU, zero-started branch outputs, re-injected input, "
+        "value residual, per-token deep embeddings; Muon (RMS 0.5) on the blocks",
+    ),
+    "reference-ce-skip-vres-cos-swiglu-muon05": replace(
+        _REFERENCE_CE_SWIGLU_MUON,
+        wrapper={**_REFERENCE_CE_SWIGLU_MUON.wrapper, "schedule": "cosine"},
+        layers={
+            **_SWIGLU,
+            "zero_init_branch_output": True,
+            "reinject_input": True,
+            "add_value_residual": True,
+        },  # fmt: skip
+        net={"ff_deep_embed": True},
+        train={**_MUON, "muon_rms": 0.5},
+        note="the reference's value-residual row trained with the seeds' schedule='cosine' "
+        "(mask rates cos(pi t / 2): more rows heavily masked); Muon (RMS 0.5)",
+    ),
     "reference-ce-skip-swiglu-muon05": replace(
         _REFERENCE_CE_SWIGLU_MUON,
         # its T5 bias (rel_pos_bias=True) stops with rotary layers ("only alibi allowed for
