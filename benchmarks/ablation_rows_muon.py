@@ -89,6 +89,12 @@ MUON_ROWS: dict[str, Row] = {
         note="the library's recipe with AdamW's part (embeddings, output layer, norms, the biases' "
         "tables) at lr 3e-3; Muon's step as before (RMS 0.1 / 3 of lr 3e-3)",
     ),
+    "demask-ce-recipe-swiglu-lr5e-4-muon02": replace(
+        _RECIPE,
+        train={**_MUON, "lr": 5e-4, "muon_rms": 0.2},
+        note="the library's recipe with AdamW's part at lr 5e-4; Muon's step as before (RMS 0.2 "
+        "of lr 5e-4)",
+    ),
     "demask-pb-anneal50-swiglu-muon": replace(
         _POSBIAS,
         objective="anneal_50",
@@ -135,6 +141,13 @@ MUON_ROWS: dict[str, Row] = {
         train={**_MUON, "muon_rms": 0.5},
         note="the reference's value-residual row trained with the seeds' schedule='cosine' "
         "(mask rates cos(pi t / 2): more rows heavily masked); Muon (RMS 0.5)",
+    ),
+    "reference-ce-skip-swiglu-lr5e-4-muon10": replace(
+        _REFERENCE_CE_SWIGLU_MUON,
+        layers={**_SWIGLU, "zero_init_branch_output": True, "reinject_input": True},
+        train={**_MUON, "lr": 5e-4, "muon_rms": 1.0},
+        note="the reference's best row with AdamW's part at lr 5e-4; Muon's step as before "
+        "(RMS 1.0 of lr 5e-4)",
     ),
     "reference-ce-skip-swiglu-muon05": replace(
         _REFERENCE_CE_SWIGLU_MUON,
