@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from benchmarks import quality
 from benchmarks.ablation_rows import (
     _CE_POSBIAS,
     _COMBO_INIT,
@@ -61,6 +62,14 @@ _REFERENCE_VRES = replace(
     "value residual, per-token deep embeddings; Muon (RMS 0.5) on the blocks",
 )
 
+
+def _at_adamw_lr(base: Row, lr: float, note: str) -> Row:
+    """`base` with its AdamW part (embeddings, output layer, norms) at `lr` and Muon's step on the
+    blocks (its RMS x lr) held where it was."""
+    rms = base.train["muon_rms"] * base.train.get("lr", quality.Config.lr) / lr
+    return replace(base, train={**base.train, "lr": lr, "muon_rms": rms}, note=note)
+
+
 MUON_ROWS: dict[str, Row] = {
     "demask-ce-pb-swiglu-muon": _CE_SWIGLU_MUON,
     "demask-pb-swiglu-muon": replace(
@@ -104,16 +113,16 @@ MUON_ROWS: dict[str, Row] = {
         note="the library's recipe (bell counts, both position biases, zero-started outputs, the "
         "input skip, SwiGLU) + value embeddings (an ablation module); Muon (RMS 0.1)",
     ),
-    "demask-ce-recipe-swiglu-lr3e-3-muon0033": replace(
+    "demask-ce-recipe-swiglu-lr3e-3-muon0033": _at_adamw_lr(
         _RECIPE,
-        train={**_MUON, "lr": 3e-3, "muon_rms": 0.1 / 3},
-        note="the library's recipe with AdamW's part (embeddings, output layer, norms, the biases' "
+        3e-3,
+        "the library's recipe with AdamW's part (embeddings, output layer, norms, the biases' "
         "tables) at lr 3e-3; Muon's step as before (RMS 0.1 / 3 of lr 3e-3)",
     ),
-    "demask-ce-recipe-swiglu-lr5e-4-muon02": replace(
+    "demask-ce-recipe-swiglu-lr5e-4-muon02": _at_adamw_lr(
         _RECIPE,
-        train={**_MUON, "lr": 5e-4, "muon_rms": 0.2},
-        note="the library's recipe with AdamW's part at lr 5e-4; Muon's step as before (RMS 0.2 "
+        5e-4,
+        "the library's recipe with AdamW's part at lr 5e-4; Muon's step as before (RMS 0.2 "
         "of lr 5e-4)",
     ),
     "demask-pb-anneal50-swiglu-muon": replace(
@@ -140,10 +149,10 @@ MUON_ROWS: dict[str, Row] = {
         note="the reference's value-residual row trained with the seeds' schedule='cosine' "
         "(mask rates cos(pi t / 2): more rows heavily masked); Muon (RMS 0.5)",
     ),
-    "reference-ce-skip-swiglu-lr5e-4-muon10": replace(
+    "reference-ce-skip-swiglu-lr5e-4-muon10": _at_adamw_lr(
         _REFERENCE_BEST,
-        train={**_MUON, "lr": 5e-4, "muon_rms": 1.0},
-        note="the reference's best row with AdamW's part at lr 5e-4; Muon's step as before "
+        5e-4,
+        "the reference's best row with AdamW's part at lr 5e-4; Muon's step as before "
         "(RMS 1.0 of lr 5e-4)",
     ),
     "reference-ce-skip-swiglu-muon05": _REFERENCE_BEST,
