@@ -217,7 +217,40 @@ def _value_emb(net: Any) -> None:
         )
 
 
+class _QKVConv(nn.Module):
+    """Primer's depthwise convolutions on the queries, keys and values (So et al. 2021, arXiv
+    2109.08668), here centred (kernel 3 over positions i-1, i, i+1: a masked model reads both
+    sides) and added to the projection's output with zero-started weights, so that the net
+    computes what it did. One per block, kept outside `attn_layers` (AdamW, not Muon)."""
+
+    def __init__(self, net: Any, kernel: int = 3):
+        super().__init__()
+        width = net.attn_layers.blocks[0].attn.to_qkv.weight.shape[0]
+        convs = [
+            nn.Conv1d(width, width, kernel, padding=kernel // 2, groups=width, bias=False)
+            for _ in range(net.attn_layers.depth)
+        ]
+        for conv in convs:
+            nn.init.zeros_(conv.weight)
+        self.convs = nn.ModuleList(convs)
+
+    def add_to(self, layer: int, qkv: Tensor) -> Tensor:
+        """qkv (B, N, q + 2 kv) of block `layer` plus its depthwise convolution over positions."""
+        conv = self.convs[layer]
+        return qkv + conv(qkv.transpose(1, 2)).transpose(1, 2)
+
+
+def _qkv_conv(net: Any) -> None:
+    """Depthwise convolutions on every block's queries, keys and values (`_QKVConv`)."""
+    net.qkv_conv = _QKVConv(net)
+    for i, block in enumerate(net.attn_layers.blocks):
+        block.attn.to_qkv.register_forward_hook(
+            lambda _m, _inp, out, i=i: net.qkv_conv.add_to(i, out)
+        )
+
+
 INITS: dict[str, Callable[[Any], None]] = {
+    "qkv_conv": _qkv_conv,
     "value_emb": _value_emb,
     "rel_bias": _add_bias(lambda net: RelativePositions(net.attn_layers.heads, net.max_seq_len)),
     "alibi": _add_bias(lambda net: _AlibiBias(net.attn_layers.heads)),

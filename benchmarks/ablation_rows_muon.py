@@ -70,6 +70,15 @@ def _at_adamw_lr(base: Row, lr: float, note: str) -> Row:
     return replace(base, train={**base.train, "lr": lr, "muon_rms": rms}, note=note)
 
 
+def _with_cooldown(base: Row, fraction: float) -> Row:
+    """`base` with the lr decayed linearly to 0 over the last `fraction` of the steps."""
+    return replace(
+        base,
+        train={**base.train, "cooldown": fraction},
+        note=f"{base.note}; lr decayed linearly to 0 over the last {fraction:.0%} of the steps",
+    )
+
+
 MUON_ROWS: dict[str, Row] = {
     "demask-ce-pb-swiglu-muon": _CE_SWIGLU_MUON,
     "demask-pb-swiglu-muon": replace(
@@ -156,6 +165,21 @@ MUON_ROWS: dict[str, Row] = {
         "(RMS 1.0 of lr 5e-4)",
     ),
     "reference-ce-skip-swiglu-muon05": _REFERENCE_BEST,
+    "demask-ce-recipe-swiglu-muon01-cd30": _with_cooldown(_RECIPE, 0.3),
+    "reference-ce-skip-swiglu-muon05-cd30": _with_cooldown(_REFERENCE_BEST, 0.3),
+    "demask-ce-recipe-conv-swiglu-muon01": replace(
+        _RECIPE,
+        init=("resid_zero", "qkv_conv"),
+        note="the library's recipe + depthwise convolutions (kernel 3, centred) on every block's "
+        "queries, keys and values (Primer's; an ablation module); Muon (RMS 0.1)",
+    ),
+    # the reference's nearest: its token shift (channels split in three, shifted by -1, 0, +1)
+    "reference-ce-skip-shift-swiglu-muon05": replace(
+        _REFERENCE_BEST,
+        layers={**_REFERENCE_BEST.layers, "shift_tokens": 1},
+        note="the reference's best row + its token shift (shift_tokens=1: a third of the "
+        "channels from each of positions i-1, i, i+1); Muon (RMS 0.5)",
+    ),
 }
 
 

@@ -4,7 +4,8 @@ Data: the Shakespeare plays in ../shared/data/shakespeare beside the repository 
 overrides), byte-level, seq 256, demask's split (the last three files by sorted name are
 validation). Every model gets the same config (dim 256, depth 4, heads 4), the same batches
 (`demask.data.get_batch`, same seed), the same optimizer (AdamW, linear warmup then constant lr,
-gradient norm clipped at 1) and the same number of steps.
+or a linear decay at the end where a row sets `cooldown`; gradient norm clipped at 1) and the
+same number of steps.
 
 Models (each library's seed defaults, `NonAutoregressiveWrapper(net, mask_id=256)` with
 use_simple_mdlm_loss_weight=True and `AutoregressiveWrapper(net)`, unless stated):
@@ -61,6 +62,7 @@ class Config:
     steps: int = 120
     lr: float = 1e-3
     warmup: int = 20
+    cooldown: float = 0.0  # the last fraction of the steps, lr decayed linearly to 0 (WSD)
     weight_decay: float = 0.01  # AdamW's default
     optimizer: str = "adamw"  # adamw | muon (Muon on the blocks' matrices, AdamW on the rest)
     muon_rms: float = 0.2  # Muon's update RMS over lr (demask.optim.Muon's rms)
@@ -194,10 +196,23 @@ def _optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
                 rms=cfg.muon_rms)  # fmt: skip
 
 
+def lr_factor(step: int, cfg: Config) -> float:
+    """The lr multiplier after `step` optimizer steps: a linear warmup over `cfg.warmup` steps,
+    constant, then (`cfg.cooldown` > 0) a linear decay to 0 over the last `cfg.cooldown` of
+    `cfg.steps` (warmup-stable-decay)."""
+    if not 0.0 <= cfg.cooldown < 1.0:
+        raise ValueError(f"cooldown must be a fraction in [0, 1), got {cfg.cooldown!r}")
+    factor = min(1.0, (step + 1) / cfg.warmup)
+    decay_steps = round(cfg.cooldown * cfg.steps)
+    if decay_steps:
+        factor = min(factor, (cfg.steps - step) / decay_steps)
+    return factor
+
+
 def train(model: nn.Module, cfg: Config, train_ds: Any, get_batch: Any) -> dict[str, Any]:
     """`cfg.steps` AdamW steps on the shared batch sequence; returns the loss curve and time."""
     opt = _optimizer(model, cfg)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / cfg.warmup))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
     torch.manual_seed(cfg.seed)  # the wrappers' own noise (mask draws) starts from the same state
     model.train()
     losses: list[float] = []

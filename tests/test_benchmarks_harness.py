@@ -446,3 +446,48 @@ def test_objective_rows_complementary_pairs_and_unweighted_loss():
     assert isinstance(model._objective(), objective_rows.CountVariant)
     assert model._objective().complementary
     assert float(model.nelbo(torch.randint(0, 256, (2, 32)), num_times=2).mean()) > 0
+
+
+def test_lr_factor_warmup_constant_then_linear_cooldown():
+    from benchmarks import quality
+
+    cfg = quality.Config(steps=10, warmup=2, cooldown=0.3)
+    assert [quality.lr_factor(s, cfg) for s in range(10)] == [
+        0.5, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 2 / 3, 1 / 3
+    ]  # fmt: skip
+    plain = dataclasses.replace(cfg, cooldown=0.0)
+    assert [quality.lr_factor(s, plain) for s in range(10)] == [0.5] + [1.0] * 9
+    with pytest.raises(ValueError, match="cooldown must be a fraction in \\[0, 1\\), got 1.0"):
+        quality.lr_factor(0, dataclasses.replace(cfg, cooldown=1.0))
+    from benchmarks import ablation
+
+    assert ablation.ROWS["demask-ce-recipe-swiglu-muon01-cd30"].train["cooldown"] == 0.3
+
+
+def test_qkv_conv_starts_as_the_identity_and_adds_each_neighbour():
+    """The Primer convolution row: the same logits as the recipe at the start; with a kernel
+    set, a block's q/k/v at i gain w0 x[i-1] + w1 x[i] + w2 x[i+1] of the projection (zero past
+    the ends), and every kernel gets gradients once the attention outputs are not zero."""
+    from benchmarks import ablation
+
+    cfg = ablation.Config(seq_len=16, dim=32, depth=2, heads=2)
+    x = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    base = ablation.build(ablation.ROWS["demask-ce-recipe-swiglu-muon01"], cfg).net
+    torch.manual_seed(0)
+    net = ablation.build(ablation.ROWS["demask-ce-recipe-conv-swiglu-muon01"], cfg).net
+    assert torch.equal(net(x), base(x))
+    proj = net.attn_layers.blocks[1].attn.to_qkv
+    w = torch.tensor([0.5, -1.0, 2.0])
+    with torch.no_grad():
+        net.qkv_conv.convs[1].weight.copy_(w.expand_as(net.qkv_conv.convs[1].weight))
+    h = torch.randn(2, 16, 32)
+    plain = torch.nn.functional.linear(h, proj.weight)
+    pad = torch.nn.functional.pad(plain, (0, 0, 1, 1))
+    want = plain + w[0] * pad[:, :-2] + w[1] * pad[:, 1:-1] + w[2] * pad[:, 2:]
+    torch.testing.assert_close(proj(h), want)
+    # the recipe starts the attention outputs at zero, where no gradient reaches q, k and v
+    for block in net.attn_layers.blocks:
+        torch.nn.init.normal_(block.attn.to_out.weight, std=0.02)
+    net(x).logsumexp(-1).sum().backward()
+    assert all(bool(c.weight.grad.abs().sum() > 0) for c in net.qkv_conv.convs)
