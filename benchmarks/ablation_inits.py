@@ -249,7 +249,60 @@ def _qkv_conv(net: Any) -> None:
         )
 
 
+def shift_thirds(h: Tensor) -> Tensor:
+    """(B, N, D) with its channels in three parts: the first read from position i - 1, the second
+    from i, the third from i + 1 (zeros past the ends): the reference's `shift_tokens=1` on an
+    Encoder, written from its description."""
+    before, here, after = h.chunk(3, dim=-1)
+    before = torch.nn.functional.pad(before, (0, 0, 1, 0))[:, :-1]
+    after = torch.nn.functional.pad(after, (0, 0, 0, 1))[:, 1:]
+    return torch.cat((before, here, after), dim=-1)
+
+
+def _token_shift(net: Any) -> None:
+    """Every block's normed attention and feed-forward inputs through `shift_thirds`."""
+    for block in net.attn_layers.blocks:
+        for norm in (block.attn_norm, block.ff_norm):
+            norm.register_forward_hook(lambda _m, _inp, out: shift_thirds(out))
+
+
+class _ShiftConvs(nn.Module):
+    """A learned depthwise convolution over positions i-1, i, i+1 (one per normed input of every
+    block), started as `shift_thirds`: the net computes what the token-shift row does at the
+    start and can learn its own mix. Kept outside `attn_layers` (AdamW, not Muon)."""
+
+    def __init__(self, net: Any):
+        super().__init__()
+        dim = net.attn_layers.dim
+        start = torch.zeros(dim, 1, 3)
+        for part, tap in zip(torch.arange(dim).chunk(3), (0, 1, 2), strict=True):
+            start[part, 0, tap] = 1.0  # conv1d: out[i] = w0 h[i-1] + w1 h[i] + w2 h[i+1]
+        convs = []
+        for _ in range(2 * net.attn_layers.depth):
+            conv = nn.Conv1d(dim, dim, 3, padding=1, groups=dim, bias=False)
+            with torch.no_grad():
+                conv.weight.copy_(start)
+            convs.append(conv)
+        self.convs = nn.ModuleList(convs)
+
+    def mix(self, index: int, h: Tensor) -> Tensor:
+        return self.convs[index](h.transpose(1, 2)).transpose(1, 2)
+
+
+def _shift_conv(net: Any) -> None:
+    """Every block's normed attention and feed-forward inputs through a learned, shift-started
+    depthwise convolution (`_ShiftConvs`)."""
+    net.shift_convs = _ShiftConvs(net)
+    for i, block in enumerate(net.attn_layers.blocks):
+        for j, norm in enumerate((block.attn_norm, block.ff_norm)):
+            norm.register_forward_hook(
+                lambda _m, _inp, out, k=2 * i + j: net.shift_convs.mix(k, out)
+            )
+
+
 INITS: dict[str, Callable[[Any], None]] = {
+    "token_shift": _token_shift,
+    "shift_conv": _shift_conv,
     "qkv_conv": _qkv_conv,
     "value_emb": _value_emb,
     "rel_bias": _add_bias(lambda net: RelativePositions(net.attn_layers.heads, net.max_seq_len)),

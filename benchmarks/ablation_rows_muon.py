@@ -173,6 +173,20 @@ MUON_ROWS: dict[str, Row] = {
         note="the library's recipe + depthwise convolutions (kernel 3, centred) on every block's "
         "queries, keys and values (Primer's; an ablation module); Muon (RMS 0.1)",
     ),
+    "demask-ce-recipe-shift-swiglu-muon01": replace(
+        _RECIPE,
+        init=("resid_zero", "token_shift"),
+        note="the library's recipe + the reference's token shift (every block's normed attention "
+        "and feed-forward inputs: a third of the channels from each of i-1, i, i+1; an ablation "
+        "module); Muon (RMS 0.1)",
+    ),
+    "demask-ce-recipe-shiftconv-swiglu-muon01": replace(
+        _RECIPE,
+        init=("resid_zero", "shift_conv"),
+        note="the library's recipe + a learned depthwise convolution (kernel 3) on every block's "
+        "normed attention and feed-forward inputs, started as the token shift (an ablation "
+        "module); Muon (RMS 0.1)",
+    ),
     # the reference's nearest: its token shift (channels split in three, shifted by -1, 0, +1)
     "reference-ce-skip-shift-swiglu-muon05": replace(
         _REFERENCE_BEST,

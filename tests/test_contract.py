@@ -171,7 +171,7 @@ def test_format_2_keeps_the_positions_it_built():
     only; version 3's default adds an attention bias, so the migration says False."""
     model = ModelConfig(**tiny_model("masked"))
     payload = json.loads(configs_to_json(model))
-    assert payload["format_version"] == CONFIG_FORMAT_VERSION == 6
+    assert payload["format_version"] == CONFIG_FORMAT_VERSION == 7
     del payload["model"]["abs_pos_attn_bias"]
     payload["format_version"] = 2
     old, _ = configs_from_json(json.dumps(payload))
@@ -226,6 +226,18 @@ def test_format_5_built_without_the_recipe_options():
     old, _ = configs_from_json(json.dumps(payload))
     assert old == dataclasses.replace(model, zero_init_branch_output=False, input_skip=False,
                                       rel_pos_attn_bias=False, train_masking="schedule")  # fmt: skip
+
+
+def test_format_6_built_without_a_token_shift():
+    """Version 6 had no token shift: its configs load with shift_tokens=0."""
+    model = ModelConfig(**tiny_model("masked"), shift_tokens=1)
+    payload = json.loads(configs_to_json(model))
+    assert configs_from_json(json.dumps(payload))[0] == model  # round trip
+    assert build_model(model).net.attn_layers.shift_tokens == 1
+    del payload["model"]["shift_tokens"]
+    payload["format_version"] = 6
+    old, _ = configs_from_json(json.dumps(payload))
+    assert old == dataclasses.replace(model, shift_tokens=0)
 
 
 def test_a_format_1_run_folder_loads_its_model_and_resumes(tmp_path):

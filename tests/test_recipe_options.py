@@ -1,5 +1,5 @@
 """The masked recipe's options (issue 11): zero-started branch outputs, the skip from the input,
-the relative-offset bias and bell-shaped mask counts for mean-CE training."""
+the token shift, the relative-offset bias and bell-shaped mask counts for mean-CE training."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import torch
 
 from demask import Decoder, Encoder, NonAutoregressiveWrapper, TransformerWrapper
 from demask.model.attention_layers import INPUT_SKIP_SCALE
+from demask.model.layers import shift_tokens
 from demask.model.positions import REL_BIAS_SCALE, RelativePositions
 from demask.objectives.masked import MaskedObjective, bell_mass, count_masks
 from demask.schedules import get_schedule
@@ -51,6 +52,59 @@ def test_input_skip_adds_mu_times_the_input_before_every_block():
     torch.testing.assert_close(skip(x), plain(x))
     skip(x).sum().backward()
     assert skip.attn_layers.input_skip.grad.abs().min() > 0
+
+
+def test_shift_tokens_reads_each_channel_part_from_its_offset():
+    h = torch.arange(2 * 5 * 7, dtype=torch.float32).view(2, 5, 7)
+    out = shift_tokens(h, 1)  # parts of 3, 2, 2 channels from i - 1, i, i + 1
+    for i in range(5):
+        torch.testing.assert_close(out[:, i, :3], h[:, i - 1, :3] if i > 0 else torch.zeros(2, 3))
+        torch.testing.assert_close(out[:, i, 3:5], h[:, i, 3:5])
+        torch.testing.assert_close(out[:, i, 5:], h[:, i + 1, 5:] if i < 4 else torch.zeros(2, 2))
+    two = shift_tokens(h, 2)  # parts of 2, 2, 1, 1, 1 from i - 2 .. i + 2
+    torch.testing.assert_close(two[:, 3, :2], h[:, 1, :2])
+    torch.testing.assert_close(two[:, 2, 6:], h[:, 4, 6:])
+    assert int(two[:, 4, 6:].count_nonzero()) == 0 and int(two[:, :2, :2].count_nonzero()) == 0
+    key_mask = torch.tensor([[True] * 5, [True, True, True, False, False]])
+    padded = shift_tokens(h, 1, key_mask)  # padding is read as zeros
+    assert int(padded[1, 2, 5:].count_nonzero()) == 0
+    torch.testing.assert_close(padded[0], out[0])
+    torch.testing.assert_close(padded[1, :2], out[1, :2])
+
+
+def test_shift_tokens_shifts_every_blocks_normed_inputs():
+    shifted, plain = _net(shift_tokens=1), _net()
+    plain.load_state_dict(shifted.state_dict())  # no parameters of its own
+    x = torch.randint(0, 11, (3, 12))
+    assert not torch.allclose(shifted(x), plain(x))
+    for block in plain.attn_layers.blocks:  # the reference: hooks on the norms' outputs
+        for norm in (block.attn_norm, block.ff_norm):
+            norm.register_forward_hook(lambda m, a, out: shift_tokens(out, 1))
+    torch.testing.assert_close(shifted(x), plain(x))
+    # a changed token reaches exactly its two neighbours' (and its own) first attention input
+    probe, inter = _net(shift_tokens=1), []
+    probe.attn_layers.blocks[0].attn.register_forward_pre_hook(lambda m, a: inter.append(a[0]))
+    y = x.clone()
+    y[:, 5] = (y[:, 5] + 1) % 11
+    probe(x), probe(y)
+    moved = (inter[0] - inter[1]).abs().amax(dim=(0, 2)) > 0
+    assert moved.nonzero().flatten().tolist() == [4, 5, 6]
+
+
+def test_shift_tokens_is_checked_and_refused_where_it_cannot_work():
+    with pytest.raises(ValueError, match="shift_tokens must be >= 0, got -1"):
+        Encoder(dim=16, depth=1, shift_tokens=-1)
+    with pytest.raises(ValueError, match="shift_tokens must be <= 7, got 8"):
+        Encoder(dim=16, depth=1, shift_tokens=8)  # 17 parts of 16 channels
+    with pytest.raises(TypeError, match="shift_tokens must be an int, got bool True"):
+        Encoder(dim=16, depth=1, shift_tokens=True)
+    with pytest.raises(ValueError, match="shift_tokens is an Encoder option, got shift_tokens=1"):
+        Decoder(dim=16, depth=1, shift_tokens=1)
+    model = NonAutoregressiveWrapper(_net(shift_tokens=1), mask_id=10, steps=4)
+    with pytest.raises(ValueError, match="cache='prefix' does not support a net with shift_tok"):
+        model.generate(batch_size=1, seq_len=12, block_size=4, cache="prefix")
+    out = model.generate(batch_size=1, seq_len=12, block_size=4)  # uncached blocks work
+    assert out.shape == (1, 12) and int((out == 10).sum()) == 0
 
 
 def test_relative_bias_is_the_table_entry_of_each_offset():

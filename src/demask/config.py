@@ -95,6 +95,8 @@ class ModelConfig:
     # the blocks' residual-stream outputs start at zero
     zero_init_branch_output: bool = seed_default(_LAYERS, "zero_init_branch_output")
     input_skip: bool = seed_default(_LAYERS, "input_skip")  # block l reads x + mu_l x0
+    # (Encoder) the blocks' normed inputs read 2k + 1 channel parts from positions i - k .. i + k
+    shift_tokens: int = seed_default(_LAYERS, "shift_tokens")
     # --- the backbone: TransformerWrapper ---
     emb_dim: int | None = seed_default(_NET, "emb_dim")  # token embedding width (None: dim)
     emb_dropout: float = seed_default(_NET, "emb_dropout")  # dropout on the input embeddings

@@ -13,8 +13,9 @@ from typing import Any
 # Version 4: the same default gives a rotary Encoder the bias as well. Version 5 added the training
 # optimiser (`optimizer`, `muon_momentum`, `muon_rms`); every earlier run trained with AdamW.
 # Version 6 added `zero_init_branch_output`, `input_skip`, `rel_pos_attn_bias` and
-# `train_masking`; every earlier net was built, and trained, without them.
-CONFIG_FORMAT_VERSION = 6
+# `train_masking`; every earlier net was built, and trained, without them. Version 7 added
+# `shift_tokens`; every earlier net was built without a token shift.
+CONFIG_FORMAT_VERSION = 7
 
 # format version 1: the model fields, and what it built for the options it did not record
 V1_MODEL_FIELDS = (
@@ -98,6 +99,17 @@ V5_IMPLIED: dict[str, Any] = {
 }  # fmt: skip
 
 
+def _migrate_v6(payload: dict[str, Any]) -> dict[str, Any]:
+    """Format 6 -> 7: no token shift, as version 6 built every net."""
+    model = payload.get("model")
+    if isinstance(model, dict):
+        model = {**V6_IMPLIED, **model}
+    return {**payload, "model": model, "format_version": 7}
+
+
+V6_IMPLIED: dict[str, Any] = {"shift_tokens": 0}
+
+
 # format version v -> the function that turns a payload of version v into one of version v + 1
 MIGRATIONS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {
     1: _migrate_v1,
@@ -105,4 +117,5 @@ MIGRATIONS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {
     3: _migrate_v3,
     4: _migrate_v4,
     5: _migrate_v5,
+    6: _migrate_v6,
 }

@@ -48,6 +48,13 @@ class CachedDenoiser(Denoiser):
             raise ValueError(f"cache must be one of {CACHES}, got {cache!r}")
         if getattr(self.net.attn_layers, "cross_attend", False):
             raise ValueError("a block cache does not support cross-attending layers")
+        shift = getattr(self.net.attn_layers, "shift_tokens", 0)
+        if shift:
+            raise ValueError(
+                f"cache={cache!r} does not support a net with shift_tokens={shift}: a cached call "
+                "computes only the block's positions, and each reads its neighbours' inputs; "
+                "pass cache=None"
+            )
         self.dual = cache == "dual"
         self.block: tuple[int, int] | None = None
         self.records: list[KVCache | None] = [None, None]  # per branch (cond, uncond)

@@ -39,7 +39,11 @@ class AttentionLayers(nn.Module):
       input_skip=False                   block l reads x + mu_l x0, x0 the layers' input, mu_l
                                          learned per block and started at 0 (the skip from the
                                          embeddings of modded-nanogpt; demask's own option)
-    The last two are part of the best masked recipe at the quality benchmark's budget
+      shift_tokens=0                     (Encoder) k > 0: every block's normed attention and
+                                         feed-forward inputs read their channels in 2k + 1
+                                         parts from positions i - k .. i + k (a token shift,
+                                         the seed library's option of the same name, as an int)
+    The last three are part of the best masked recipe at the quality benchmark's budget
     (benchmarks/RESULTS.md, "The ablation's three modules in the library").
     """
 
@@ -67,6 +71,7 @@ class AttentionLayers(nn.Module):
         attn_z_loss_weight: float = 1e-4,
         zero_init_branch_output: bool = False,
         input_skip: bool = False,
+        shift_tokens: int = 0,
         **kwargs: Any,
     ):
         super().__init__()
@@ -93,6 +98,13 @@ class AttentionLayers(nn.Module):
                             ("input_skip", input_skip)):  # fmt: skip
             if not isinstance(value, bool):
                 raise TypeError(f"{name} must be a bool, got {value!r}")
+        check_int("shift_tokens", shift_tokens, min=0, max=(dim - 1) // 2)
+        if shift_tokens and self.causal:
+            raise ValueError(
+                f"shift_tokens is an Encoder option, got shift_tokens={shift_tokens} for a "
+                "Decoder (its cached decoding does not keep the earlier positions' inputs)"
+            )
+        cfg["shift_tokens"] = shift_tokens
         check_int("attn_dim_head", cfg["attn_dim_head"], min=1)
         check_int("attn_kv_heads", cfg["attn_kv_heads"], min=1, max=heads)
         if heads % cfg["attn_kv_heads"]:
@@ -116,6 +128,7 @@ class AttentionLayers(nn.Module):
         self.zero_init_branch_output = zero_init_branch_output  # read by demask.model.init
         # mu_l stored at 1 / INPUT_SKIP_SCALE of its use, so AdamW moves it that much faster
         self.input_skip = nn.Parameter(torch.zeros(depth)) if input_skip else None
+        self.shift_tokens = shift_tokens
 
     @property
     def rotary_pos_emb(self) -> bool:
@@ -142,6 +155,11 @@ class AttentionLayers(nn.Module):
             )
         layer_caches: list[LayerCache | None] = [None] * self.depth
         key_pos = pos  # the positions of the keys attention reads
+        if cache is not None and self.shift_tokens:
+            raise ValueError(
+                f"a net with shift_tokens={self.shift_tokens} cannot run on a key/value cache: "
+                "a cached pass computes only some positions, and each reads its neighbours"
+            )
         if cache is not None:  # slots and mask once per pass, shared by the layers
             kv_cache, input_pos, read, read_slots = cache
             slots, mask = kv_cache.step(input_pos, key_mask, read, read_slots)

@@ -258,12 +258,32 @@ class FeedForward(nn.Module):
         return self.proj_out(h)
 
 
+def shift_tokens(h: Tensor, reach: int, key_mask: Tensor | None = None) -> Tensor:
+    """`h` (B, N, D) with its channels split in 2 * reach + 1 parts (`tensor_split`), part j read
+    from position i + j - reach: the first part from the left, the middle one in place, the last
+    from the right; zeros past the ends, and from padding where `key_mask` (B, N) is False."""
+    if key_mask is not None:
+        h = h.masked_fill(~key_mask[..., None], 0.0)
+    parts = []
+    for j, part in enumerate(h.tensor_split(2 * reach + 1, dim=-1)):
+        offset = j - reach  # position i reads i + offset
+        if offset < 0:
+            part = F.pad(part, (0, 0, -offset, 0))[:, : h.shape[1]]
+        elif offset > 0:
+            part = F.pad(part, (0, 0, 0, offset))[:, offset:]
+        parts.append(part)
+    return torch.cat(parts, dim=-1)
+
+
 class Block(nn.Module):
-    """Pre-norm residual block: self-attention, optional cross-attention, feed-forward."""
+    """Pre-norm residual block: self-attention, optional cross-attention, feed-forward. With
+    `cfg["shift_tokens"]` = k > 0 the normed inputs of attention and feed-forward are first
+    passed through `shift_tokens` (reach k)."""
 
     def __init__(self, dim: int, cfg: dict[str, Any], causal: bool, cross: bool):
         super().__init__()
         rms = cfg["use_rmsnorm"]
+        self.shift = cfg["shift_tokens"]
         opts = AttnOptions(
             heads=cfg["heads"],
             dim_head=cfg["attn_dim_head"],
@@ -291,7 +311,13 @@ class Block(nn.Module):
         cache: LayerCache | None,
         record: Record | None,
     ) -> Tensor:
-        x = x + self.attn(self.attn_norm(x), positions, key_mask, cache=cache, record=record)
+        h = self.attn_norm(x)
+        if self.shift:
+            h = shift_tokens(h, self.shift, key_mask)
+        x = x + self.attn(h, positions, key_mask, cache=cache, record=record)
         if self.cross_attn is not None and self.cross_norm is not None:
             x = x + self.cross_attn(self.cross_norm(x), NO_POSITIONS, context_mask, context=context)
-        return x + self.ff(self.ff_norm(x))
+        h = self.ff_norm(x)
+        if self.shift:
+            h = shift_tokens(h, self.shift, key_mask)
+        return x + self.ff(h)
