@@ -252,7 +252,9 @@ def _qkv_conv(net: Any) -> None:
 def shift_thirds(h: Tensor) -> Tensor:
     """(B, N, D) with its channels in three parts: the first read from position i - 1, the second
     from i, the third from i + 1 (zeros past the ends): the reference's `shift_tokens=1` on an
-    Encoder, written from its description."""
+    Encoder, written from its description. The screen's hook, kept as measured: the library's
+    `Encoder(shift_tokens=1)` (rows `...-st1-...`) splits with `tensor_split` (86 / 85 / 85
+    channels at dim 256) where this splits with `chunk` (86 / 86 / 84)."""
     before, here, after = h.chunk(3, dim=-1)
     before = torch.nn.functional.pad(before, (0, 0, 1, 0))[:, :-1]
     after = torch.nn.functional.pad(after, (0, 0, 0, 1))[:, 1:]

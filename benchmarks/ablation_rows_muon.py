@@ -79,6 +79,16 @@ def _with_cooldown(base: Row, fraction: float) -> Row:
     )
 
 
+def _with_shift(base: Row, reach: int) -> Row:
+    """`base` with both libraries' `shift_tokens=reach` on its layers."""
+    return replace(
+        base,
+        layers={**base.layers, "shift_tokens": reach},
+        note=f"{base.note}; shift_tokens={reach} (every block's normed inputs read {2 * reach + 1} "
+        f"channel parts from positions i-{reach}..i+{reach})",
+    )
+
+
 MUON_ROWS: dict[str, Row] = {
     "demask-ce-pb-swiglu-muon": _CE_SWIGLU_MUON,
     "demask-pb-swiglu-muon": replace(
@@ -187,6 +197,9 @@ MUON_ROWS: dict[str, Row] = {
         "normed attention and feed-forward inputs, started as the token shift (an ablation "
         "module); Muon (RMS 0.1)",
     ),
+    "demask-ce-recipe-st1-swiglu-muon01": _with_shift(_RECIPE, 1),
+    "demask-ce-recipe-st2-swiglu-muon01": _with_shift(_RECIPE, 2),
+    "reference-ce-skip-st2-swiglu-muon05": _with_shift(_REFERENCE_BEST, 2),
     # the reference's nearest: its token shift (channels split in three, shifted by -1, 0, +1)
     "reference-ce-skip-shift-swiglu-muon05": replace(
         _REFERENCE_BEST,
