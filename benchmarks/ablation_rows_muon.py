@@ -200,13 +200,8 @@ MUON_ROWS: dict[str, Row] = {
     "demask-ce-recipe-st1-swiglu-muon01": _with_shift(_RECIPE, 1),
     "demask-ce-recipe-st2-swiglu-muon01": _with_shift(_RECIPE, 2),
     "reference-ce-skip-st2-swiglu-muon05": _with_shift(_REFERENCE_BEST, 2),
-    # the reference's nearest: its token shift (channels split in three, shifted by -1, 0, +1)
-    "reference-ce-skip-shift-swiglu-muon05": replace(
-        _REFERENCE_BEST,
-        layers={**_REFERENCE_BEST.layers, "shift_tokens": 1},
-        note="the reference's best row + its token shift (shift_tokens=1: a third of the "
-        "channels from each of positions i-1, i, i+1); Muon (RMS 0.5)",
-    ),
+    # the reference's own token shift, reach 1 (the demask row's counterpart is `...-st1-...`)
+    "reference-ce-skip-shift-swiglu-muon05": _with_shift(_REFERENCE_BEST, 1),
 }
 
 

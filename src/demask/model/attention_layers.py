@@ -44,7 +44,8 @@ class AttentionLayers(nn.Module):
                                          parts from positions i - k .. i + k (a token shift,
                                          the seed library's option of the same name, as an int)
     The last three are part of the best masked recipe at the quality benchmark's budget
-    (benchmarks/RESULTS.md, "The ablation's three modules in the library").
+    (benchmarks/RESULTS.md, "The ablation's three modules in the library" and "The token shift
+    in both libraries").
     """
 
     causal: bool = False
