@@ -76,12 +76,25 @@ def build(row: Row, cfg: Config) -> nn.Module:
     return model
 
 
+def logits_net(model: Any, cfg: Config) -> nn.Module:
+    """tokens (B, N) -> logits (B, N, V) of either library's masked wrapper `model`, with its
+    self-conditioning's two passes when it has them (both libraries name the projection
+    `to_self_cond`; the reference defines it only when self-conditioning)."""
+    to_self_cond = getattr(model, "to_self_cond", None)
+    if to_self_cond is None:
+        return model.net
+    return quality.LogitsAsEmbeddings(model.net, 257, cfg.seq_len, to_self_cond=to_self_cond)
+
+
 def scored_wrapper(row: Row, model: Any, cfg: Config) -> nn.Module:
     """A demask wrapper that scores `model` (the reference's logits through an adapter)."""
     if row.lib == "demask":
-        return model
+        return model  # its NELBO makes the self-conditioning passes itself
     nar = load("demask").NonAutoregressiveWrapper
-    return nar(quality.LogitsAsEmbeddings(model.net, 257, cfg.seq_len), mask_id=256)
+    net = logits_net(model, cfg)
+    if not isinstance(net, quality.LogitsAsEmbeddings):
+        net = quality.LogitsAsEmbeddings(net, 257, cfg.seq_len)
+    return nar(net, mask_id=256)
 
 
 def run_job(job: tuple[str, int, dict[str, Any]]) -> dict[str, Any]:
@@ -98,7 +111,7 @@ def run_job(job: tuple[str, int, dict[str, Any]]) -> dict[str, Any]:
     scored = scored_wrapper(row, model, cfg)
     bits = evaluate.likelihood_bits_per_token(scored, windows, cfg.eval_batch, seed=0)
     ce5 = evaluate.masked_cross_entropy_bits(
-        scored.net, torch.stack(windows[: cfg.ce_windows]), round(0.05 * cfg.seq_len), 256,
+        logits_net(model, cfg), torch.stack(windows[: cfg.ce_windows]), round(0.05 * cfg.seq_len), 256,
         torch.Generator().manual_seed(0), draws=cfg.ce_draws,
     )  # fmt: skip
     out = {"row": name, "seed": seed, "nelbo": bits, "ce_t005": ce5, "train_s": run["train_s"]}

@@ -89,6 +89,16 @@ def _with_shift(base: Row, reach: int) -> Row:
     )
 
 
+def _with_self_cond(base: Row) -> Row:
+    """`base` with both libraries' `self_cond=True` (its `self_cond_train_prob` the seed's 0.75)."""
+    return replace(
+        base,
+        wrapper={**base.wrapper, "self_cond": True},
+        note=f"{base.note}; self_cond=True (a no-grad first pass's final embeddings, projected, "
+        "added to the input in 75% of the training steps and in every scored call)",
+    )
+
+
 MUON_ROWS: dict[str, Row] = {
     "demask-ce-pb-swiglu-muon": _CE_SWIGLU_MUON,
     "demask-pb-swiglu-muon": replace(
@@ -202,6 +212,30 @@ MUON_ROWS: dict[str, Row] = {
     "reference-ce-skip-st2-swiglu-muon05": _with_shift(_REFERENCE_BEST, 2),
     # the reference's own token shift, reach 1 (the demask row's counterpart is `...-st1-...`)
     "reference-ce-skip-shift-swiglu-muon05": _with_shift(_REFERENCE_BEST, 1),
+    "demask-ce-recipe-st3-swiglu-muon01": _with_shift(_RECIPE, 3),
+    "reference-ce-skip-st3-swiglu-muon05": _with_shift(_REFERENCE_BEST, 3),
+    "demask-ce-recipe-st2-sc-swiglu-muon01": _with_self_cond(_with_shift(_RECIPE, 2)),
+    "reference-ce-skip-st2-sc-swiglu-muon05": _with_self_cond(_with_shift(_REFERENCE_BEST, 2)),
+    "demask-ce-recipe-st2-swiglu-muon01-cd30": _with_cooldown(_with_shift(_RECIPE, 2), 0.3),
+    "reference-ce-skip-st2-swiglu-muon05-cd30": _with_cooldown(
+        _with_shift(_REFERENCE_BEST, 2), 0.3
+    ),
+    "demask-ce-recipe-st2-norel-swiglu-muon01-cd30": _with_cooldown(
+        replace(
+            _with_shift(_RECIPE, 2),
+            net={**_RECIPE.net, "rel_pos_attn_bias": False},
+            note=f"{_with_shift(_RECIPE, 2).note}; without the relative-offset bias",
+        ),
+        0.3,
+    ),
+    "demask-ce-recipe-st2-swiglu-muon02-cd30": _with_cooldown(
+        replace(
+            _with_shift(_RECIPE, 2),
+            train={**_RECIPE.train, "muon_rms": 0.2},
+            note=f"{_with_shift(_RECIPE, 2).note}; Muon at RMS 0.2",
+        ),
+        0.3,
+    ),
 }
 
 

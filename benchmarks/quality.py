@@ -129,11 +129,18 @@ class LogitsAsEmbeddings(nn.Module):
     projects the masked positions with `net.logits_from_embeddings`. Here the "embeddings" are the
     foreign net's logits (B, N, V) and the projection is the identity, so the NELBO is computed by
     demask's code from the foreign model's predictions, with nothing of its internals assumed.
+
+    With `to_self_cond` (a self-conditioning wrapper's projection, dim -> emb_dim) every call
+    makes two passes, as either library's self-conditioned wrapper does: the first pass's final
+    embeddings, projected, are added to the second pass's input (`sum_embeds`).
     """
 
-    def __init__(self, net: nn.Module, num_tokens: int, max_seq_len: int):
+    def __init__(
+        self, net: nn.Module, num_tokens: int, max_seq_len: int,
+        to_self_cond: nn.Module | None = None,
+    ):  # fmt: skip
         super().__init__()
-        self.net = net
+        self.net, self.to_self_cond = net, to_self_cond
         self.num_tokens = num_tokens
         self.max_seq_len = max_seq_len
         self.attn_layers = net.attn_layers  # read for .dim only (self-conditioning, critic)
@@ -141,8 +148,11 @@ class LogitsAsEmbeddings(nn.Module):
 
     def forward(self, x: Tensor, return_embeddings: bool = False, sum_embeds: Any = None) -> Tensor:
         if sum_embeds is not None:
-            raise ValueError("LogitsAsEmbeddings does not support self-conditioning (sum_embeds)")
-        return self.net(x)  # (B, N, V)
+            raise ValueError("LogitsAsEmbeddings takes no sum_embeds: self-conditioning is its to_self_cond")
+        if self.to_self_cond is None:
+            return self.net(x)  # (B, N, V)
+        first = self.net(x, return_embeddings=True)  # (B, N, dim)
+        return self.net(x, sum_embeds=self.to_self_cond(first))  # (B, N, V)
 
     def logits_from_embeddings(self, emb: Tensor) -> Tensor:
         return emb

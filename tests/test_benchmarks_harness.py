@@ -166,6 +166,35 @@ def test_logits_adapter_gives_demask_nelbo_unchanged():
     assert bool((a > 0).all())
 
 
+def test_logits_adapter_makes_the_self_conditioning_passes():
+    """With `to_self_cond` the adapter makes the self-conditioned wrapper's two passes: a demask
+    net with `self_cond=True` gives the same NELBO through it as through its own wrapper, and a
+    different one from a single pass (so the second pass is really fed by the first)."""
+    from benchmarks.libs import build_net, load
+    from benchmarks.quality import LogitsAsEmbeddings
+
+    lib = load("demask")
+    torch.manual_seed(0)
+    net = build_net(lib, causal=False, num_tokens=9, max_seq_len=12, dim=16, depth=1, heads=2)
+    own = lib.NonAutoregressiveWrapper(net, mask_id=8, self_cond=True)
+    with torch.no_grad():
+        own.to_self_cond.weight.normal_(0.0, 1.0)  # a projection that moves the logits
+    two = LogitsAsEmbeddings(net, 9, 12, to_self_cond=own.to_self_cond)
+    one = LogitsAsEmbeddings(net, 9, 12)
+    x = torch.randint(0, 8, (3, 12), generator=torch.Generator().manual_seed(1))
+    bits = {
+        name: lib.NonAutoregressiveWrapper(adapter, mask_id=8).nelbo(
+            x, generator=torch.Generator().manual_seed(2)
+        )
+        for name, adapter in (("two", two), ("one", one))
+    }
+    a = own.nelbo(x, generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(a, bits["two"], rtol=1e-5, atol=1e-6)
+    assert float((a - bits["one"]).abs().max()) > 1e-3
+    with pytest.raises(ValueError, match="sum_embeds"):
+        two(x, sum_embeds=torch.zeros(3, 12, 16))
+
+
 def _shakespeare_present() -> bool:
     from benchmarks import quality
 
