@@ -148,7 +148,9 @@ class LogitsAsEmbeddings(nn.Module):
 
     def forward(self, x: Tensor, return_embeddings: bool = False, sum_embeds: Any = None) -> Tensor:
         if sum_embeds is not None:
-            raise ValueError("LogitsAsEmbeddings takes no sum_embeds: self-conditioning is its to_self_cond")
+            raise ValueError(
+                "LogitsAsEmbeddings takes no sum_embeds: self-conditioning is its to_self_cond"
+            )
         if self.to_self_cond is None:
             return self.net(x)  # (B, N, V)
         first = self.net(x, return_embeddings=True)  # (B, N, dim)
