@@ -217,6 +217,9 @@ MUON_ROWS: dict[str, Row] = {
     "demask-ce-recipe-st2-sc-swiglu-muon01": _with_self_cond(_with_shift(_RECIPE, 2)),
     "reference-ce-skip-st2-sc-swiglu-muon05": _with_self_cond(_with_shift(_REFERENCE_BEST, 2)),
     "demask-ce-recipe-st2-swiglu-muon01-cd30": _with_cooldown(_with_shift(_RECIPE, 2), 0.3),
+    "demask-ce-recipe-st2-sc-swiglu-muon01-cd30": _with_cooldown(
+        _with_self_cond(_with_shift(_RECIPE, 2)), 0.3
+    ),
     "reference-ce-skip-st2-swiglu-muon05-cd30": _with_cooldown(
         _with_shift(_REFERENCE_BEST, 2), 0.3
     ),

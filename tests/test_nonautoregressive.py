@@ -215,6 +215,25 @@ def test_self_conditioning_feeds_previous_embeddings():
     assert got[0] is None and all(g is not None and g.shape == (2, N, 16) for g in got[1:])
 
 
+def test_self_conditioning_starts_as_the_plain_model():
+    """The feedback projection starts at zero: a fresh self-conditioned wrapper gives the plain
+    wrapper's NELBO on the same net, and after one step it has learned to use the feedback."""
+    w = wrapper(self_cond=True, self_cond_train_prob=1.0)
+    plain = NonAutoregressiveWrapper(w.net, mask_id=MASK)
+    assert int(w.to_self_cond.weight.count_nonzero()) == 0
+    x = _x()
+    a = w.nelbo(x, generator=torch.Generator().manual_seed(3))
+    b = plain.nelbo(x, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(a, b)
+    opt = torch.optim.SGD(w.parameters(), lr=0.1)
+    w(x).loss.backward()
+    opt.step()
+    assert int(w.to_self_cond.weight.count_nonzero()) > 0
+    c = w.nelbo(x, generator=torch.Generator().manual_seed(3))
+    d = plain.nelbo(x, generator=torch.Generator().manual_seed(3))
+    assert float((c - d).abs().max()) > 0.0  # the second pass now reads the first
+
+
 @param("critic", ["token_critic", "self_token_critic"])
 def test_generation_with_a_critic_follows_the_schedule(critic):
     kw = {"token_critic": tiny_net(logits_dim=1)} if critic == "token_critic" else {critic: True}

@@ -58,7 +58,8 @@ class NonAutoregressiveWrapper(MaskedContract):
       mask_id: the mask token, an id of net's embedding table.
       steps: demasking steps of `generate`.
       self_cond: feed the previous pass's embeddings back (a Linear dim -> emb_dim into
-        sum_embeds); in training a no-grad first pass with probability `self_cond_train_prob`.
+        sum_embeds, started at zero); in training a no-grad first pass with probability
+        `self_cond_train_prob`.
       no_replace_prob, random_token_prob: BERT augmentation of the masked inputs.
       schedule: 'linear' (mask ratio 1 - p), 'cosine' (cos(pi p / 2)) or a callable of progress p.
       can_mask_prev_unmasked: whether `generate` may mask a revealed token again.
@@ -149,6 +150,8 @@ class NonAutoregressiveWrapper(MaskedContract):
         dim, emb_dim = net.attn_layers.dim, net.emb_dim
         self.self_cond = bool(self_cond)
         self.to_self_cond = nn.Linear(dim, emb_dim, bias=False) if self_cond else None
+        if self.to_self_cond is not None:  # starts as the plain model; learns to use the feedback
+            nn.init.zeros_(self.to_self_cond.weight)
         self.token_critic = token_critic
         self.to_critic_logits = nn.Linear(dim, 1) if self_token_critic else None
 
