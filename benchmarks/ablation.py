@@ -91,10 +91,9 @@ def scored_wrapper(row: Row, model: Any, cfg: Config) -> nn.Module:
     if row.lib == "demask":
         return model  # its NELBO makes the self-conditioning passes itself
     nar = load("demask").NonAutoregressiveWrapper
-    net = logits_net(model, cfg)
-    if not isinstance(net, quality.LogitsAsEmbeddings):
-        net = quality.LogitsAsEmbeddings(net, 257, cfg.seq_len)
-    return nar(net, mask_id=256)
+    to_self_cond = getattr(model, "to_self_cond", None)  # the reference's, when it has one
+    adapter = quality.LogitsAsEmbeddings(model.net, 257, cfg.seq_len, to_self_cond=to_self_cond)
+    return nar(adapter, mask_id=256)
 
 
 def run_job(job: tuple[str, int, dict[str, Any]]) -> dict[str, Any]:

@@ -99,6 +99,11 @@ def _with_self_cond(base: Row) -> Row:
     )
 
 
+# both libraries' best rows with the token shift of reach 2 (the bases of the later rows)
+_RECIPE_ST2 = _with_shift(_RECIPE, 2)
+_REFERENCE_ST2 = _with_shift(_REFERENCE_BEST, 2)
+
+
 MUON_ROWS: dict[str, Row] = {
     "demask-ce-pb-swiglu-muon": _CE_SWIGLU_MUON,
     "demask-pb-swiglu-muon": replace(
@@ -208,34 +213,30 @@ MUON_ROWS: dict[str, Row] = {
         "module); Muon (RMS 0.1)",
     ),
     "demask-ce-recipe-st1-swiglu-muon01": _with_shift(_RECIPE, 1),
-    "demask-ce-recipe-st2-swiglu-muon01": _with_shift(_RECIPE, 2),
-    "reference-ce-skip-st2-swiglu-muon05": _with_shift(_REFERENCE_BEST, 2),
+    "demask-ce-recipe-st2-swiglu-muon01": _RECIPE_ST2,
+    "reference-ce-skip-st2-swiglu-muon05": _REFERENCE_ST2,
     # the reference's own token shift, reach 1 (the demask row's counterpart is `...-st1-...`)
     "reference-ce-skip-shift-swiglu-muon05": _with_shift(_REFERENCE_BEST, 1),
     "demask-ce-recipe-st3-swiglu-muon01": _with_shift(_RECIPE, 3),
     "reference-ce-skip-st3-swiglu-muon05": _with_shift(_REFERENCE_BEST, 3),
-    "demask-ce-recipe-st2-sc-swiglu-muon01": _with_self_cond(_with_shift(_RECIPE, 2)),
-    "reference-ce-skip-st2-sc-swiglu-muon05": _with_self_cond(_with_shift(_REFERENCE_BEST, 2)),
-    "demask-ce-recipe-st2-swiglu-muon01-cd30": _with_cooldown(_with_shift(_RECIPE, 2), 0.3),
-    "demask-ce-recipe-st2-sc-swiglu-muon01-cd30": _with_cooldown(
-        _with_self_cond(_with_shift(_RECIPE, 2)), 0.3
-    ),
-    "reference-ce-skip-st2-swiglu-muon05-cd30": _with_cooldown(
-        _with_shift(_REFERENCE_BEST, 2), 0.3
-    ),
+    "demask-ce-recipe-st2-sc-swiglu-muon01": _with_self_cond(_RECIPE_ST2),
+    "reference-ce-skip-st2-sc-swiglu-muon05": _with_self_cond(_REFERENCE_ST2),
+    "demask-ce-recipe-st2-swiglu-muon01-cd30": _with_cooldown(_RECIPE_ST2, 0.3),
+    "demask-ce-recipe-st2-sc-swiglu-muon01-cd30": _with_cooldown(_with_self_cond(_RECIPE_ST2), 0.3),
+    "reference-ce-skip-st2-swiglu-muon05-cd30": _with_cooldown(_REFERENCE_ST2, 0.3),
     "demask-ce-recipe-st2-norel-swiglu-muon01-cd30": _with_cooldown(
         replace(
-            _with_shift(_RECIPE, 2),
+            _RECIPE_ST2,
             net={**_RECIPE.net, "rel_pos_attn_bias": False},
-            note=f"{_with_shift(_RECIPE, 2).note}; without the relative-offset bias",
+            note=f"{_RECIPE_ST2.note}; without the relative-offset bias",
         ),
         0.3,
     ),
     "demask-ce-recipe-st2-swiglu-muon02-cd30": _with_cooldown(
         replace(
-            _with_shift(_RECIPE, 2),
+            _RECIPE_ST2,
             train={**_RECIPE.train, "muon_rms": 0.2},
-            note=f"{_with_shift(_RECIPE, 2).note}; Muon at RMS 0.2",
+            note=f"{_RECIPE_ST2.note}; Muon at RMS 0.2",
         ),
         0.3,
     ),
