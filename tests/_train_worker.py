@@ -21,6 +21,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared/data/shakespeare/hamlet_gut.txt"
 DATA = str(SHAKESPEARE) if SHAKESPEARE.is_file() else "digits"
 SEQ_LEN = 16 if SHAKESPEARE.is_file() else 64
+MAX_BYTES = 20_000 if SHAKESPEARE.is_file() else None  # digits take no byte limit
 
 
 def tiny_model(kind: str = "autoregressive", **over: Any) -> dict[str, Any]:
@@ -38,7 +39,7 @@ def tiny_train(out: str | Path, **over: Any) -> dict[str, Any]:
     """A TrainConfig dict for a few fast, quiet steps (`steps=` sets max_steps)."""
     cfg = dict(
         data=DATA,
-        data_max_bytes=20_000,
+        data_max_bytes=MAX_BYTES,
         out=str(out),
         max_steps=8,
         batch_size=4,

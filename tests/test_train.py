@@ -8,7 +8,7 @@ import os
 
 import pytest
 import torch
-from _train_worker import tiny_model, tiny_train
+from _train_worker import DATA, tiny_model, tiny_train
 from torch import nn
 
 from demask.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
@@ -132,6 +132,8 @@ GOLDEN = {
 def test_golden_first_losses(tmp_path, kind):
     if kind not in MODEL_BUILDERS:
         pytest.skip(f"{kind} not registered")
+    if DATA == "digits":
+        pytest.skip("the golden losses are Hamlet's; ../shared is not beside the clone")
     try:
         m, t = run(tmp_path, model=tiny_model(kind), steps=5)
         res = train(m, t)
@@ -382,11 +384,11 @@ def test_unknown_config_keys_are_rejected():
 
 
 def _val_data(n=5):
-    from _train_worker import DATA, SEQ_LEN
+    from _train_worker import MAX_BYTES, SEQ_LEN
 
     from demask.data import get_dataset
 
-    ds = get_dataset(DATA, "val", seq_len=SEQ_LEN, max_bytes=20_000)
+    ds = get_dataset(DATA, "val", seq_len=SEQ_LEN, max_bytes=MAX_BYTES)
     return [ds[i] for i in range(n)]  # a plain list of (N,) tensors is a dataset too
 
 
