@@ -188,6 +188,8 @@ def test_compiled_run_matches_eager(tmp_path):
 
 
 def test_tiny_model_learns(tmp_path):
+    if DATA == "digits":
+        pytest.skip("its bounds are Hamlet's bytes; ../shared is not beside the clone")
     m, t = run(tmp_path, model=tiny_model(dim=32), steps=150, batch_size=16, log_every=50)
     res = train(m, t)
     first = sum(res.losses[s] for s in range(1, 6)) / 5
