@@ -76,13 +76,11 @@ def build(row: Row, cfg: Config) -> nn.Module:
     return model
 
 
-def logits_net(model: Any, cfg: Config) -> nn.Module:
+def logits_net(model: Any, cfg: Config) -> quality.LogitsAsEmbeddings:
     """tokens (B, N) -> logits (B, N, V) of either library's masked wrapper `model`, with its
     self-conditioning's two passes when it has them (both libraries name the projection
     `to_self_cond`; the reference defines it only when self-conditioning)."""
     to_self_cond = getattr(model, "to_self_cond", None)
-    if to_self_cond is None:
-        return model.net
     return quality.LogitsAsEmbeddings(model.net, 257, cfg.seq_len, to_self_cond=to_self_cond)
 
 
@@ -90,10 +88,7 @@ def scored_wrapper(row: Row, model: Any, cfg: Config) -> nn.Module:
     """A demask wrapper that scores `model` (the reference's logits through an adapter)."""
     if row.lib == "demask":
         return model  # its NELBO makes the self-conditioning passes itself
-    nar = load("demask").NonAutoregressiveWrapper
-    to_self_cond = getattr(model, "to_self_cond", None)  # the reference's, when it has one
-    adapter = quality.LogitsAsEmbeddings(model.net, 257, cfg.seq_len, to_self_cond=to_self_cond)
-    return nar(adapter, mask_id=256)
+    return load("demask").NonAutoregressiveWrapper(logits_net(model, cfg), mask_id=256)
 
 
 def run_job(job: tuple[str, int, dict[str, Any]]) -> dict[str, Any]:

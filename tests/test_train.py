@@ -101,6 +101,11 @@ def test_seeded_runs_repeat_and_seeds_differ(tmp_path):
     assert a.status == "finished" and a.step == 4
 
 
+# the golden losses and the learning bounds were measured on Hamlet's bytes
+needs_hamlet = pytest.mark.skipif(
+    DATA == "digits", reason="Hamlet's bytes; ../shared is not beside the clone"
+)
+
 # Golden first losses of a tiny seeded run (tiny_model / tiny_train, seed 0, on
 # /work/shared/data/shakespeare/hamlet_gut.txt). They pin init + data + objective + optimiser:
 # a change in any of them shows here. Regenerate (after checking the change is intended) with
@@ -128,12 +133,11 @@ GOLDEN = {
 }
 
 
+@needs_hamlet
 @param("kind", sorted(GOLDEN))
 def test_golden_first_losses(tmp_path, kind):
     if kind not in MODEL_BUILDERS:
         pytest.skip(f"{kind} not registered")
-    if DATA == "digits":
-        pytest.skip("the golden losses are Hamlet's; ../shared is not beside the clone")
     try:
         m, t = run(tmp_path, model=tiny_model(kind), steps=5)
         res = train(m, t)
@@ -187,9 +191,8 @@ def test_compiled_run_matches_eager(tmp_path):
     assert load_checkpoint(tmp_path / "c").step == 3
 
 
+@needs_hamlet
 def test_tiny_model_learns(tmp_path):
-    if DATA == "digits":
-        pytest.skip("its bounds are Hamlet's bytes; ../shared is not beside the clone")
     m, t = run(tmp_path, model=tiny_model(dim=32), steps=150, batch_size=16, log_every=50)
     res = train(m, t)
     first = sum(res.losses[s] for s in range(1, 6)) / 5
