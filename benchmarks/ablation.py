@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from benchmarks import harness, objective_rows, quality
+from benchmarks import harness, objective_rows, partial_masking, quality
 from benchmarks.ablation_inits import INITS, baseline_init
 from benchmarks.ablation_rows import ROWS as BASE_ROWS
 from benchmarks.ablation_rows import Row
@@ -56,7 +56,10 @@ def build(row: Row, cfg: Config) -> nn.Module:
         layers["rotary_pos_emb"] = True
         if row.lib == "demask":  # rotary alone, as every rotary row was screened, unless asked
             net_kwargs.setdefault("abs_pos_attn_bias", False)
-    net = build_net(lib, causal=False, num_tokens=257, max_seq_len=cfg.seq_len, dim=cfg.dim,
+    if row.parts > 1:  # one input id per digit state, one logit per byte value
+        net_kwargs["logits_dim"] = 256
+    num_tokens = 257 if row.parts == 1 else partial_masking.num_states(_base(row), row.parts)
+    net = build_net(lib, causal=False, num_tokens=num_tokens, max_seq_len=cfg.seq_len, dim=cfg.dim,
                     depth=cfg.depth, heads=cfg.heads, net_kwargs=net_kwargs, **layers)  # fmt: skip
     torch.manual_seed(cfg.seed + 1)
     if row.lib == "demask":
@@ -66,6 +69,8 @@ def build(row: Row, cfg: Config) -> nn.Module:
         init_position_bias(net)  # the position bias's own start (no-op without one)
     for name in row.init:
         INITS[name](net)
+    if row.parts > 1:
+        return partial_masking.PartialMasking(net, _base(row), row.parts)
     model = lib.NonAutoregressiveWrapper(net, mask_id=256, **row.wrapper)
     if row.estimator is not None:
         model.mdlm_estimator = row.estimator
@@ -76,10 +81,16 @@ def build(row: Row, cfg: Config) -> nn.Module:
     return model
 
 
-def logits_net(model: Any, cfg: Config) -> quality.LogitsAsEmbeddings:
+def _base(row: Row) -> int:
+    return round(256 ** (1 / row.parts))
+
+
+def logits_net(model: Any, cfg: Config) -> nn.Module:
     """tokens (B, N) -> logits (B, N, V) of either library's masked wrapper `model`, with its
     self-conditioning's two passes when it has them (both libraries name the projection
     `to_self_cond`; the reference defines it only when self-conditioning)."""
+    if isinstance(model, partial_masking.PartialMasking):
+        return partial_masking.BytesAsStates(model)
     to_self_cond = getattr(model, "to_self_cond", None)
     return quality.LogitsAsEmbeddings(model.net, 257, cfg.seq_len, to_self_cond=to_self_cond)
 
@@ -87,7 +98,7 @@ def logits_net(model: Any, cfg: Config) -> quality.LogitsAsEmbeddings:
 def scored_wrapper(row: Row, model: Any, cfg: Config) -> nn.Module:
     """A demask wrapper that scores `model` (the reference's logits through an adapter)."""
     if row.lib == "demask":
-        return model  # its NELBO makes the self-conditioning passes itself
+        return model  # its NELBO makes the self-conditioning passes itself (or a digits' NELBO)
     return load("demask").NonAutoregressiveWrapper(logits_net(model, cfg), mask_id=256)
 
 

@@ -24,6 +24,7 @@ class Row:
     estimator: str | None = None  # demask's NonAutoregressiveWrapper.mdlm_estimator
     count_power: float | None = None  # its mdlm_count_power (importance-sampled mask counts)
     objective: str | None = None  # a key of objective_rows.VARIANTS: the training loss replaced
+    parts: int = 1  # > 1: bytes as `parts` digits masked one by one (benchmarks.partial_masking)
     train: dict[str, Any] = field(
         default_factory=dict
     )  # Config overrides: lr, warmup, weight_decay

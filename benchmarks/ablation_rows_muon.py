@@ -99,6 +99,16 @@ def _with_self_cond(base: Row) -> Row:
     )
 
 
+def _with_partial(base: Row, parts: int) -> Row:
+    """`base` with every byte `parts` digits masked one by one (`benchmarks.partial_masking`)."""
+    return replace(
+        base,
+        parts=parts,
+        note=f"{base.note}; partial masking: each byte {parts} base-{round(256 ** (1 / parts))} "
+        "digits, masked one by one (the bell counts and the NELBO over the digits)",
+    )
+
+
 # both libraries' best rows with the token shift of reach 2 (the bases of the later rows)
 _RECIPE_ST2 = _with_shift(_RECIPE, 2)
 _REFERENCE_ST2 = _with_shift(_REFERENCE_BEST, 2)
@@ -240,6 +250,24 @@ MUON_ROWS: dict[str, Row] = {
         ),
         0.3,
     ),
+    # the reference's step size re-bracketed on its best row (0.5 was best without the shift)
+    **{
+        f"reference-ce-skip-st2-swiglu-muon{str(rms).replace('.', '')}-cd30": _with_cooldown(
+            replace(
+                _REFERENCE_ST2,
+                train={**_REFERENCE_ST2.train, "muon_rms": rms},
+                note=f"{_REFERENCE_ST2.note}; Muon at RMS {rms}",
+            ),
+            0.3,
+        )
+        for rms in (0.25, 1.0)
+    },
+    **{
+        f"demask-ce-recipe-st2-prime{p}-swiglu-muon01-cd30": _with_partial(
+            _with_cooldown(_RECIPE_ST2, 0.3), p
+        )
+        for p in (2, 4, 8)
+    },
 }
 
 

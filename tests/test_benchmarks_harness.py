@@ -520,3 +520,57 @@ def test_qkv_conv_starts_as_the_identity_and_adds_each_neighbour():
         torch.nn.init.normal_(block.attn.to_out.weight, std=0.02)
     net(x).logsumexp(-1).sum().backward()
     assert all(bool(c.weight.grad.abs().sum() > 0) for c in net.qkv_conv.convs)
+
+
+def test_partial_masking_with_one_digit_is_demask_nelbo():
+    """With a byte as one base-256 digit, partial masking is plain masking: the same net gives
+    the same NELBO as demask's wrapper, mask for mask (the same seeded draws)."""
+    from benchmarks.libs import build_net, load
+    from benchmarks.partial_masking import PartialMasking
+
+    lib = load("demask")
+    torch.manual_seed(0)
+    net = build_net(lib, causal=False, num_tokens=257, max_seq_len=12, dim=16, depth=1, heads=2,
+                    net_kwargs={"logits_dim": 256})  # fmt: skip
+    x = torch.randint(0, 256, (3, 12), generator=torch.Generator().manual_seed(1))
+    with torch.random.fork_rng():
+        torch.manual_seed(5)
+        mine, count = PartialMasking(net, base=256, parts=1).likelihood_bits(x, num_times=8)
+    with torch.random.fork_rng():
+        torch.manual_seed(5)
+        theirs, _ = lib.NonAutoregressiveWrapper(net, mask_id=256).likelihood_bits(x, num_times=8)
+    assert count == 36
+    torch.testing.assert_close(mine, theirs, rtol=1e-6, atol=1e-6)
+
+
+def test_partial_masking_digit_losses_are_the_joint_distributions_marginals():
+    """Two base-16 digits per byte: a hidden digit's loss is -log of the net's byte distribution
+    restricted to the visible digit and summed over the hidden one, computed here by hand."""
+    from benchmarks.libs import build_net, load
+    from benchmarks.partial_masking import PartialMasking, num_states
+
+    torch.manual_seed(0)
+    net = build_net(load("demask"), causal=False, num_tokens=num_states(16, 2), max_seq_len=6,
+                    dim=16, depth=1, heads=2, net_kwargs={"logits_dim": 256})  # fmt: skip
+    model = PartialMasking(net, base=16, parts=2)
+    x = torch.tensor([[0x41, 0x62, 0x20, 0x7A, 0x0F, 0xF0]])
+    hidden = torch.tensor([[[1, 1], [1, 0], [0, 1], [0, 0], [1, 1], [0, 1]]], dtype=torch.bool)
+    ids = model.state_ids(x, hidden)
+    # the id of (hi state, lo state), 16 for a hidden digit: hi + 17 * lo
+    assert ids.tolist() == [[16 + 17 * 16, 16 + 17 * 2, 2 + 17 * 16, 7 + 17 * 10, 16 + 17 * 16,
+                             15 + 17 * 16]]  # fmt: skip
+    got = model.digit_nats(x, hidden)
+    logp = net(ids).log_softmax(-1).view(1, 6, 16, 16)  # [hi, lo]
+    want = torch.zeros(1, 6, 2)
+    for i in range(6):
+        hi, lo = int(x[0, i]) // 16, int(x[0, i]) % 16
+        grid = logp[0, i]
+        if hidden[0, i, 0] and hidden[0, i, 1]:
+            want[0, i, 0] = -grid.logsumexp(1)[hi]
+            want[0, i, 1] = -grid.logsumexp(0)[lo]
+        elif hidden[0, i, 0]:  # lo visible: hi given lo
+            want[0, i, 0] = -grid[:, lo].log_softmax(0)[hi]
+        elif hidden[0, i, 1]:  # hi visible: lo given hi
+            want[0, i, 1] = -grid[hi].log_softmax(0)[lo]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert float(got[0, 3].detach().abs().sum()) == 0.0  # nothing hidden, nothing scored
