@@ -199,7 +199,9 @@ def test_one_step_discrete_nelbo_is_sum_of_fully_masked_marginals():
     with torch.no_grad():
         logp = w.net(torch.full((1, L), MASK)).double().log_softmax(-1)[0]  # (L, V+1)
     marginals = float(-logp.gather(-1, X[:, None]).sum())
-    assert exact_discrete_nelbo(w.net, w.schedule, 1) == pytest.approx(marginals, rel=1e-12)
+    # float32 logits: a batch of every mask set and this one row may round differently by the
+    # CPU's kernels (equal to the last bit on AMD EPYC, 1e-7 apart on an Intel Xeon)
+    assert exact_discrete_nelbo(w.net, w.schedule, 1) == pytest.approx(marginals, rel=1e-6)
 
 
 def test_discrete_nelbo_tends_to_continuous():
