@@ -99,6 +99,13 @@ def _with_self_cond(base: Row) -> Row:
     )
 
 
+def _with_rms(base: Row, rms: float) -> Row:
+    """`base` with Muon's update RMS at `rms` (times the lr)."""
+    return replace(
+        base, train={**base.train, "muon_rms": rms}, note=f"{base.note}; Muon at RMS {rms}"
+    )
+
+
 def _with_partial(base: Row, parts: int) -> Row:
     """`base` with every byte `parts` digits masked one by one (`benchmarks.partial_masking`)."""
     return replace(
@@ -242,25 +249,17 @@ MUON_ROWS: dict[str, Row] = {
         ),
         0.3,
     ),
-    "demask-ce-recipe-st2-swiglu-muon02-cd30": _with_cooldown(
-        replace(
-            _RECIPE_ST2,
-            train={**_RECIPE.train, "muon_rms": 0.2},
-            note=f"{_RECIPE_ST2.note}; Muon at RMS 0.2",
-        ),
-        0.3,
-    ),
-    # the reference's step size re-bracketed on its best row (0.5 was best without the shift)
+    # Muon's step re-bracketed on both best rows with the cooldown (the reference's 0.5 and
+    # demask's 0.1 were best without the shift)
     **{
-        f"reference-ce-skip-st2-swiglu-muon{str(rms).replace('.', '')}-cd30": _with_cooldown(
-            replace(
-                _REFERENCE_ST2,
-                train={**_REFERENCE_ST2.train, "muon_rms": rms},
-                note=f"{_REFERENCE_ST2.note}; Muon at RMS {rms}",
-            ),
-            0.3,
+        f"{prefix}-st2-swiglu-muon{str(rms).replace('.', '')}-cd30": _with_cooldown(
+            _with_rms(base, rms), 0.3
         )
-        for rms in (0.25, 1.0)
+        for prefix, base, values in (
+            ("demask-ce-recipe", _RECIPE_ST2, (0.05, 0.2, 0.4)),
+            ("reference-ce-skip", _REFERENCE_ST2, (0.125, 0.25, 1.0)),
+        )
+        for rms in values
     },
     **{
         f"demask-ce-recipe-st2-prime{p}-swiglu-muon01-cd30": _with_partial(
