@@ -441,10 +441,15 @@ def test_demo_writes_pictures_and_numbers(tmp_path, capsys):
     assert png_size(out / "samples_by_class.png") == grid_size(10 * 8, 8)  # a row per class
     assert png_size(out / "demasking.png") == grid_size(4 * 10, 10)  # 65 states, 10 shown
     assert png_size(out / "loss_curve.png") == (640, 400)
-    res = json.loads((out / "eval.json").read_text())
+    record = (out / "demo_eval.json").read_text()
+    res = json.loads(record)
     assert res["step"] == 3 and res["unconditional"]["num_images"] == 16
     assert res["conditional"]["num_images"] == 200  # 20 per class, scored
     assert 0.0 <= res["conditional"]["class_accuracy"] <= 1.0
     assert "NELBO bits/pixel" in stdout and str(out / "samples_by_class.png") in stdout
+    # `demask eval` on the demo's folder writes its own eval.json beside the demo's record
+    assert run_cli(capsys, "eval", "--checkpoint", out, "--num", "4")[0] == 0
+    assert (out / "demo_eval.json").read_text() == record
+    assert json.loads((out / "eval.json").read_text())["quality"]["num_images"] == 4
     # a second demo may overwrite the first one's folder
     assert run_cli(capsys, "demo", "--out", out, "--steps", "1", "--num", "4", "--quiet")[0] == 0

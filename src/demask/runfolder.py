@@ -41,7 +41,8 @@ METRICS_FILE = "metrics.jsonl"
 LOCK_FILE = ".demask.lock"
 TMP_PREFIX = ".tmp-"  # every temporary file or folder demask writes starts with this
 # what demask writes at the top of a run folder (train, sample, eval, demo)
-_RESULTS = ("loss_curve.png", "samples", "eval.json", "demo.json", "samples.png", "demasking.png")
+_RESULTS = ("loss_curve.png", "samples", "eval.json", "demo.json", "demo_eval.json", "samples.png",
+            "samples_by_class.png", "demasking.png")  # fmt: skip
 OWN_NAMES = frozenset(
     (LATEST_FILE, CHECKPOINTS_DIR, CONFIG_FILE, METRICS_FILE, LOCK_FILE) + _RESULTS
 )

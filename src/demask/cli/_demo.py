@@ -59,6 +59,8 @@ PER_CLASS_SCORED = 20  # conditional digits per class scored by the classifier
 STRIP_CLASSES = (0, 2, 5, 7)  # the digits shown being demasked in demasking.png
 PIXEL_SCALE = 6
 MARKER = "demo.json"  # marks a folder written by the demo, which a later demo may overwrite
+# the demo's numbers; not `eval.json`, which `demask eval --checkpoint <demo folder>` writes
+RECORD = "demo_eval.json"
 
 
 def _check_out(out: Path) -> bool:
@@ -183,8 +185,8 @@ def run_demo(args: argparse.Namespace) -> int:
     results["sampling"] = dict(DEMO_SAMPLING)
     results.update(_score(tok, cond, labels, uncond))
     results["seconds"] = {"train": round(t_train, 1), "total": round(time.perf_counter() - t0, 1)}
-    write_json(out / "eval.json", results)
-    written.append(str(out / "eval.json"))
+    write_json(out / RECORD, results)
+    written.append(str(out / RECORD))
     c, u = results["conditional"], results["unconditional"]
     rows = [
         ("NELBO bits/pixel given the class (val)", results["nelbo_bits_per_pixel"]),

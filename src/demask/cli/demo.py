@@ -14,8 +14,8 @@ with a classifier trained on the real digits, and writes into --out:
   demasking.png         a few digits being demasked step by step
   samples.png           digits sampled without a class
   loss_curve.png        the training loss
-  eval.json             the numbers printed at the end
-It needs no download and runs in about 4.5 minutes on 2 CPU cores.
+  demo_eval.json        the numbers printed at the end
+It needs no download and runs in about 3 minutes on 2 CPU cores.
 
 Example:
   demask demo --out runs/demo
