@@ -69,7 +69,10 @@ def build(row: Row, cfg: Config) -> nn.Module:
         init_position_bias(net)  # the position bias's own start (no-op without one)
     for name in row.init:
         INITS[name](net)
-    if row.parts > 1:
+    if row.parts > 1:  # it trains only as the recipe does: mean CE over bell-shaped counts
+        recipe = {"use_simple_mdlm_loss_weight": False, "train_masking": "bell"}
+        if row.wrapper != recipe or (row.estimator, row.count_power, row.objective) != (None,) * 3:
+            raise ValueError(f"a partial-masking row trains with {recipe} only, got {row}")
         return partial_masking.PartialMasking(net, _base(row), row.parts)
     model = lib.NonAutoregressiveWrapper(net, mask_id=256, **row.wrapper)
     if row.estimator is not None:
