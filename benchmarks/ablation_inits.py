@@ -217,6 +217,33 @@ def _value_emb(net: Any) -> None:
         )
 
 
+class _RateEmbedding(nn.Module):
+    """The share r of masked tokens in a row, as Fourier features (r, sin(pi k r), cos(pi k r),
+    k = 1..4) projected to one vector added to every token embedding of the row; the projection
+    starts at zero (the net computes what it did). A masked model's own noise level, read from
+    its input (MDLM's time conditioning, without a time)."""
+
+    k: Tensor  # (F,) the frequencies pi k
+
+    def __init__(self, dim: int, mask_id: int, freqs: int = 4):
+        super().__init__()
+        self.mask_id = mask_id
+        self.register_buffer("k", torch.arange(1, freqs + 1) * math.pi, persistent=False)
+        self.proj = nn.Linear(1 + 2 * freqs, dim, bias=False)
+        nn.init.zeros_(self.proj.weight)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        r = (ids == self.mask_id).float().mean(-1, keepdim=True)  # (B, 1)
+        feats = torch.cat([r, torch.sin(self.k * r), torch.cos(self.k * r)], -1)  # (B, 1 + 2F)
+        return self.proj(feats)[:, None, :]  # (B, 1, dim)
+
+
+def _rate_cond(net: Any) -> None:
+    """`_RateEmbedding` added to the token embeddings (the mask id is the last token)."""
+    net.rate_emb = _RateEmbedding(net.token_emb.embedding_dim, net.num_tokens - 1)
+    net.token_emb.register_forward_hook(lambda _m, inp, out: out + net.rate_emb(inp[0]))
+
+
 class _QKVConv(nn.Module):
     """Primer's depthwise convolutions on the queries, keys and values (So et al. 2021, arXiv
     2109.08668), here centred (kernel 3 over positions i-1, i, i+1: a masked model reads both
@@ -307,6 +334,7 @@ INITS: dict[str, Callable[[Any], None]] = {
     "shift_conv": _shift_conv,
     "qkv_conv": _qkv_conv,
     "value_emb": _value_emb,
+    "rate_cond": _rate_cond,
     "rel_bias": _add_bias(lambda net: RelativePositions(net.attn_layers.heads, net.max_seq_len)),
     "alibi": _add_bias(lambda net: _AlibiBias(net.attn_layers.heads)),
     "x0_mix": _x0_mix,

@@ -261,6 +261,12 @@ MUON_ROWS: dict[str, Row] = {
         )
         for rms in values
     },
+    "demask-ce-recipe-st2-rate-swiglu-muon01-cd30": replace(
+        _with_cooldown(_RECIPE_ST2, 0.3),
+        init=(*_RECIPE.init, "rate_cond"),
+        note=f"{_with_cooldown(_RECIPE_ST2, 0.3).note}; the row's masked share as an input "
+        "embedding (Fourier features, a zero-started projection)",
+    ),
     **{
         f"demask-ce-recipe-st2-prime{p}-swiglu-muon01-cd30": _with_partial(
             _with_cooldown(_RECIPE_ST2, 0.3), p

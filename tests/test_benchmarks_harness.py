@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import math
 import statistics
 import sys
 from pathlib import Path
@@ -574,3 +575,27 @@ def test_partial_masking_digit_losses_are_the_joint_distributions_marginals():
             want[0, i, 1] = -grid[hi].log_softmax(0)[lo]
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert float(got[0, 3].detach().abs().sum()) == 0.0  # nothing hidden, nothing scored
+
+
+def test_rate_embedding_starts_neutral_and_adds_the_rows_masked_share():
+    """The masked-share row: the same logits as its base at the start; with a projection set,
+    every token embedding of a row gains proj(r, sin(pi k r), cos(pi k r)) for that row's
+    share r of mask tokens, computed here by hand."""
+    from benchmarks import ablation
+
+    cfg = ablation.Config(seq_len=16, dim=32, depth=2, heads=2)
+    x = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    x[0, :4] = 256  # row 0: 4 of 16 masked; row 1: none
+    torch.manual_seed(0)
+    base = ablation.build(ablation.ROWS["demask-ce-recipe-st2-swiglu-muon01-cd30"], cfg).net
+    torch.manual_seed(0)
+    net = ablation.build(ablation.ROWS["demask-ce-recipe-st2-rate-swiglu-muon01-cd30"], cfg).net
+    assert torch.equal(net(x), base(x))
+    w = torch.randn(32, 9, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        net.rate_emb.proj.weight.copy_(w)
+    k = torch.arange(1, 5) * math.pi
+    for row, r in ((0, 0.25), (1, 0.0)):
+        feats = torch.cat([torch.tensor([r]), torch.sin(k * r), torch.cos(k * r)])
+        want = base.token_emb(x[row]) + w @ feats
+        torch.testing.assert_close(net.token_emb(x[row : row + 1])[0], want.expand(16, 32))
