@@ -48,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
 
 COMMAND = Command(
     name="demo",
-    help="train a class-conditional masked model on digits, sample, write PNGs (about 4.5 minutes on CPU)",
+    help="train a class-conditional masked model on digits, sample, write PNGs (about 3 minutes on CPU)",
     description=DESCRIPTION,
     add_arguments=add_arguments,
     run=run,
