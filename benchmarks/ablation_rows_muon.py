@@ -101,8 +101,11 @@ def _with_self_cond(base: Row) -> Row:
 
 def _with_rms(base: Row, rms: float) -> Row:
     """`base` with Muon's update RMS at `rms` (times the lr)."""
+    was = base.train["muon_rms"]
     return replace(
-        base, train={**base.train, "muon_rms": rms}, note=f"{base.note}; Muon at RMS {rms}"
+        base,
+        train={**base.train, "muon_rms": rms},
+        note=f"{base.note}; Muon's step changed from RMS {was} to {rms}",
     )
 
 
