@@ -56,9 +56,10 @@ def build(row: Row, cfg: Config) -> nn.Module:
         layers["rotary_pos_emb"] = True
         if row.lib == "demask":  # rotary alone, as every rotary row was screened, unless asked
             net_kwargs.setdefault("abs_pos_attn_bias", False)
+    base = partial_masking.digit_base(row.parts)
     if row.parts > 1:  # one input id per digit state, one logit per byte value
         net_kwargs["logits_dim"] = 256
-    num_tokens = 257 if row.parts == 1 else partial_masking.num_states(_base(row), row.parts)
+    num_tokens = 257 if row.parts == 1 else partial_masking.num_states(base, row.parts)
     net = build_net(lib, causal=False, num_tokens=num_tokens, max_seq_len=cfg.seq_len, dim=cfg.dim,
                     depth=cfg.depth, heads=cfg.heads, net_kwargs=net_kwargs, **layers)  # fmt: skip
     torch.manual_seed(cfg.seed + 1)
@@ -73,7 +74,7 @@ def build(row: Row, cfg: Config) -> nn.Module:
         recipe = {"use_simple_mdlm_loss_weight": False, "train_masking": "bell"}
         if row.wrapper != recipe or (row.estimator, row.count_power, row.objective) != (None,) * 3:
             raise ValueError(f"a partial-masking row trains with {recipe} only, got {row}")
-        return partial_masking.PartialMasking(net, _base(row), row.parts)
+        return partial_masking.PartialMasking(net, base, row.parts)
     model = lib.NonAutoregressiveWrapper(net, mask_id=256, **row.wrapper)
     if row.estimator is not None:
         model.mdlm_estimator = row.estimator
@@ -82,10 +83,6 @@ def build(row: Row, cfg: Config) -> nn.Module:
     if row.objective is not None:
         objective_rows.install(row.objective, model)
     return model
-
-
-def _base(row: Row) -> int:
-    return round(256 ** (1 / row.parts))
 
 
 def logits_net(model: Any, cfg: Config) -> nn.Module:

@@ -14,6 +14,7 @@ from benchmarks.ablation_rows import (
     _SWIGLU,
     Row,
 )
+from benchmarks.partial_masking import digit_base
 
 # both libraries' best recipe so far: mean CE, SwiGLU, Muon on the blocks' matrices (RMS 0.2)
 _MUON = {"optimizer": "muon"}
@@ -114,7 +115,7 @@ def _with_partial(base: Row, parts: int) -> Row:
     return replace(
         base,
         parts=parts,
-        note=f"{base.note}; partial masking: each byte {parts} base-{round(256 ** (1 / parts))} "
+        note=f"{base.note}; partial masking: each byte {parts} base-{digit_base(parts)} "
         "digits, masked one by one (the bell counts and the NELBO over the digits)",
     )
 

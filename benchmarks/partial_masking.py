@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from demask.modes import eval_mode
 from demask.objectives.masked import (
     bell_mass,
     count_masks,
@@ -30,6 +31,11 @@ from demask.objectives.masked import (
     midpoint_times,
 )
 from demask.schedules import get_schedule
+
+
+def digit_base(parts: int) -> int:
+    """The base of `parts` digits per byte (256 ** (1 / parts): 16 for 2, 4 for 4, 2 for 8)."""
+    return round(256 ** (1 / parts))
 
 
 def num_states(base: int, parts: int) -> int:
@@ -90,12 +96,10 @@ class PartialMasking(nn.Module):
         times = midpoint_times(num_times or 32, device=x.device)
         weights = mdlm_weight(self.schedule, times) / len(times)
         total = torch.zeros((), dtype=torch.float64, device=x.device)
-        was = self.training
-        self.eval()
-        for t, w in zip(times, weights):
-            hidden = draw_masks(t.expand(b), (b, n * self.parts), device=x.device)
-            total += self.digit_nats(x, hidden.view(b, n, self.parts)).sum().double() * w
-        self.train(was)
+        with eval_mode(self):
+            for t, w in zip(times, weights):
+                hidden = draw_masks(t.expand(b), (b, n * self.parts), device=x.device)
+                total += self.digit_nats(x, hidden.view(b, n, self.parts)).sum().double() * w
         return total / math.log(2), x.numel()
 
 
