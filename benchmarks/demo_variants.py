@@ -20,6 +20,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "drop40": {"cond_drop_prob": 0.4},  # the class dropped from 40% of the rows, not 25%
     "cebell": {"use_simple_mdlm_loss_weight": False, "train_masking": "bell"},  # mean CE
     "shift1": {"shift_tokens": 1},  # the token shift of reach 1
+    "predict": {"predict_dropped_cond": True},  # the dropped class masked and predicted too
 }
 
 

@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 
 from demask.cli import COMMANDS, Command, main, register
 from demask.cli._common import parse_prompt
+from demask.metrics import real_digits_quality
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--dim", "16", "--depth", "1", "--heads", "2", "--batch-size", "8", "--quiet"]
@@ -443,8 +444,10 @@ def test_demo_writes_pictures_and_numbers(tmp_path, capsys):
     assert png_size(out / "loss_curve.png") == (640, 400)
     record = (out / "demo_eval.json").read_text()
     res = json.loads(record)
-    assert res["step"] == 3 and res["unconditional"]["num_images"] == 16
-    assert res["conditional"]["num_images"] == 200  # 20 per class, scored
+    assert res["step"] == 3
+    # 200 scored each way (16 drawn without a class), and 200 real digits as the yardstick
+    assert res["conditional"]["num_images"] == res["unconditional"]["num_images"] == 200
+    assert res["real_digits"] == real_digits_quality(200)
     assert 0.0 <= res["conditional"]["class_accuracy"] <= 1.0
     assert "NELBO bits/pixel" in stdout and str(out / "samples_by_class.png") in stdout
     # `demask eval` on the demo's folder writes its own eval.json beside the demo's record

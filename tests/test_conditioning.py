@@ -135,6 +135,93 @@ def test_constructor_checks_condition_arguments():
         w(batch(4), condition=torch.ones(N + 1, dtype=torch.bool))
 
 
+def test_predicting_the_dropped_condition_is_the_joint_loss_for_dropped_rows():
+    """predict_dropped_cond with every row dropped trains exactly the model without a
+    condition: the class positions are masked at the row's rate and scored like the rest."""
+    x = batch(64)
+    joint = wrapper(cond_prefix_len=2, cond_drop_prob=1.0, predict_dropped_cond=True)
+    plain = wrapper()  # the same net (seeded), no condition at all
+    torch.manual_seed(3)
+    got = joint(x).loss
+    torch.manual_seed(3)
+    torch.rand(64)  # the drop draw, which the plain wrapper does not make
+    assert torch.equal(got, plain(x).loss)
+    # without dropout the condition is given and unscored, as without predict_dropped_cond
+    kept = wrapper(cond_prefix_len=2, cond_drop_prob=1e-9, predict_dropped_cond=True)
+    hidden = wrapper(cond_prefix_len=2, cond_drop_prob=1e-9)
+    torch.manual_seed(3)
+    a = kept(x).loss
+    torch.manual_seed(3)
+    torch.rand(64)
+    assert torch.equal(a, hidden(x).loss)
+
+
+def test_predicted_condition_is_seen_masked_and_in_the_loss():
+    w = wrapper(record=True, cond_prefix_len=1, cond_drop_prob=0.5, predict_dropped_cond=True)
+    x = batch()
+    torch.manual_seed(5)
+    w(x)
+    (inp,) = w.net.inputs
+    masked_class = inp[:, 0] == MASK
+    # dropped rows mask the class at their own rate (about half of them, as the pixels'
+    # counts say), kept rows never: so about a quarter of the rows, not a half
+    assert 0.15 < float(masked_class.float().mean()) < 0.35
+    rate = (inp[:, 1:] == MASK).float().mean(-1)
+    assert float(rate[masked_class].mean()) > float(rate[~masked_class].mean())
+
+
+def test_a_model_that_predicts_its_condition_draws_one_when_none_is_given():
+    from demask.data.tokenizers import GreyLevelTokenizer
+
+    # vocabulary: 4 "pixels" (0-3), 2 classes (4, 5), mask 6; the class slot is position 0
+    tok = GreyLevelTokenizer(levels=4, image_shape=(1, N - 1), num_classes=2)
+    allowed = tok.allowed_tokens(V + 1)  # (N, 7)
+    assert allowed[0].tolist() == [False] * 4 + [True, True, False]
+    assert bool((allowed[1:, :4]).all()) and not bool(allowed[1:, 4:].any())
+    kw = dict(sampler="ancestral", steps=N, filter_thres=0.0, anneal_temperature=False)
+    start = torch.full((64, N), MASK)
+    for predict in (False, True):
+        w = wrapper(cond_prefix_len=1, cond_drop_prob=0.2, predict_dropped_cond=predict).eval()
+        out = w.generate(prompt=start, allowed_tokens=allowed,
+                         generator=torch.Generator().manual_seed(0), **kw)  # fmt: skip
+        assert bool((out[:, 1:] < 4).all())  # pixels only at the pixels
+        if predict:  # the class slot is drawn, from the classes only
+            assert bool(((out[:, 0] == 4) | (out[:, 0] == 5)).all())
+        else:  # a dropped condition stays dropped
+            assert bool((out[:, 0] == MASK).all())
+    with pytest.raises(ValueError, match="predict_dropped_cond=True needs condition dropout"):
+        wrapper(predict_dropped_cond=True)  # nothing to drop
+    with pytest.raises(ValueError, match="cond_drop_prob > 0"):
+        wrapper(cond_prefix_len=1, predict_dropped_cond=True)
+
+
+@pytest.mark.parametrize(
+    "allowed, match",
+    [
+        (torch.ones(V + 1), "bool tensor, got torch.float32"),
+        (
+            torch.ones(2, 2, 2, dtype=torch.bool),
+            r"bool tensor, got torch.bool of shape \(2, 2, 2\)",
+        ),
+        (torch.ones(V, dtype=torch.bool), r"shape \(7,\) or \(8, 7\)"),
+        (torch.ones(N - 1, V + 1, dtype=torch.bool), r"got \(7, 7\)"),
+        (torch.arange(V + 1) == MASK, "no token to draw but mask_id"),
+    ],
+)
+def test_allowed_tokens_are_checked(allowed, match):
+    w = wrapper().eval()
+    with pytest.raises(ValueError, match=match):
+        w.generate(batch_size=2, allowed_tokens=allowed)
+
+
+def test_allowed_tokens_of_one_row_apply_everywhere():
+    w = wrapper().eval()
+    allowed = torch.zeros(V + 1, dtype=torch.bool)
+    allowed[[1, 3]] = True
+    out = w.generate(batch_size=32, allowed_tokens=allowed, filter_thres=0.0)
+    assert set(out.unique().tolist()) == {1, 3}
+
+
 def test_labelled_digits_put_the_class_token_first():
     ds = get_dataset("digits-labelled", "val")
     plain = get_dataset("digits", "val")

@@ -171,7 +171,7 @@ def test_format_2_keeps_the_positions_it_built():
     only; version 3's default adds an attention bias, so the migration says False."""
     model = ModelConfig(**tiny_model("masked"))
     payload = json.loads(configs_to_json(model))
-    assert payload["format_version"] == CONFIG_FORMAT_VERSION == 7
+    assert payload["format_version"] == CONFIG_FORMAT_VERSION == 8
     del payload["model"]["abs_pos_attn_bias"]
     payload["format_version"] = 2
     old, _ = configs_from_json(json.dumps(payload))
@@ -238,6 +238,19 @@ def test_format_6_built_without_a_token_shift():
     payload["format_version"] = 6
     old, _ = configs_from_json(json.dumps(payload))
     assert old == dataclasses.replace(model, shift_tokens=0)
+
+
+def test_format_7_left_a_dropped_condition_unscored():
+    """Version 7 had no predict_dropped_cond: its configs load with it False."""
+    cond = dict(cond_prefix_len=1, cond_drop_prob=0.2)
+    model = ModelConfig(**tiny_model("masked"), **cond, predict_dropped_cond=True)
+    payload = json.loads(configs_to_json(model))
+    assert configs_from_json(json.dumps(payload))[0] == model  # round trip
+    assert build_model(model).predict_dropped_cond is True
+    del payload["model"]["predict_dropped_cond"]
+    payload["format_version"] = 7
+    old, _ = configs_from_json(json.dumps(payload))
+    assert old == dataclasses.replace(model, predict_dropped_cond=False)
 
 
 def test_a_format_1_run_folder_loads_its_model_and_resumes(tmp_path):

@@ -17,6 +17,7 @@ from demask.metrics import (
     entropy_bits,
     frechet_distance,
     generative_perplexity,
+    real_digits_quality,
     text_quality,
     unigram_entropy,
 )
@@ -74,6 +75,31 @@ def test_digits_quality_of_one_repeated_digit_has_no_diversity():
     one = np.repeat(digits_images("val")[:1], 16, axis=0)
     q = digits_quality(one)
     assert q["class_entropy_bits"] == 0.0 and max(q["class_counts"]) == 16
+
+
+def test_real_digits_quality_averages_seeded_draws_of_real_digits():
+    q = real_digits_quality(64, draws=3, seed=5)
+    rng = np.random.default_rng(5)  # the same draws, by hand
+    real = digits_images("train")
+    by_hand = [digits_quality(real[rng.choice(len(real), 64, replace=False)]) for _ in range(3)]
+    fd = [s["frechet_distance"] for s in by_hand]
+    assert q["frechet_distance"] == pytest.approx(np.mean(fd), rel=1e-12)
+    assert (q["frechet_distance_min"], q["frechet_distance_max"]) == (min(fd), max(fd))
+    assert q["mean_top_prob"] == pytest.approx(np.mean([s["mean_top_prob"] for s in by_hand]))
+    assert (q["num_images"], q["draws"]) == (64, 3)
+    assert real_digits_quality(64, draws=3, seed=5) == q  # seeded
+    # the small-sample bias it exists to show: fewer digits, a larger distance
+    assert real_digits_quality(297, draws=3)["frechet_distance"] < q["frechet_distance"]
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [({"num": 1}, "num must be >= 2"), ({"num": 1501}, "num must be <= 1500"),
+     ({"num": 64, "draws": 0}, "draws must be >= 1")],
+)  # fmt: skip
+def test_real_digits_quality_rejects_bad_counts(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        real_digits_quality(**kwargs)
 
 
 @pytest.mark.parametrize(

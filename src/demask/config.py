@@ -127,6 +127,8 @@ class ModelConfig:
     use_simple_mdlm_loss_weight: bool = seed_default(_MASKED, "use_simple_mdlm_loss_weight")
     cond_drop_prob: float = seed_default(_MASKED, "cond_drop_prob")  # rows without condition
     cond_prefix_len: int = seed_default(_MASKED, "cond_prefix_len")  # leading condition tokens
+    # a dropped condition is masked and predicted like the rest (a joint model of both)
+    predict_dropped_cond: bool = seed_default(_MASKED, "predict_dropped_cond")
     # how mean-CE training masks: schedule (a time, Bernoulli masks) | bell (counts, row means)
     train_masking: str = seed_default(_MASKED, "train_masking")
     # --- (AR) AutoregressiveWrapper ---

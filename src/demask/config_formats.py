@@ -14,8 +14,9 @@ from typing import Any
 # optimiser (`optimizer`, `muon_momentum`, `muon_rms`); every earlier run trained with AdamW.
 # Version 6 added `zero_init_branch_output`, `input_skip`, `rel_pos_attn_bias` and
 # `train_masking`; every earlier net was built, and trained, without them. Version 7 added
-# `shift_tokens`; every earlier net was built without a token shift.
-CONFIG_FORMAT_VERSION = 7
+# `shift_tokens`; every earlier net was built without a token shift. Version 8 added
+# `predict_dropped_cond`; every earlier model left a dropped condition unscored.
+CONFIG_FORMAT_VERSION = 8
 
 # format version 1: the model fields, and what it built for the options it did not record
 V1_MODEL_FIELDS = (
@@ -110,6 +111,17 @@ def _migrate_v6(payload: dict[str, Any]) -> dict[str, Any]:
 V6_IMPLIED: dict[str, Any] = {"shift_tokens": 0}
 
 
+def _migrate_v7(payload: dict[str, Any]) -> dict[str, Any]:
+    """Format 7 -> 8: a dropped condition unscored, as version 7 trained every model."""
+    model = payload.get("model")
+    if isinstance(model, dict):
+        model = {**V7_IMPLIED, **model}
+    return {**payload, "model": model, "format_version": 8}
+
+
+V7_IMPLIED: dict[str, Any] = {"predict_dropped_cond": False}
+
+
 # format version v -> the function that turns a payload of version v into one of version v + 1
 MIGRATIONS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {
     1: _migrate_v1,
@@ -118,4 +130,5 @@ MIGRATIONS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {
     4: _migrate_v4,
     5: _migrate_v5,
     6: _migrate_v6,
+    7: _migrate_v7,
 }

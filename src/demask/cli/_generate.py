@@ -91,20 +91,6 @@ def load_run(
     return Run(ckpt, tokenizer, modality, dataset, run_dir)
 
 
-def no_class_tokens(tokenizer: Any) -> Callable[[Tensor], Tensor] | None:
-    """A logits filter that never samples a class token at a pixel (labelled data), or None."""
-    classes = getattr(tokenizer, "num_classes", 0)
-    if not classes:
-        return None
-    first = tokenizer.levels
-
-    def only_pixels(logits: Tensor) -> Tensor:  # (M, V)
-        logits[:, first : first + classes] = -torch.inf
-        return logits
-
-    return only_pixels
-
-
 def _class_prompt(run: Run, label: int) -> tuple[int | None, ...]:
     """The class token of `label`, then holes to fill."""
     classes = getattr(run.tokenizer, "num_classes", 0)
@@ -161,7 +147,9 @@ def sample_options(run: Run, args: argparse.Namespace) -> SampleOptions:
     start = None
     if prompt is None and "start" in uses:  # a model that continues a prefix: real first tokens
         start = _first_tokens(run, args.num, args.seed)
-    only_pixels = no_class_tokens(run.tokenizer) if "logits_filter" in uses else None
+    allowed = None
+    if "allowed_tokens" in uses and hasattr(run.tokenizer, "allowed_tokens"):  # labelled images
+        allowed = run.tokenizer.allowed_tokens(run.model.num_tokens)
     return SampleOptions(
         seed=args.seed,
         temperature=args.temperature,
@@ -173,7 +161,7 @@ def sample_options(run: Run, args: argparse.Namespace) -> SampleOptions:
         decode_steps=getattr(args, "decode_steps", None),
         anneal=bool(getattr(args, "anneal", False)),
         guidance=guidance,
-        logits_filter=only_pixels,
+        allowed_tokens=allowed,
         history=True,
     )
 

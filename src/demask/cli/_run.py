@@ -65,6 +65,8 @@ def _labelled(data: str, args: argparse.Namespace) -> str:
     """The dataset to load: the labelled form of `data` with --conditional."""
     if getattr(args, "cond_drop_prob", None) is not None and not args.conditional:
         raise CLIError("--cond-drop-prob applies to --conditional models; add --conditional")
+    if getattr(args, "predict_dropped_cond", None) and not args.conditional:
+        raise CLIError("--predict-dropped-cond applies to --conditional models; add --conditional")
     if not args.conditional or data in LABELLED.values():
         return data
     if data not in LABELLED:

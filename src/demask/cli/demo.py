@@ -33,7 +33,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="training steps (default: the tuned demo setting; --steps is the deprecated spelling)",
     )
     p.add_argument(
-        "--num", type=positive_int, default=64, help="digits to draw (default: %(default)s)"
+        "--num",
+        type=positive_int,
+        default=64,
+        help="digits drawn without a class in samples.png (default: %(default)s; 200 are scored, "
+        "as many as by class)",
     )
     p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     p.add_argument("--device", help="cpu | cuda (default: cuda if available, else cpu)")

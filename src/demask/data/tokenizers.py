@@ -128,6 +128,18 @@ class GreyLevelTokenizer:
             raise ValueError("class tokens need a tokenizer with num_classes > 0")
         return self.levels + check_int("label", label, min=0, max=self.num_classes - 1)
 
+    def allowed_tokens(self, num_tokens: int) -> Tensor | None:
+        """(seq_len, num_tokens) bool for labelled images: class tokens in the class slot, grey
+        levels at the pixels (`generate(allowed_tokens=...)`), for a model of num_tokens ids (its
+        mask token among them); None without classes."""
+        if not self.num_classes:
+            return None
+        check_int("num_tokens", num_tokens, min=self.vocab_size)
+        allowed = torch.zeros(self.seq_len, num_tokens, dtype=torch.bool)
+        allowed[: self.prefix_len, self.levels : self.vocab_size] = True
+        allowed[self.prefix_len :, : self.levels] = True
+        return allowed
+
     def encode_labelled(self, images: Any, labels: Any) -> Tensor:
         """(M, H, W) images and (M,) labels -> (M, 1 + H*W) ids: class token, then pixels."""
         if not self.num_classes:

@@ -223,6 +223,17 @@ def masked_loss(
 Predict = Callable[[Tensor, Tensor], tuple[Tensor, Tensor, Tensor, Tensor]]
 
 
+def check_predict_dropped_cond(predict: bool, cond_drop_prob: float, cond_prefix_len: int) -> bool:
+    """predict_dropped_cond needs condition dropout on a condition prefix."""
+    if predict and not (cond_drop_prob > 0 and cond_prefix_len > 0):
+        raise ValueError(
+            "predict_dropped_cond=True needs condition dropout on a condition prefix "
+            f"(cond_drop_prob > 0 and cond_prefix_len > 0), got cond_drop_prob={cond_drop_prob} "
+            f"and cond_prefix_len={cond_prefix_len}"
+        )
+    return bool(predict)
+
+
 @dataclass(frozen=True)
 class MaskedObjective:
     """The generator loss of a masked model: corrupt x, predict the masked tokens, weigh the CE.
@@ -232,6 +243,11 @@ class MaskedObjective:
     "count", `count_masks` with `count_power`) or by a time and Bernoulli masks ("time", weight
     m'(t)/m(t)); otherwise MaskGIT's mean cross-entropy over masked positions, masked as
     `train_masking` says (`TRAIN_MASKINGS`).
+
+    Condition dropout (`cond_drop_prob` per row): the condition becomes mask tokens. By default it
+    is not scored. With `predict_dropped_cond` the dropped condition is part of the row instead:
+    masked like the other tokens and predicted, so the model learns the condition and the rest
+    jointly, and `generate` can draw a condition it is not given.
     """
 
     schedule: Schedule
@@ -244,6 +260,7 @@ class MaskedObjective:
     estimator: str = "count"
     count_power: float = 0.5
     train_masking: str = "schedule"
+    predict_dropped_cond: bool = False
 
     def __call__(
         self, x: Tensor, cond: Tensor, predict: Predict
@@ -252,6 +269,9 @@ class MaskedObjective:
         (loss, logits (M, V), rows (M,), cols (M,)) with M the masked positions."""
         b, n = x.shape
         counts = t = weight = None
+        if self.predict_dropped_cond and self.cond_drop_prob > 0:
+            drop = torch.rand(b, device=x.device) < self.cond_drop_prob  # (B,)
+            cond = cond & ~drop[:, None]  # these rows' condition is masked and scored like the rest
         if self.mdlm and self.estimator == "count":
             mask, counts, weight = count_masks(~cond, power=self.count_power)
         elif not self.mdlm and self.train_masking == "bell":
@@ -267,7 +287,7 @@ class MaskedObjective:
             no_replace_prob=self.no_replace_prob,
             random_token_prob=self.random_token_prob,
         )
-        if self.cond_drop_prob > 0:
+        if self.cond_drop_prob > 0 and not self.predict_dropped_cond:
             drop = torch.rand(b, device=x.device) < self.cond_drop_prob  # (B,)
             inp = inp.masked_fill(cond & drop[:, None], self.mask_id)
         ce, logits, rows, cols = predict(inp, mask)

@@ -7,7 +7,7 @@ network; the one loop (`demask.decoding.masked.demask`) does, at `sampler.candid
 
 Per step (MaskGIT, Chang et al. 2022, https://arxiv.org/abs/2202.04200; Mask-Predict,
 Ghazvininejad et al. 2019, https://arxiv.org/abs/1904.09324):
-  1. at the candidates: mask_id excluded, `logits_filter`, top-k (`filter_thres`), one softmax;
+  1. at the candidates: mask_id excluded, `allowed_tokens`, top-k (`filter_thres`), one softmax;
   2. one float64 Gumbel-max draw per candidate at temperature
      `temperature * (steps - step) / steps` (or `temperature` with `anneal=False`);
   3. with a critic and a rule that uses it: the critic scores the filled canvas, plus
@@ -41,7 +41,8 @@ class MaskedSampler:
     rule: how many candidates and which are revealed (demask.samplers.RULES).
     temperature: the seed's start_temperature; annealed linearly to 0 when `anneal`.
     filter_thres: the seed's top-k filter (keeps ceil((1 - thres) V) logits; 0 keeps all).
-    logits_filter: any (M, V) -> (M, V) filter applied before the top-k.
+    allowed_tokens: (V,) or (N, V) bool, the tokens every position (or each of the N positions)
+      may hold; the others are never drawn (e.g. a class token only in the class slot).
     noise_scale: the seed's noise_level_scale, Gumbel noise on the critic's scores.
     remask: revealed tokens are candidates too (the seed's can_mask_prev_unmasked, for rules that
       can re-mask; rules with `always_remask` re-mask whatever this says).
@@ -51,7 +52,7 @@ class MaskedSampler:
     temperature: float = 1.0
     anneal: bool = True
     filter_thres: float = 0.7
-    logits_filter: Callable[[Tensor], Tensor] | None = None
+    allowed_tokens: Tensor | None = None
     noise_scale: float = 1.0
     remask: bool = False
 
@@ -59,6 +60,16 @@ class MaskedSampler:
         check_float("temperature", self.temperature, min=0.0)
         check_float("filter_thres", self.filter_thres, min=0.0, max=1.0, max_inclusive=False)
         check_float("noise_scale", self.noise_scale, min=0.0)
+        allowed = self.allowed_tokens
+        if allowed is not None and not (
+            isinstance(allowed, Tensor) and allowed.dtype == torch.bool and allowed.ndim in (1, 2)
+        ):
+            got = (
+                f"{allowed.dtype} of shape {tuple(allowed.shape)}"
+                if isinstance(allowed, Tensor)
+                else type(allowed).__name__
+            )
+            raise ValueError(f"allowed_tokens must be a (V,) or (N, V) bool tensor, got {got}")
 
     @property
     def remasks(self) -> bool:
@@ -111,8 +122,11 @@ class MaskedSampler:
         rows, cols = logits.rows, logits.cols
         values = logits.values.float().clone()  # (M, V)
         values[:, state.mask_id] = -math.inf  # never propose the mask token
-        if self.logits_filter is not None:
-            values = self.logits_filter(values)
+        if self.allowed_tokens is not None:
+            allowed = _allowed_at(self.allowed_tokens, state, values.shape[-1]).to(values.device)
+            if allowed.ndim == 2:
+                allowed = allowed[cols]  # (M, V): the row of each candidate's position
+            values = values.masked_fill(~allowed, -math.inf)
         vocab_index = None
         if self.filter_thres > 0:
             values, vocab_index = top_k_compact(values, thres=self.filter_thres)  # (M, K)
@@ -129,6 +143,22 @@ class MaskedSampler:
             held = _prob_of(probs, vocab_index, tokens)
             token_probs = torch.where(was_masked, token_probs, held)
         return Proposal(rows, cols, was_masked, tokens, probs, token_probs)
+
+
+def _allowed_at(allowed: Tensor, state: MaskedState, vocab: int) -> Tensor:
+    """`allowed_tokens`, checked against the canvas (B, N) and the vocabulary V."""
+    n = state.tokens.shape[1]
+    expected = (vocab,) if allowed.ndim == 1 else (n, vocab)
+    if tuple(allowed.shape) != expected:
+        raise ValueError(
+            f"allowed_tokens must have shape ({vocab},) or ({n}, {vocab}) (the vocabulary, or the "
+            f"canvas's positions by the vocabulary), got {tuple(allowed.shape)}"
+        )
+    drawable = allowed.clone()
+    drawable[..., state.mask_id] = False
+    if not bool(drawable.any(-1).all()):
+        raise ValueError("allowed_tokens leaves a position no token to draw but mask_id")
+    return allowed
 
 
 def _prob_of(probs: Tensor, vocab_index: Tensor | None, tokens: Tensor) -> Tensor:

@@ -15,7 +15,6 @@ use (`check_sample_options`), naming the kind the setting is for.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -45,9 +44,9 @@ class SampleOptions:
     decode_steps: int | None = field(default=None, metadata=_for("masked"))  # None: the model's
     anneal: bool = field(default=False, metadata=_for("masked"))  # temperature -> 0 over steps
     guidance: float | None = field(default=None, metadata=_for("masked"))  # CFG scale
-    logits_filter: Callable[[Tensor], Tensor] | None = field(
+    allowed_tokens: Tensor | None = field(
         default=None, metadata=_for("masked")
-    )  # applied to the (M, V) logits of each step, e.g. to forbid some tokens
+    )  # (V,) or (N, V) bool: the tokens every position (or each) may be given
     history: bool = False  # keep every step's state (masked; an AR model returns None)
 
     def given(self) -> dict[str, Any]:

@@ -18,7 +18,7 @@ class MaskedContract(ModelContract):
     likelihood_name = "nelbo"  # MDLM negative ELBO: an upper bound on the NLL
     sample_options = frozenset(
         {"seed", "temperature", "filter_thres", "prompt", "sampler", "decode_steps", "anneal",
-         "guidance", "logits_filter", "history"}
+         "guidance", "allowed_tokens", "history"}
     )  # fmt: skip
     default_sampler = "ancestral"  # `sample`'s: MDLM ancestral sampling (generate's is the seed's)
     mask_id: int
@@ -62,7 +62,7 @@ class MaskedContract(ModelContract):
             filter_thres=options.filter_thres,
             sampler=settings["sampler"],
             anneal_temperature=options.anneal,
-            logits_filter=options.logits_filter,
+            allowed_tokens=options.allowed_tokens,
             generator=torch.Generator(dev).manual_seed(options.seed),
             return_history=True,
             guidance_scale=options.guidance,

@@ -58,18 +58,23 @@ def start_canvas(
 
 
 def initial_state(
-    seq: Tensor, mask_id: int, prefix: Tensor | None, guidance_scale: float | None
+    seq: Tensor,
+    mask_id: int,
+    prefix: Tensor | None,
+    guidance_scale: float | None,
+    fill_dropped: bool = False,
 ) -> tuple[MaskedState, Guidance | None]:
     """The decoding state of a start canvas (B, N), and the guidance it asks for.
 
     prefix (B, N) bool: the condition's positions (cond_prefix_len), or None: then every given
     token is the condition. A condition position holding mask_id is a dropped condition: it is
-    not filled.
+    not filled, unless `fill_dropped` (a model trained with predict_dropped_cond draws it).
     """
     given = seq != mask_id  # (B, N)
     fillable = ~given
     if prefix is not None:
-        fillable &= ~prefix  # a dropped condition stays dropped
+        if not fill_dropped:
+            fillable &= ~prefix  # a dropped condition stays dropped
         given = given & prefix
     state = MaskedState(seq, fillable, mask_id)
     if guidance_scale is None:

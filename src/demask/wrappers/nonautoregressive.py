@@ -24,7 +24,7 @@ from demask.decoding.masked import demask
 from demask.denoiser import critic_logits, self_cond_embeds
 from demask.model import TransformerWrapper
 from demask.modes import eval_mode
-from demask.objectives.masked import TRAIN_MASKINGS, MaskedObjective
+from demask.objectives.masked import TRAIN_MASKINGS, MaskedObjective, check_predict_dropped_cond
 from demask.samplers import MaskedSampler, RevealRule, get_rule, sample_categorical
 from demask.schedules import SCHEDULES, CallableSchedule, Schedule, get_schedule
 from demask.wrappers.masked_contract import MaskedContract
@@ -73,6 +73,8 @@ class NonAutoregressiveWrapper(MaskedContract):
     demask's own:
       cond_drop_prob, cond_prefix_len: classifier-free guidance's condition dropout, and the
         leading positions that are a condition (see `forward`).
+      predict_dropped_cond: a dropped condition is masked and predicted like the rest (a joint
+        model of condition and sequence); `generate` then fills a condition left masked.
       train_masking: how mean-CE training (use_simple_mdlm_loss_weight=False) masks. "schedule"
         (default): a time and Bernoulli masks, the seed's. "bell": an exact count per row, mostly
         half-masked rows (`demask.objectives.masked.bell_mass`), the mean of the rows' mean CE;
@@ -110,6 +112,7 @@ class NonAutoregressiveWrapper(MaskedContract):
         cond_drop_prob: float = 0.0,
         cond_prefix_len: int = 0,
         train_masking: str = "schedule",
+        predict_dropped_cond: bool = False,
     ):
         super().__init__()
         self.net = net
@@ -139,6 +142,9 @@ class NonAutoregressiveWrapper(MaskedContract):
             "cond_prefix_len", cond_prefix_len, min=0, max=self.max_seq_len - 1
         )
         self.train_masking = check_choice("train_masking", train_masking, TRAIN_MASKINGS)
+        self.predict_dropped_cond = check_predict_dropped_cond(
+            predict_dropped_cond, self.cond_drop_prob, self.cond_prefix_len
+        )
         if self.train_masking != "schedule" and self.use_simple_mdlm_loss_weight:
             raise ValueError(
                 f"train_masking={train_masking!r} is for mean-CE training "
@@ -233,6 +239,7 @@ class NonAutoregressiveWrapper(MaskedContract):
             self.schedule, self.mask_id, self.num_tokens, self.no_replace_prob,
             self.random_token_prob, self.cond_drop_prob, self.use_simple_mdlm_loss_weight,
             self.mdlm_estimator, self.mdlm_count_power, self.train_masking,
+            self.predict_dropped_cond,
         )  # fmt: skip
 
     def _critic_loss(
@@ -299,7 +306,7 @@ class NonAutoregressiveWrapper(MaskedContract):
         steps: int | None = None,
         sampler: str | RevealRule | MaskedSampler = "confidence",
         anneal_temperature: bool = True,
-        logits_filter: Callable[[Tensor], Tensor] | None = None,
+        allowed_tokens: Tensor | None = None,
         generator: torch.Generator | None = None,
         return_history: bool = False,
         callback: Callable[[int, Tensor], Any] | None = None,
@@ -321,15 +328,16 @@ class NonAutoregressiveWrapper(MaskedContract):
         (`ThresholdRule(tau=0.8)`), or a whole `MaskedSampler` (then used as given: the sampling
         arguments here do not apply). The seed's arguments map onto `MaskedSampler`:
         start_temperature -> temperature (annealed to 0 unless `anneal_temperature=False`),
-        filter_thres -> its top-k, noise_level_scale -> the critic's noise.
+        filter_thres -> its top-k, noise_level_scale -> the critic's noise. `allowed_tokens`
+        (V,) or (seq_len, V) bool: the only tokens drawn, everywhere or at each position.
         `return_history=True` also returns the states after each step, (steps, B, seq_len) (batch
         dim dropped like the output); `return_stats=True` also returns the `Decoded` record (its
         `evaluations`, `forwards`, `evaluations_per_token`). Exact MDLM ancestral sampling:
         sampler='ancestral', filter_thres=0, anneal_temperature=False. **kwargs go to the network.
 
-        Conditions: with `cond_prefix_len` > 0, the prompt's first cond_prefix_len tokens are the
-        condition; where they are mask_id the condition is dropped and they stay masked
-        (unconditional sampling). Without it, every given token of the prompt is the condition.
+        Conditions: with `cond_prefix_len` > 0 the prompt's first cond_prefix_len tokens are the
+        condition, dropped where they are mask_id (kept masked, or drawn by a model trained with
+        `predict_dropped_cond`); without it, every given token of the prompt is the condition.
         `guidance_scale=w`: classifier-free guidance, sampling from u + w (c - u) with c the
         conditional and u the unconditional logits (the condition masked); w = 0 samples
         unconditionally, w = 1 conditionally (see `demask.denoiser.Guidance`).
@@ -354,7 +362,7 @@ class NonAutoregressiveWrapper(MaskedContract):
                 temperature=start_temperature,
                 anneal=anneal_temperature,
                 filter_thres=filter_thres,
-                logits_filter=logits_filter,
+                allowed_tokens=allowed_tokens,
                 noise_scale=noise_level_scale,
                 remask=self.can_mask_prev_unmasked,
             )
@@ -365,7 +373,9 @@ class NonAutoregressiveWrapper(MaskedContract):
         prefix = None
         if self.cond_prefix_len:
             prefix = self._condition(None, seq.shape[0], seq.shape[1], seq.device)  # (B, N)
-        state, guidance = initial_state(seq, self.mask_id, prefix, guidance_scale)
+        state, guidance = initial_state(
+            seq, self.mask_id, prefix, guidance_scale, fill_dropped=self.predict_dropped_cond
+        )
         if eos_id is not None:
             check_int("eos_id", eos_id, min=0, max=self.num_tokens - 1)
         blocks = block_options(block_size, cache, eos_id, eos_penalty, self.mask_id)
