@@ -15,12 +15,15 @@ from typing import Any
 
 import torch
 
+# the demo's settings before predict_dropped_cond (a quarter of the rows dropped, unscored)
+_UNSCORED = {"predict_dropped_cond": False, "cond_drop_prob": 0.25}
 VARIANTS: dict[str, dict[str, Any]] = {
     "base": {},  # the demo as it ships
-    "drop40": {"cond_drop_prob": 0.4},  # the class dropped from 40% of the rows, not 25%
-    "cebell": {"use_simple_mdlm_loss_weight": False, "train_masking": "bell"},  # mean CE
-    "shift1": {"shift_tokens": 1},  # the token shift of reach 1
-    "predict": {"predict_dropped_cond": True},  # the dropped class masked and predicted too
+    "unscored": _UNSCORED,  # the demo before predict_dropped_cond
+    "drop40": {**_UNSCORED, "cond_drop_prob": 0.4},  # the class dropped from 40% of the rows
+    "cebell": {**_UNSCORED, "use_simple_mdlm_loss_weight": False, "train_masking": "bell"},
+    "shift1": {**_UNSCORED, "shift_tokens": 1},  # the token shift of reach 1
+    "predict25": {"cond_drop_prob": 0.25},  # the dropped class predicted, a quarter dropped
 }
 
 

@@ -27,10 +27,16 @@ DATA = "digits-labelled"  # each digit preceded by its class token: the conditio
 # against 0.90, Frechet distance 5.3 against 2.5; benchmarks/RESULTS.md).
 # ff_glu, ff_swish, ff_mult 8/3: a SwiGLU feed-forward with as many weights as the plain MLP
 # (width 256 at dim 96); lower NELBO at every seed tried (docs/CLI.md, "The demo").
+# cond_drop_prob 0.5 with predict_dropped_cond: half the rows drop their class, and those rows
+# mask it at their own rate and predict it, so that sampling without a class draws one on the
+# way. Against a quarter of the rows dropped and unscored: the digits drawn without a class are
+# recognised more often at every seed (top-class 0.77 against 0.70 on 1,000 digits, Frechet
+# distance 4.5 against 4.5), by class 94% against 96% land in their class (docs/CLI.md).
 DEMO_MODEL: dict[str, Any] = {
     "dim": 96, "depth": 4, "heads": 4, "attn_dim_head": 24, "cond_prefix_len": 1,
-    "cond_drop_prob": 0.25, "no_replace_prob": 0.0, "random_token_prob": 0.0,
-    "abs_pos_attn_bias": False, "ff_glu": True, "ff_swish": True, "ff_mult": 8 / 3,
+    "cond_drop_prob": 0.5, "predict_dropped_cond": True, "no_replace_prob": 0.0,
+    "random_token_prob": 0.0, "abs_pos_attn_bias": False, "ff_glu": True, "ff_swish": True,
+    "ff_mult": 8 / 3,
 }  # fmt: skip
 # optimizer muon: Muon on the blocks' matrices (demask.optim), at the same lr and steps; lower
 # NELBO at every seed tried, 1.79 against 1.93 bits/pixel (docs/CLI.md, "The demo").

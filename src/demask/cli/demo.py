@@ -15,7 +15,7 @@ with a classifier trained on the real digits, and writes into --out:
   samples.png           digits sampled without a class
   loss_curve.png        the training loss
   demo_eval.json        the numbers printed at the end
-It needs no download and runs in about 3 minutes on 2 CPU cores.
+It needs no download and runs in about 3.5 minutes on 2 CPU cores.
 
 Example:
   demask demo --out runs/demo
@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
 
 COMMAND = Command(
     name="demo",
-    help="train a class-conditional masked model on digits, sample, write PNGs (about 3 minutes on CPU)",
+    help="train a class-conditional masked model on digits, sample, write PNGs (about 3.5 minutes on CPU)",
     description=DESCRIPTION,
     add_arguments=add_arguments,
     run=run,
