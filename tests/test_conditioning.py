@@ -275,3 +275,26 @@ def test_cli_trains_a_conditional_model_and_samples_a_class(tmp_path, capsys):
         == 2
     )
     assert "--conditional" in capsys.readouterr().err
+
+
+def test_cli_trains_a_model_that_predicts_its_class_and_draws_one(tmp_path, capsys):
+    import json
+
+    from demask.checkpoint import load_checkpoint
+    from demask.cli import main
+
+    run = tmp_path / "joint"
+    tiny = ["--dim", "16", "--depth", "1", "--heads", "2", "--batch-size", "8", "--quiet"]
+    argv = ["train", "--data", "digits", "--conditional", "--train-steps", "2", "--out", str(run)]
+    assert main([*argv, "--cond-drop-prob", "0.5", "--predict-dropped-cond", *tiny]) == 0
+    cfg = load_checkpoint(run).model_config
+    assert (cfg.cond_drop_prob, cfg.predict_dropped_cond) == (0.5, True)
+    # without --class the model draws the class slot itself; the pixels stay grey levels
+    code = main(["eval", "--checkpoint", str(run), "--num", "6", "--decode-steps", "8",
+                 "--json", str(tmp_path / "e.json"), "--max-batches", "1"])  # fmt: skip
+    assert code == 0
+    assert json.loads((tmp_path / "e.json").read_text())["quality"]["num_images"] == 6
+    capsys.readouterr()
+    bare = ["train", "--data", "digits", "--predict-dropped-cond", "--out", str(tmp_path / "x")]
+    assert main(bare) == 2
+    assert "--predict-dropped-cond applies to --conditional" in capsys.readouterr().err
