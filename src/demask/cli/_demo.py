@@ -63,7 +63,7 @@ GUIDANCE: float | None = None
 PER_CLASS_DRAWN = 8  # digits per class in samples_by_class.png (one row per class)
 PER_CLASS_SCORED = 20  # conditional digits per class scored by the classifier
 # digits scored without a class: as many as by class, since the Frechet distance is biased upwards
-# for small counts (real digits: about 4.6 at 64, 2.5 at 200) and compares only at one count
+# for small counts (real digits: about 4.6 at 64, 2.4 at 200) and compares only at one count
 SCORED = 10 * PER_CLASS_SCORED
 STRIP_CLASSES = (0, 2, 5, 7)  # the digits shown being demasked in demasking.png
 PIXEL_SCALE = 6
