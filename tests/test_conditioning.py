@@ -298,3 +298,14 @@ def test_cli_trains_a_model_that_predicts_its_class_and_draws_one(tmp_path, caps
     bare = ["train", "--data", "digits", "--predict-dropped-cond", "--out", str(tmp_path / "x")]
     assert main(bare) == 2
     assert "--predict-dropped-cond applies to --conditional" in capsys.readouterr().err
+
+
+def test_one_sampler_checks_its_allowed_tokens_again_on_another_canvas():
+    from demask.samplers import MaskedSampler, get_rule
+
+    w = wrapper().eval()
+    allowed = torch.ones(N, V + 1, dtype=torch.bool)
+    sampler = MaskedSampler(get_rule("confidence"), allowed_tokens=allowed)
+    assert w.generate(batch_size=2, sampler=sampler).shape == (2, N)  # checked once, then reused
+    with pytest.raises(ValueError, match=r"got \(8, 7\)"):  # a shorter canvas: checked anew
+        w.generate(batch_size=2, seq_len=N - 1, sampler=sampler)

@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -55,6 +56,11 @@ class MaskedSampler:
     allowed_tokens: Tensor | None = None
     noise_scale: float = 1.0
     remask: bool = False
+    # (table, (N, V, mask_id, device), the table checked and on that device): checked once per
+    # canvas, not at every step
+    _allowed: tuple[Any, tuple, Tensor] | None = field(
+        default=None, init=False, repr=False, compare=False
+    )
 
     def __post_init__(self) -> None:
         check_float("temperature", self.temperature, min=0.0)
@@ -123,7 +129,7 @@ class MaskedSampler:
         values = logits.values.float().clone()  # (M, V)
         values[:, state.mask_id] = -math.inf  # never propose the mask token
         if self.allowed_tokens is not None:
-            allowed = _allowed_at(self.allowed_tokens, state, values.shape[-1]).to(values.device)
+            allowed = self._allowed_on(self.allowed_tokens, state, values.shape[-1], values.device)
             if allowed.ndim == 2:
                 allowed = allowed[cols]  # (M, V): the row of each candidate's position
             values = values.masked_fill(~allowed, -math.inf)
@@ -143,6 +149,16 @@ class MaskedSampler:
             held = _prob_of(probs, vocab_index, tokens)
             token_probs = torch.where(was_masked, token_probs, held)
         return Proposal(rows, cols, was_masked, tokens, probs, token_probs)
+
+    def _allowed_on(
+        self, table: Tensor, state: MaskedState, vocab: int, device: torch.device
+    ) -> Tensor:
+        """`allowed_tokens` checked against the canvas and the vocabulary and moved to `device`,
+        once for a canvas shape (the steps of one decoding reuse it)."""
+        key = (state.tokens.shape[1], vocab, state.mask_id, device)
+        if self._allowed is None or self._allowed[0] is not table or self._allowed[1] != key:
+            self._allowed = (table, key, _allowed_at(table, state, vocab).to(device))
+        return self._allowed[2]
 
 
 def _allowed_at(allowed: Tensor, state: MaskedState, vocab: int) -> Tensor:
