@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from benchmarks import quality
+from benchmarks import ar_aux, quality
 from benchmarks.ablation_rows import (
     _CE_POSBIAS,
     _COMBO_INIT,
@@ -243,6 +243,16 @@ MUON_ROWS: dict[str, Row] = {
     "demask-ce-recipe-st2-sc-swiglu-muon01": _with_self_cond(_RECIPE_ST2),
     "reference-ce-skip-st2-sc-swiglu-muon05": _with_self_cond(_REFERENCE_ST2),
     "demask-ce-recipe-st2-swiglu-muon01-cd30": _with_cooldown(_RECIPE_ST2, 0.3),
+    **{
+        f"demask-ce-recipe-st2-{name.replace('_', '')}-swiglu-muon01-cd30": replace(
+            _with_cooldown(_RECIPE_ST2, 0.3),
+            objective=name,
+            note=f"{_with_cooldown(_RECIPE_ST2, 0.3).note}; the first {rows} rows of each batch "
+            f"trained left to right on the same weights (next-byte CE, weight {weight}; "
+            "benchmarks/ar_aux.py)",
+        )
+        for name, (rows, weight) in ar_aux.VARIANTS.items()
+    },
     "demask-ce-recipe-st2-sc-swiglu-muon01-cd30": _with_cooldown(_with_self_cond(_RECIPE_ST2), 0.3),
     "reference-ce-skip-st2-swiglu-muon05-cd30": _with_cooldown(_REFERENCE_ST2, 0.3),
     "demask-ce-recipe-st2-norel-swiglu-muon01-cd30": _with_cooldown(

@@ -24,6 +24,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from benchmarks import ar_aux
+
 from demask.objectives.masked import (
     MaskedObjective,
     augment_masked,
@@ -129,7 +131,11 @@ def _install_annealed(ramp_end: float, model: nn.Module) -> None:
 
 
 def install(name: str, model: nn.Module) -> None:
-    """Replace `model`'s training objective by the variant `name` (a key of VARIANTS)."""
+    """Replace `model`'s training objective by the variant `name` (a key of VARIANTS, ANNEALED
+    or `benchmarks.ar_aux.VARIANTS`)."""
+    if name in ar_aux.VARIANTS:
+        ar_aux.install(model, *ar_aux.VARIANTS[name])
+        return
     if name in ANNEALED:
         _install_annealed(ANNEALED[name], model)
         return

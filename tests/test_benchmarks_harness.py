@@ -599,3 +599,37 @@ def test_rate_embedding_starts_neutral_and_adds_the_rows_masked_share():
         feats = torch.cat([torch.tensor([r]), torch.sin(k * r), torch.cos(k * r)])
         want = base.token_emb(x[row]) + w @ feats
         torch.testing.assert_close(net.token_emb(x[row : row + 1])[0], want.expand(16, 32))
+
+
+def test_ar_aux_rows_run_left_to_right_and_add_the_next_byte_loss():
+    """The hybrid probe's causal pass reads no later token (the token shift included), restores
+    the bidirectional net after it, and its training loss is the masked loss of the other rows
+    plus the next-byte cross-entropy of the first rows, computed here by hand."""
+    import torch.nn.functional as F
+
+    from benchmarks import ablation, ar_aux
+
+    cfg = ablation.Config(seq_len=32, dim=32, depth=2, heads=2)
+    model = ablation.build(ablation.ROWS["demask-ce-recipe-st2-araux2-swiglu-muon01-cd30"], cfg)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():  # off the zero starts, so that every path carries signal
+            p.add_(0.05 * torch.randn_like(p))
+    x = torch.randint(0, 256, (6, 32))
+    y = x.clone()
+    y[:, 20] = (y[:, 20] + 1) % 256
+    model.eval()
+    with torch.no_grad(), ar_aux.causal(model.net):
+        a, b = model.net(x), model.net(y)
+    assert torch.equal(a[:, :20], b[:, :20]) and not torch.allclose(a[:, 20:], b[:, 20:])
+    with torch.no_grad():  # outside the block the net is bidirectional again
+        assert not torch.allclose(model.net(x)[:, :20], model.net(y)[:, :20])
+    model.train()
+    torch.manual_seed(1)
+    loss = model(x)
+    torch.manual_seed(1)
+    masked = type(model).forward(model, x[2:]).loss
+    with ar_aux.causal(model.net):
+        logits = model.net(x[:2])
+    by_hand = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), x[:2, 1:].reshape(-1))
+    assert torch.allclose(loss, masked + by_hand)
