@@ -75,5 +75,4 @@ def install(model: nn.Module, ar_rows: int, weight: float) -> None:
 VARIANTS: dict[str, tuple[int, float]] = {
     "ar_aux_2": (2, 1.0),
     "ar_aux_4": (4, 1.0),
-    "ar_aux_2_w05": (2, 0.5),
 }
