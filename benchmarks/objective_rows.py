@@ -25,7 +25,6 @@ import torch
 from torch import Tensor, nn
 
 from benchmarks import ar_aux
-
 from demask.objectives.masked import (
     MaskedObjective,
     augment_masked,

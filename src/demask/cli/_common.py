@@ -208,7 +208,8 @@ def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--guidance",
         type=non_negative_float,
-        help="with --class: classifier-free guidance scale w, sampling from u + w (c - u) "
+        help="with --class, or a model trained with --predict-dropped-cond (guided by the class "
+        "it draws first): classifier-free guidance scale w, sampling from u + w (c - u) "
         "(0 = unconditional, 1 = conditional, > 1 stronger); default: plain conditional",
     )
     p.add_argument("--seed", type=seed_int, default=0, help="random seed (default: %(default)s)")

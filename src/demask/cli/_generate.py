@@ -136,8 +136,12 @@ def sample_options(run: Run, args: argparse.Namespace) -> SampleOptions:
     from demask.wrappers.contract import SampleOptions
 
     label, guidance = getattr(args, "class_label", None), getattr(args, "guidance", None)
-    if guidance is not None and label is None:
-        raise CLIError(f"--guidance {guidance}: guidance needs a condition; give --class too")
+    draws_class = bool(getattr(run.checkpoint.model_config, "predict_dropped_cond", False))
+    if guidance is not None and label is None and not draws_class:
+        raise CLIError(
+            f"--guidance {guidance}: guidance needs a condition; give --class too (only a model "
+            "trained with --predict-dropped-cond draws a class to guide by)"
+        )
     prompt = None
     if getattr(args, "prompt", None) is not None:
         prompt = _text_prompt(run, args.prompt)

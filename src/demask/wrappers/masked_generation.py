@@ -6,6 +6,7 @@ demask.decoding (masked.demask, blocks.demask_blocks).
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -14,11 +15,12 @@ from torch import Tensor, nn
 from demask._checks import check_choice, check_float, check_int, check_tokens
 from demask.decoding.block_cache import CACHES, CachedDenoiser
 from demask.decoding.blocks import Blocks
-from demask.decoding.masked import Decoded
+from demask.decoding.masked import Decoded, demask
 from demask.denoiser import Denoiser, Guidance
-from demask.samplers import MaskedState
+from demask.samplers import MaskedSampler, MaskedState
+from demask.schedules import Schedule
 
-__all__ = ["block_options", "denoiser", "initial_state", "output", "start_canvas"]
+__all__ = ["block_options", "denoiser", "draw_condition", "initial_state", "output", "start_canvas"]
 
 
 def start_canvas(
@@ -57,24 +59,48 @@ def start_canvas(
     return prompt.clone(), False
 
 
-def initial_state(
+def draw_condition(
+    model: Denoiser,
     seq: Tensor,
+    prefix: Tensor,
     mask_id: int,
-    prefix: Tensor | None,
-    guidance_scale: float | None,
-    fill_dropped: bool = False,
+    loop: tuple[Schedule, MaskedSampler, torch.Generator | None],
+) -> tuple[Tensor, Decoded | None]:
+    """A dropped condition drawn before the rest, for a model trained with predict_dropped_cond.
+
+    The masked positions of `prefix` (B, N) are filled first, by the loop in as many steps as the
+    condition has positions, with every other position of the canvas masked as given; the rest
+    is then decoded given that condition, like a condition given by the user (and guided by it).
+    This samples p(condition) p(rest | condition): the order the model knows best, since it is
+    trained on whole conditions in most rows. The condition is drawn from the model's own
+    distribution: the sampler's rule and allowed tokens, at temperature 1 without top-k or
+    annealing. A lower temperature there would only drop the conditions the model is less sure
+    of (the demo's digits: docs/CLI.md). Returns the canvas and the pass's record (None when no
+    condition was dropped).
+    """
+    fillable = prefix & (seq == mask_id)
+    if not bool(fillable.any()):
+        return seq, None
+    schedule, sampler, generator = loop
+    own = replace(sampler, temperature=1.0, anneal=False, filter_thres=0.0)
+    steps = int(fillable.sum(-1).max())
+    drawn = demask(model, MaskedState(seq, fillable, mask_id), schedule, steps, own, generator)
+    return drawn.tokens, drawn
+
+
+def initial_state(
+    seq: Tensor, mask_id: int, prefix: Tensor | None, guidance_scale: float | None
 ) -> tuple[MaskedState, Guidance | None]:
     """The decoding state of a start canvas (B, N), and the guidance it asks for.
 
     prefix (B, N) bool: the condition's positions (cond_prefix_len), or None: then every given
     token is the condition. A condition position holding mask_id is a dropped condition: it is
-    not filled, unless `fill_dropped` (a model trained with predict_dropped_cond draws it).
+    not filled (a model trained with predict_dropped_cond has it drawn first, `draw_condition`).
     """
     given = seq != mask_id  # (B, N)
     fillable = ~given
     if prefix is not None:
-        if not fill_dropped:
-            fillable &= ~prefix  # a dropped condition stays dropped
+        fillable &= ~prefix  # a dropped condition stays dropped
         given = given & prefix
     state = MaskedState(seq, fillable, mask_id)
     if guidance_scale is None:
@@ -90,9 +116,16 @@ def initial_state(
 
 
 def block_options(
-    block_size: int | None, cache: str | None, eos_id: int | None, eos_penalty: float, mask_id: int
+    block_size: int | None,
+    cache: str | None,
+    eos: tuple[int | None, float],
+    mask_id: int,
+    num_tokens: int,
 ) -> Blocks | None:
-    """The block options of `generate`, checked (eos_id already checked as a token id)."""
+    """The block options of `generate`, checked; `eos` = (eos_id, eos_penalty)."""
+    eos_id, eos_penalty = eos
+    if eos_id is not None:
+        check_int("eos_id", eos_id, min=0, max=num_tokens - 1)
     if eos_id is not None and eos_id == mask_id:
         raise ValueError(f"eos_id must not be the mask id {mask_id}")
     if check_float("eos_penalty", eos_penalty, min=0.0) and eos_id is None:
@@ -128,9 +161,18 @@ def denoiser(
 
 
 def output(
-    result: Decoded, squeeze: bool, history: list[Tensor] | None, stats: bool
+    result: Decoded,
+    squeeze: bool,
+    history: list[Tensor] | None,
+    stats: bool,
+    drawn: Decoded | None = None,
 ) -> Tensor | tuple[Any, ...]:
-    """generate's return value: tokens, then the history and the stats when asked for."""
+    """generate's return value: tokens, then the history and the stats when asked for. `drawn`:
+    the record of the condition's pass (`draw_condition`), whose costs the stats include."""
+    if drawn is not None:
+        result.evaluations += drawn.evaluations
+        result.forwards += drawn.forwards
+        result.filled += drawn.filled
     out = result.tokens[0] if squeeze else result.tokens
     extras: list[Any] = []
     if history is not None:

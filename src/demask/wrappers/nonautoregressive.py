@@ -31,6 +31,7 @@ from demask.wrappers.masked_contract import MaskedContract
 from demask.wrappers.masked_generation import (
     block_options,
     denoiser,
+    draw_condition,
     initial_state,
     output,
     start_canvas,
@@ -336,19 +337,18 @@ class NonAutoregressiveWrapper(MaskedContract):
         sampler='ancestral', filter_thres=0, anneal_temperature=False. **kwargs go to the network.
 
         Conditions: with `cond_prefix_len` > 0 the prompt's first cond_prefix_len tokens are the
-        condition, dropped where they are mask_id (kept masked, or drawn by a model trained with
-        `predict_dropped_cond`); without it, every given token of the prompt is the condition.
-        `guidance_scale=w`: classifier-free guidance, sampling from u + w (c - u) with c the
-        conditional and u the unconditional logits (the condition masked); w = 0 samples
-        unconditionally, w = 1 conditionally (see `demask.denoiser.Guidance`).
+        condition, dropped where they are mask_id: kept masked, or, by a model trained with
+        `predict_dropped_cond`, drawn first (one step per position, outside history and stats'
+        steps but in their costs) and then given; without it, every given token of the prompt
+        is the condition. `guidance_scale=w`: classifier-free guidance, u + w (c - u) from the
+        conditional c and unconditional u logits (see `demask.denoiser.Guidance`).
 
         Semi-autoregressive: `block_size=K` fills the canvas left to right in blocks of K
         positions, `steps` shared by the blocks (demask.decoding.blocks); `cache="prefix"` or
         `"dual"` reuses each block's first call's keys and values (approximate for a
         bidirectional net of depth > 1; demask.decoding.block_cache). `eos_id`: with blocks, a
         row stops after the first block holding it (the rest of the row becomes eos_id);
-        `eos_penalty` (>= 0) is subtracted from its logit, so that a fixed canvas does not fill
-        up with it.
+        `eos_penalty` (>= 0), subtracted from its logit, keeps it from filling a fixed canvas.
         """
         if batch_size is not None:
             check_int("batch_size", batch_size, min=1)
@@ -370,17 +370,12 @@ class NonAutoregressiveWrapper(MaskedContract):
             batch_size, prompt, seq_len, mask_id=self.mask_id, num_tokens=self.num_tokens,
             max_seq_len=self.max_seq_len, device=next(self.net.parameters()).device,
         )  # fmt: skip
-        prefix = None
+        prefix, drawn = None, None
         if self.cond_prefix_len:
             prefix = self._condition(None, seq.shape[0], seq.shape[1], seq.device)  # (B, N)
-        state, guidance = initial_state(
-            seq, self.mask_id, prefix, guidance_scale, fill_dropped=self.predict_dropped_cond
-        )
-        if eos_id is not None:
-            check_int("eos_id", eos_id, min=0, max=self.num_tokens - 1)
-        blocks = block_options(block_size, cache, eos_id, eos_penalty, self.mask_id)
+        eos = (eos_id, eos_penalty)
+        blocks = block_options(block_size, cache, eos, self.mask_id, self.num_tokens)
         parts = (self.net, self.to_self_cond, self.token_critic, self.to_critic_logits, kwargs)
-        model = denoiser(parts, guidance, cache, (eos_id, eos_penalty), self.num_tokens)
         history: list[Tensor] = []
 
         def on_step(step: int, tokens: Tensor) -> None:
@@ -391,9 +386,15 @@ class NonAutoregressiveWrapper(MaskedContract):
 
         watch = on_step if (return_history or callback is not None) else None
         with eval_mode(self):
+            if prefix is not None and self.predict_dropped_cond:  # a dropped condition first
+                plain = denoiser(parts, None, None, eos, self.num_tokens)
+                loop = (self.schedule, sampler, generator)
+                seq, drawn = draw_condition(plain, seq, prefix, self.mask_id, loop)
+            state, guidance = initial_state(seq, self.mask_id, prefix, guidance_scale)
+            model = denoiser(parts, guidance, cache, eos, self.num_tokens)
             if blocks is None:
                 result = demask(model, state, self.schedule, steps, sampler, generator, watch)
             else:
                 args = (model, state, self.schedule, steps, sampler, blocks, generator, watch)
                 result = demask_blocks(*args)
-        return output(result, squeeze, history if return_history else None, return_stats)
+        return output(result, squeeze, history if return_history else None, return_stats, drawn)
