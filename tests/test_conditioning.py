@@ -229,6 +229,11 @@ def test_a_dropped_condition_is_drawn_first_then_given():
     guided = w.generate(prompt=start, guidance_scale=1.0, generator=torch.Generator().manual_seed(0),
                         **greedy)  # fmt: skip
     assert torch.equal(guided, out)
+    # a bad scale is refused by name before any network call, the condition's pass included
+    rec = wrapper(record=True, cond_prefix_len=1, cond_drop_prob=0.5, predict_dropped_cond=True)
+    with pytest.raises(ValueError, match="guidance_scale must be in"):
+        rec.eval().generate(prompt=start[:2], guidance_scale=-1.0)
+    assert rec.net.inputs == []
 
 
 @pytest.mark.parametrize(

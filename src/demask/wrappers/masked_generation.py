@@ -96,6 +96,8 @@ def initial_state(
     prefix (B, N) bool: the condition's positions (cond_prefix_len), or None: then every given
     token is the condition. A condition position holding mask_id is a dropped condition: it is
     not filled (a model trained with predict_dropped_cond has it drawn first, `draw_condition`).
+    The history and callback of `generate` show only the steps after that pass; its stats count
+    the pass's network calls and filled tokens too (`output`).
     """
     given = seq != mask_id  # (B, N)
     fillable = ~given

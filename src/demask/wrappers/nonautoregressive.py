@@ -321,27 +321,25 @@ class NonAutoregressiveWrapper(MaskedContract):
     ) -> Tensor | tuple[Tensor, ...]:
         """Iterative demasking from a fully masked start (seed 002), or filling a prompt's masks.
 
-        Returns (batch_size, seq_len) tokens, or (seq_len,) when batch_size is None (and the
-        prompt, if any, is 1-D). `prompt` (seq_len,) or (B, seq_len): mask_id marks the positions
-        to fill (prefix, suffix, holes); its other tokens are kept as given. `sampler`: a reveal
-        rule's name (demask.samplers.RULES: "confidence", the seed's, ..., "threshold",
-        "entropy_bound", "remdm", "halton", "dilated"), a rule object with its settings
-        (`ThresholdRule(tau=0.8)`), or a whole `MaskedSampler` (then used as given: the sampling
-        arguments here do not apply). The seed's arguments map onto `MaskedSampler`:
-        start_temperature -> temperature (annealed to 0 unless `anneal_temperature=False`),
-        filter_thres -> its top-k, noise_level_scale -> the critic's noise. `allowed_tokens`
-        (V,) or (seq_len, V) bool: the only tokens drawn, everywhere or at each position.
-        `return_history=True` also returns the states after each step, (steps, B, seq_len) (batch
-        dim dropped like the output); `return_stats=True` also returns the `Decoded` record (its
-        `evaluations`, `forwards`, `evaluations_per_token`). Exact MDLM ancestral sampling:
-        sampler='ancestral', filter_thres=0, anneal_temperature=False. **kwargs go to the network.
+        Returns (batch_size, seq_len) tokens, or (seq_len,) when batch_size is None (and the prompt,
+        if any, is 1-D). `prompt` (seq_len,) or (B, seq_len): mask_id marks the positions to fill
+        (prefix, suffix, holes); its other tokens are kept as given. `sampler`: a reveal rule's name
+        (demask.samplers.RULES: "confidence", the seed's, ..., "threshold", "entropy_bound",
+        "remdm", "halton", "dilated"), a rule object with its settings (`ThresholdRule(tau=0.8)`),
+        or a whole `MaskedSampler` (then used as given: the sampling arguments here do not apply).
+        The seed's arguments map onto `MaskedSampler`: start_temperature -> temperature (annealed to
+        0 unless `anneal_temperature=False`), filter_thres -> its top-k, noise_level_scale -> the
+        critic's noise. `allowed_tokens` (V,) or (seq_len, V) bool: the only tokens drawn,
+        everywhere or at each position. `return_history=True` also returns the states after each
+        step, (steps, B, seq_len) (batch dim dropped like the output); `return_stats=True` also
+        the `Decoded` record of network calls. Exact MDLM sampling: sampler='ancestral',
+        filter_thres=0, anneal_temperature=False. **kwargs go to the network.
 
         Conditions: with `cond_prefix_len` > 0 the prompt's first cond_prefix_len tokens are the
         condition, dropped where they are mask_id: kept masked, or, by a model trained with
-        `predict_dropped_cond`, drawn first (one step per position, outside history and stats'
-        steps but in their costs) and then given; without it, every given token of the prompt
-        is the condition. `guidance_scale=w`: classifier-free guidance, u + w (c - u) from the
-        conditional c and unconditional u logits (see `demask.denoiser.Guidance`).
+        `predict_dropped_cond`, drawn first and then given (`masked_generation.draw_condition`);
+        without it, every given token of the prompt is the condition. `guidance_scale=w`:
+        classifier-free guidance, u + w (c - u) from the conditional c and unconditional u logits.
 
         Semi-autoregressive: `block_size=K` fills the canvas left to right in blocks of K
         positions, `steps` shared by the blocks (demask.decoding.blocks); `cache="prefix"` or
@@ -370,9 +368,11 @@ class NonAutoregressiveWrapper(MaskedContract):
             batch_size, prompt, seq_len, mask_id=self.mask_id, num_tokens=self.num_tokens,
             max_seq_len=self.max_seq_len, device=next(self.net.parameters()).device,
         )  # fmt: skip
-        prefix, drawn = None, None
-        if self.cond_prefix_len:
-            prefix = self._condition(None, seq.shape[0], seq.shape[1], seq.device)  # (B, N)
+        b, n = seq.shape
+        prefix = self._condition(None, b, n, seq.device) if self.cond_prefix_len else None
+        drawn = None  # the dropped condition's pass, when there is one
+        if guidance_scale is not None:  # checked before any network call
+            check_float("guidance_scale", guidance_scale, min=0.0)
         eos = (eos_id, eos_penalty)
         blocks = block_options(block_size, cache, eos, self.mask_id, self.num_tokens)
         parts = (self.net, self.to_self_cond, self.token_critic, self.to_critic_logits, kwargs)
