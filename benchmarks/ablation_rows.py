@@ -23,7 +23,9 @@ class Row:
     init: tuple[str, ...] = ()  # keys of INITS, applied in order after the net is built
     estimator: str | None = None  # demask's NonAutoregressiveWrapper.mdlm_estimator
     count_power: float | None = None  # its mdlm_count_power (importance-sampled mask counts)
-    objective: str | None = None  # a key of objective_rows.VARIANTS: the training loss replaced
+    # a key of objective_rows.VARIANTS or .ANNEALED (the training loss replaced), or of
+    # ar_aux.VARIANTS (some rows trained left to right)
+    objective: str | None = None
     parts: int = 1  # > 1: bytes as `parts` digits masked one by one (benchmarks.partial_masking)
     train: dict[str, Any] = field(
         default_factory=dict

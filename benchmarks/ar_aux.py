@@ -24,15 +24,14 @@ from torch import Tensor, nn
 
 from demask.model import layers
 
+_SHIFT = layers.shift_tokens  # the library's token shift, restored after every causal pass
+
 
 def _past_shift(h: Tensor, reach: int, key_mask: Tensor | None = None) -> Tensor:
     """`layers.shift_tokens` with the parts read from later positions zeroed."""
     out = _SHIFT(h, reach, key_mask)
     parts = out.tensor_split(2 * reach + 1, dim=-1)
     return torch.cat([p if j <= reach else torch.zeros_like(p) for j, p in enumerate(parts)], -1)
-
-
-_SHIFT = layers.shift_tokens
 
 
 @contextmanager

@@ -136,7 +136,7 @@ def sample_options(run: Run, args: argparse.Namespace) -> SampleOptions:
     from demask.wrappers.contract import SampleOptions
 
     label, guidance = getattr(args, "class_label", None), getattr(args, "guidance", None)
-    draws_class = bool(getattr(run.checkpoint.model_config, "predict_dropped_cond", False))
+    draws_class = run.checkpoint.model_config.predict_dropped_cond
     if guidance is not None and label is None and not draws_class:
         raise CLIError(
             f"--guidance {guidance}: guidance needs a condition; give --class too (only a model "

@@ -107,7 +107,7 @@ def initial_state(
     state = MaskedState(seq, fillable, mask_id)
     if guidance_scale is None:
         return state, None
-    scale = check_float("guidance_scale", guidance_scale, min=0.0)
+    scale = float(guidance_scale)  # its value checked by `generate`, before any network call
     if not bool(given.any()):
         raise ValueError(
             "guidance_scale needs a condition to guide by: a prompt with given tokens "
