@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+DEMO_SEQ_LEN = 65  # the class token and 64 pixels
 # the demo's settings before predict_dropped_cond (a quarter of the rows dropped, unscored)
 _UNSCORED = {"predict_dropped_cond": False, "cond_drop_prob": 0.25}
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -24,6 +25,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "cebell": {**_UNSCORED, "use_simple_mdlm_loss_weight": False, "train_masking": "bell"},
     "shift1": {**_UNSCORED, "shift_tokens": 1},  # the token shift of reach 1
     "predict25": {"cond_drop_prob": 0.25},  # the dropped class predicted, a quarter dropped
+    "noprior": {},  # the demo without the condition's own term (`condition_prior_loss`)
+    "prior_whole": {},  # that term weighed by 1, not by the condition's share of the row (1 / 65)
 }
 
 
@@ -37,6 +40,14 @@ def main() -> int:
     from demask.cli import _demo
 
     _demo.DEMO_MODEL.update(VARIANTS[args.variant])
+    if args.variant in ("noprior", "prior_whole"):  # variants of the code, not the settings
+        from demask.objectives import masked
+
+        term = masked.condition_prior_loss
+        if args.variant == "noprior":  # not computed: the random draws of the code before it
+            masked.condition_prior_loss = lambda x, *_: x.new_zeros((), dtype=torch.float)
+        else:
+            masked.condition_prior_loss = lambda *a: term(*a) * DEMO_SEQ_LEN
     out = args.out or f"runs/demo-variants/{args.variant}-s{args.seed}"
     demo_args = argparse.Namespace(
         out=out, seed=args.seed, device="cpu", quiet=True, max_steps=None, num=64

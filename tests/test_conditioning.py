@@ -135,9 +135,13 @@ def test_constructor_checks_condition_arguments():
         w(batch(4), condition=torch.ones(N + 1, dtype=torch.bool))
 
 
-def test_predicting_the_dropped_condition_is_the_joint_loss_for_dropped_rows():
+def test_predicting_the_dropped_condition_is_the_joint_loss_for_dropped_rows(monkeypatch):
     """predict_dropped_cond with every row dropped trains exactly the model without a
-    condition: the class positions are masked at the row's rate and scored like the rest."""
+    condition: the class positions are masked at the row's rate and scored like the rest (plus
+    the condition's own term, tested below, left out here)."""
+    from demask.objectives import masked
+
+    monkeypatch.setattr(masked, "condition_prior_loss", lambda x, *_: x.new_zeros(()))
     x = batch(64)
     joint = wrapper(cond_prefix_len=2, cond_drop_prob=1.0, predict_dropped_cond=True)
     plain = wrapper()  # the same net (seeded), no condition at all
@@ -156,12 +160,73 @@ def test_predicting_the_dropped_condition_is_the_joint_loss_for_dropped_rows():
     assert torch.equal(a, hidden(x).loss)
 
 
+def test_the_condition_term_is_its_cross_entropy_with_the_rest_hidden():
+    """condition_prior_loss: each row's condition, an exact count of its tokens masked, every
+    other token masked; the mean over rows of the row's mean CE times the condition's share of
+    the row, equal to a row-by-row computation, with one network row per distinct input (one for
+    a one-token class)."""
+    from demask.objectives.masked import condition_prior_loss, count_masks
+
+    w = wrapper(record=True, cond_prefix_len=1, cond_drop_prob=0.5, predict_dropped_cond=True)
+    x = batch(64)
+
+    def predict(inp, mask):
+        return w._masked_ce(x, inp, mask, False)
+
+    got = condition_prior_loss(x, w._condition(None, 64, N, "cpu"), predict, MASK)
+    assert w.net.inputs[-1].tolist() == [[MASK] * N]  # one row: the fully masked canvas
+    with torch.no_grad():
+        logits = w.net(torch.full((1, N), MASK))[0, 0]  # the class slot there
+    by_hand = torch.nn.functional.cross_entropy(logits.expand(64, -1), x[:, 0]) / N
+    assert torch.allclose(got, by_hand, atol=1e-6)
+    got.backward()  # and it trains the net
+    assert w.net.inner.token_emb.weight.grad[MASK].abs().sum() > 0
+    # a condition of 1 to 3 tokens per row: counts drawn, the rest of the condition visible
+    cond = torch.arange(N) < torch.randint(
+        1, 4, (64, 1), generator=torch.Generator().manual_seed(2)
+    )
+    x = torch.randint(0, 2, (64, N), generator=torch.Generator().manual_seed(4))  # few inputs
+    torch.manual_seed(7)
+    got = condition_prior_loss(x, cond, predict, MASK)
+    rows_run = len(w.net.inputs[-1])
+    torch.manual_seed(7)
+    cmask, counts, _ = count_masks(cond)
+    inp = torch.where(cond & ~cmask, x, MASK)
+    with torch.no_grad():
+        ce = torch.nn.functional.cross_entropy(w.net(inp).transpose(1, 2), x, reduction="none")
+    by_hand = ((ce * cmask).sum(-1) / counts * cond.sum(-1) / N).mean()
+    assert torch.allclose(got, by_hand, atol=1e-6)
+    assert bool((counts >= 1).all() and (counts <= cond.sum(-1)).all())
+    assert rows_run == len(torch.unique(torch.cat([inp, cmask], 1), dim=0)) < 64
+
+
+def test_the_condition_term_teaches_the_prior_that_generation_draws_from():
+    """A class prior of (0.7, 0.2, 0.1), dropped from only 10% of the rows: the classes a model
+    draws with nothing given follow it, since the condition's term scores the class on the
+    fully masked canvas in every batch."""
+    classes = torch.tensor([V - 3, V - 2, V - 1])  # the class tokens 3, 4, 5; pixels 0-2
+    gen = torch.Generator().manual_seed(0)
+    w = wrapper(cond_prefix_len=1, cond_drop_prob=0.1, predict_dropped_cond=True)
+    opt = torch.optim.Adam(w.parameters(), lr=1e-2)
+    for _ in range(60):
+        label = torch.multinomial(torch.tensor([0.7, 0.2, 0.1]), 64, True, generator=gen)
+        pixels = (label[:, None] + torch.arange(N - 1)) % 3  # each class its own pattern
+        loss = w(torch.cat([classes[label][:, None], pixels], 1)).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        p = torch.softmax(w.eval().net(torch.full((1, N), MASK))[0, 0, classes], -1)
+    assert torch.allclose(p, torch.tensor([0.7, 0.2, 0.1]), atol=0.045), p  # without: 0.064 off
+
+
 def test_predicted_condition_is_seen_masked_and_in_the_loss():
     w = wrapper(record=True, cond_prefix_len=1, cond_drop_prob=0.5, predict_dropped_cond=True)
     x = batch()
     torch.manual_seed(5)
     w(x)
-    (inp,) = w.net.inputs
+    inp, prior = w.net.inputs  # the batch, then the condition's term: one fully masked row
+    assert prior.tolist() == [[MASK] * N]
     masked_class = inp[:, 0] == MASK
     # dropped rows mask the class at their own rate (about half of them, as the pixels'
     # counts say), kept rows never: so about a quarter of the rows, not a half

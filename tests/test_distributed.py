@@ -5,6 +5,7 @@ One torchrun launch runs three trainings in the same process group (to pay the s
   B: the same run stopped after step 4, then resumed -> compared with A, loss for loss
   D: B again with FSDP2 (fully_shard) instead of DDP  -> compared with A
   C: a masked model with self-conditioning under DDP -> finishes with finite losses
+  E, F: a masked model that predicts its dropped class, DDP and FSDP2 -> the same losses
 """
 
 from __future__ import annotations
@@ -69,8 +70,19 @@ def two_ranks(tmp_path_factory):
             "result": str(tmp / "C.json"),
         },
     ]
+    # E, F: a model that predicts its dropped class, whose loss calls the net twice (the batch and
+    # the condition's own term), under DDP and FSDP2
+    joint = dict(cond_prefix_len=1, cond_drop_prob=0.5, predict_dropped_cond=True)
+    runs += [
+        {
+            "model": tiny_model("masked", **joint),
+            "train": tiny_train(tmp / name, steps=4, batch_size=B, val_batches=1, fsdp=fsdp_on),
+            "result": str(tmp / f"{name}.json"),
+        }
+        for name, fsdp_on in (("E", False), ("F", True))
+    ]
     run_workers(runs, tmp, nproc=2)
-    names = ("A", "B1", "B2", "C", "D1", "D2")
+    names = ("A", "B1", "B2", "C", "D1", "D2", "E", "F")
     return tmp, {n: json.loads((tmp / f"{n}.json").read_text()) for n in names}
 
 
@@ -134,6 +146,18 @@ def test_masked_self_conditioning_under_ddp(two_ranks):
     assert sorted(losses) == [1, 2, 3, 4]
     assert all(math.isfinite(v) for v in losses.values())
     assert load_checkpoint(tmp / "C", kind="masked").step == 4
+
+
+def test_a_loss_with_two_network_calls_trains_alike_under_ddp_and_fsdp2(two_ranks):
+    tmp, res = two_ranks
+    ddp, fsdp = _losses(res["E"]), _losses(res["F"])
+    assert sorted(ddp) == sorted(fsdp) == [1, 2, 3, 4]
+    for s in ddp:
+        assert math.isfinite(ddp[s]) and fsdp[s] == pytest.approx(ddp[s], rel=1e-5, abs=1e-6)
+    e = load_checkpoint(tmp / "E").model.state_dict()
+    f = load_checkpoint(tmp / "F").model.state_dict()
+    for k in e:
+        torch.testing.assert_close(f[k], e[k], rtol=1e-4, atol=1e-5)
 
 
 def test_torchrun_command_strips_nproc():

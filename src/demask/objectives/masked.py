@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from demask._checks import check_int
@@ -31,6 +32,7 @@ __all__ = [
     "TRAIN_MASKINGS",
     "augment_masked",
     "bell_mass",
+    "condition_prior_loss",
     "count_masks",
     "discrete_step_weight",
     "draw_masks",
@@ -234,6 +236,38 @@ def check_predict_dropped_cond(predict: bool, cond_drop_prob: float, cond_prefix
     return bool(predict)
 
 
+def condition_prior_loss(x: Tensor, cond: Tensor, predict: Predict, mask_id: int) -> Tensor:
+    """The condition's own term: -log p(condition) with every other token hidden.
+
+    A model trained with `predict_dropped_cond` draws a condition it is not given first, on a
+    canvas with everything else masked (`masked_generation.draw_condition`), then the rest given
+    it. Rows that drop their condition see that canvas only when their count masks every token,
+    so p(condition | nothing visible) would be learned from a few rows per run. This term scores
+    it in every batch: each row's condition, an exact uniform count of its tokens masked
+    (`count_masks`, an unbiased NELBO estimate per condition token; one token: its CE), every
+    other token masked and not scored. Rows whose inputs are equal share one network row (a
+    one-token class: one row per batch), so the cost is one row per distinct input.
+    Returns the mean over rows of the row's mean CE over its masked condition tokens times the
+    condition's share of the row (C_b / N): its nats per token of the row, the unit of the rest's
+    loss. Weighed by 1 instead, the demo's digits lost 1% of NELBO for no better samples
+    (docs/CLI.md, "The class prior").
+    """
+    b, n = x.shape
+    cmask, counts, _ = count_masks(cond)  # (B, N) the condition tokens to predict
+    inp = torch.where(cond & ~cmask, x, torch.full_like(x, mask_id))
+    key = torch.cat([inp, cmask.long()], dim=1)  # (B, 2N): equal keys, equal network rows
+    unique, inverse = torch.unique(key, dim=0, return_inverse=True)  # (U, 2N), (B,)
+    # predict's CE scores the unique rows against x's first rows: not used, the CE is taken below
+    _, logits, rows_u, cols_u = predict(unique[:, :n], unique[:, n:].bool())
+    slot = torch.full((len(unique), n), -1, dtype=torch.long, device=x.device)
+    slot[rows_u, cols_u] = torch.arange(len(rows_u), device=x.device)
+    rows, cols = cmask.nonzero(as_tuple=True)  # (M,) every row's masked condition tokens
+    picked = logits[slot[inverse[rows], cols]]  # (M, V) the logits of each row's unique row
+    ce = F.cross_entropy(picked.float(), x[rows, cols], reduction="none")
+    share = cond.sum(-1) / n  # (B,)
+    return masked_loss(ce, rows, b, cond.sum(-1), weight=share, counts=counts)
+
+
 @dataclass(frozen=True)
 class MaskedObjective:
     """The generator loss of a masked model: corrupt x, predict the masked tokens, weigh the CE.
@@ -247,7 +281,9 @@ class MaskedObjective:
     Condition dropout (`cond_drop_prob` per row): the condition becomes mask tokens. By default it
     is not scored. With `predict_dropped_cond` the dropped condition is part of the row instead:
     masked like the other tokens and predicted, so the model learns the condition and the rest
-    jointly, and `generate` can draw a condition it is not given.
+    jointly, and `generate` can draw a condition it is not given; every batch then also scores
+    each row's condition with the rest hidden (`condition_prior_loss`), the canvas on which
+    `generate` draws it.
     """
 
     schedule: Schedule
@@ -269,6 +305,7 @@ class MaskedObjective:
         (loss, logits (M, V), rows (M,), cols (M,)) with M the masked positions."""
         b, n = x.shape
         counts = t = weight = None
+        given = cond  # before dropout: every row's condition is data for the condition's own term
         if self.predict_dropped_cond and self.cond_drop_prob > 0:
             drop = torch.rand(b, device=x.device) < self.cond_drop_prob  # (B,)
             cond = cond & ~drop[:, None]  # these rows' condition is masked and scored like the rest
@@ -293,7 +330,10 @@ class MaskedObjective:
         ce, logits, rows, cols = predict(inp, mask)
         if self.mdlm and t is not None:
             weight = mdlm_weight(self.schedule, t)
-        return masked_loss(ce, rows, b, (~cond).sum(-1), weight, counts), logits, rows, cols
+        loss = masked_loss(ce, rows, b, (~cond).sum(-1), weight, counts)
+        if self.predict_dropped_cond and self.cond_drop_prob > 0:
+            loss = loss + condition_prior_loss(x, given, predict, self.mask_id)
+        return loss, logits, rows, cols
 
     def nelbo(
         self,

@@ -74,8 +74,8 @@ class NonAutoregressiveWrapper(MaskedContract):
     demask's own:
       cond_drop_prob, cond_prefix_len: classifier-free guidance's condition dropout, and the
         leading positions that are a condition (see `forward`).
-      predict_dropped_cond: a dropped condition is masked and predicted like the rest (a joint
-        model of condition and sequence); `generate` then fills a condition left masked.
+      predict_dropped_cond: a dropped condition is masked and predicted like the rest, and every
+        row's alone with the rest hidden; `generate` draws a condition left masked, then the rest.
       train_masking: how mean-CE training (use_simple_mdlm_loss_weight=False) masks. "schedule"
         (default): a time and Bernoulli masks, the seed's. "bell": an exact count per row, mostly
         half-masked rows (`demask.objectives.masked.bell_mass`), the mean of the rows' mean CE;
