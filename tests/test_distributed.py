@@ -1,6 +1,6 @@
 """Multi-process training on CPU with gloo, 2 processes launched by torchrun (a real subprocess).
 
-One torchrun launch runs three trainings in the same process group (to pay the start-up once):
+One torchrun launch runs every training below in the same process group (to pay the start-up once):
   A: 8 steps, batch 4 per rank                      -> compared with 1 process, batch 8
   B: the same run stopped after step 4, then resumed -> compared with A, loss for loss
   D: B again with FSDP2 (fully_shard) instead of DDP  -> compared with A
