@@ -264,8 +264,8 @@ def condition_prior_loss(x: Tensor, cond: Tensor, predict: Predict, mask_id: int
     rows, cols = cmask.nonzero(as_tuple=True)  # (M,) every row's masked condition tokens
     picked = logits[slot[inverse[rows], cols]]  # (M, V) the logits of each row's unique row
     ce = F.cross_entropy(picked.float(), x[rows, cols], reduction="none")
-    share = cond.sum(-1) / n  # (B,)
-    return masked_loss(ce, rows, b, cond.sum(-1), weight=share, counts=counts)
+    size = cond.sum(-1)  # (B,) condition tokens per row
+    return masked_loss(ce, rows, b, size, weight=size / n, counts=counts)  # share C_b / N
 
 
 @dataclass(frozen=True)
@@ -306,7 +306,8 @@ class MaskedObjective:
         b, n = x.shape
         counts = t = weight = None
         given = cond  # before dropout: every row's condition is data for the condition's own term
-        if self.predict_dropped_cond and self.cond_drop_prob > 0:
+        joint = self.predict_dropped_cond and self.cond_drop_prob > 0  # a dropped condition scored
+        if joint:
             drop = torch.rand(b, device=x.device) < self.cond_drop_prob  # (B,)
             cond = cond & ~drop[:, None]  # these rows' condition is masked and scored like the rest
         if self.mdlm and self.estimator == "count":
@@ -331,7 +332,7 @@ class MaskedObjective:
         if self.mdlm and t is not None:
             weight = mdlm_weight(self.schedule, t)
         loss = masked_loss(ce, rows, b, (~cond).sum(-1), weight, counts)
-        if self.predict_dropped_cond and self.cond_drop_prob > 0:
+        if joint:
             loss = loss + condition_prior_loss(x, given, predict, self.mask_id)
         return loss, logits, rows, cols
 
